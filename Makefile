@@ -1,0 +1,30 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both set up .venv first.
+PYTHON  ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+# fbgemm-gpu build: the CUDA one where a GPU is visible, else the CPU one (override: VARIANT=cpu|cuda)
+VARIANT ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
+STAMP   := $(VENV)/.installed-$(VARIANT)
+DEMO    ?= outputs/demo
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+# torch, fbgemm-gpu and torchrec must match exactly (DESIGN: pinned matrix); torchrec goes in
+# with --no-deps so that its fbgemm-gpu requirement cannot replace the build chosen above.
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[$(VARIANT),test]"
+	$(BIN)/pip install -q --no-deps torchrec==1.8.0
+	touch $@
+
+demo: install
+	$(BIN)/mdaf demo --out $(DEMO)
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) outputs

@@ -1,0 +1,34 @@
+"""Install with `make install` (see README): torch, fbgemm-gpu and torchrec are pinned there
+because torchrec must go in with --no-deps (its fbgemm-gpu dependency would pull the CUDA build
+over the CPU one)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="mdaf_dist",
+    version="0.1.0",
+    description="Distributed trainer for MDAF (Mamba-DCN with Adaptive Fusion) CTR models",
+    packages=find_packages(include=["mdaf_dist", "mdaf_dist.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch==2.13.0",
+        "numpy>=1.26",
+        "pyarrow>=16",
+        "fsspec>=2024.1",
+        "omegaconf>=2.3",
+        "tqdm>=4.66",
+        "tensorboard>=2.16",
+        "torchx==0.7.0",
+        # torchrec's real dependencies (torchrec itself is installed with --no-deps)
+        "tensordict",
+        "torchmetrics==1.0.3",
+        "pyre-extensions",
+        "iopath",
+    ],
+    extras_require={
+        "cpu": ["fbgemm-gpu-cpu==1.8.0"],
+        "cuda": ["fbgemm-gpu==1.8.0", "mamba-ssm"],
+        "test": ["pytest>=8", "scikit-learn>=1.4"],
+    },
+    entry_points={"console_scripts": ["mdaf=mdaf_dist.cli:main"]},
+)
