@@ -32,13 +32,16 @@ class PrepareConfig:
     check_window: bool = True
     # negatives per positive; 1.5 gives about 40 % positives, as in the paper
     neg_ratio: float = 1.5
-    # negatives are drawn from the clicks of the same window of this many seconds (one day)
+    # negatives: items clicked by someone in the same window of this many seconds (one day),
+    # never by this user in that window; "uniform" over those items or by "popularity"
     neg_window_seconds: int = SECONDS_PER_DAY
+    neg_sampling: str = "uniform"
     history_length: int = 50
     drop_empty_history: bool = True
-    # "history": target category appears in the (last history_length) history (paper);
-    # "last_k": ... in the last category_last_k clicks (relaxed); "none": keep all
-    category_filter: str = "history"
+    # "last_l": target category appears in the history the model sees (last history_length
+    # clicks; the paper's filter); "any": anywhere in the user's earlier clicks (relaxed);
+    # "last_k": in the last category_last_k clicks; "none": keep all
+    category_filter: str = "last_l"
     category_last_k: int = 10
     valid_days: int = 1
     # seeded user subsampling: keep this fraction of users (paper scale is about 0.0105)
