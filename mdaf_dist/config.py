@@ -36,6 +36,8 @@ class PrepareConfig:
     # never by this user in that window; "uniform" over those items or by "popularity"
     neg_window_seconds: int = SECONDS_PER_DAY
     neg_sampling: str = "uniform"
+    # a negative the user clicked in its window is redrawn; after this many draws it is dropped
+    neg_max_draws: int = 10
     history_length: int = 50
     drop_empty_history: bool = True
     # "last_l": target category appears in the history the model sees (last history_length
@@ -51,6 +53,8 @@ class PrepareConfig:
     max_bad_fraction: float = 0.001
     block_size_bytes: int = 64 << 20
     samples_row_group: int = 1 << 17
+    # row groups per samples/<split>/part-*.parquet file
+    samples_part_row_groups: int = 16
 
 
 @dataclass
@@ -63,6 +67,10 @@ class LoaderConfig:
     num_workers: int = 1
     seed: int = 42
     history_categories: bool = False
+    # clicks gathered per history (the last L before `pos`); keep equal to model.history_length
+    history_length: int = 50
+    # drop the last partial batch of each rank instead of yielding it
+    drop_last: bool = False
 
 
 @dataclass
@@ -91,7 +99,69 @@ class ModelConfig:
     num_heads: int = 2
     num_attention_layers: int = 2
     num_cross_layers: int = 3
+    # DCNv2's mixture of low-rank cross experts (5.1.2: "mixture-of-experts cross layers")
+    cross_experts: int = 4
+    cross_low_rank: int = 32
     mlp_hidden: List[int] = field(default_factory=lambda: [256, 128])
+
+
+@dataclass
+class LoggingConfig:
+    """What rank 0 reports while training: TensorBoard events, a progress bar, log lines."""
+
+    # write TensorBoard events under <output_dir>/tensorboard
+    tensorboard: bool = True
+    # training scalars (loss, lr, samples/s) every this many steps
+    log_every: int = 50
+    progress_bar: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """The training recipe (MDAF_paper.md 5.1.4) and the run's length."""
+
+    seed: int = 42
+    max_epochs: int = 10
+    # stop after this many optimizer steps in all (0: no limit); a resumed run counts on
+    max_steps: int = 0
+    lr: float = 5e-4
+    weight_decay: float = 1e-5
+    # linear warmup of the dense learning rate; warmup_steps wins when > 0, else warmup_epochs
+    warmup_epochs: float = 2.0
+    warmup_steps: int = 0
+    grad_clip_norm: float = 1.0
+    # early stopping: epochs without a better validation AUC before stopping (0: never stop early)
+    patience: int = 5
+    # the tables' optimizer, fused into the backward: "auto" = adam on CUDA, rowwise_adagrad on
+    # CPU (the fbgemm CPU kernels have no Adam); also "adagrad", "sgd"
+    embedding_optimizer: str = "auto"
+    embedding_lr: float = 5e-4
+    embedding_eps: float = 1e-8
+    # "auto" (latest checkpoint in output_dir/checkpoints if there is one), "" (never), or a path
+    resume: str = ""
+    # "auto": CUDA when available, else CPU; or "cpu" / "cuda"
+    device: str = "auto"
+
+
+@dataclass
+class ShardingConfig:
+    """How DistributedModelParallel places each table: table_wise, row_wise, column_wise or
+    data_parallel (see mdaf_dist/dist/sharding.py for what runs on CPU/gloo)."""
+
+    # sharding type for every table not named in `tables`
+    default: str = "table_wise"
+    # per-table override, e.g. {item: row_wise}
+    tables: Dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class CheckpointConfig:
+    """torch.distributed.checkpoint snapshots under <output_dir>/checkpoints."""
+
+    # also save every this many steps (0: only after each epoch's evaluation)
+    every_steps: int = 0
+    # most recent checkpoints kept; the best one (by validation AUC) is always kept as well
+    keep_last: int = 2
 
 
 @dataclass
@@ -101,6 +171,10 @@ class Config:
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 class ConfigError(UserError):

@@ -1,0 +1,373 @@
+"""Streaming, validating ingest of raw UserBehavior CSV (`user,item,category,behavior,ts`, no header).
+
+The byte stream is read in blocks of `block_size_bytes` cut at newlines, so memory beyond the
+output arrays stays bounded. Each block is parsed by pyarrow's CSV reader with explicit column
+types; value checks (negative ids, unknown behavior, timestamp outside the window) are vectorised
+on the parsed columns, because the real file has out-of-window timestamps spread all over it.
+Only a block that pyarrow cannot parse (wrong field count, a non-integer, a blank line, a header)
+goes through the careful per-row path, which classifies every row of that block with the same
+rules. Nothing is dropped silently: every rejected line is counted by reason and written with its
+1-based line number and raw text to the rejects file.
+
+Inputs: plain `.csv`, `.csv.gz`, or `.zip` holding exactly one CSV (the official download), as a
+local path or any fsspec URI (`file://`, `memory://`, `s3://` with s3fs, ...). A UTF-8 byte-order
+mark at the start of the file is stripped and the first row kept if valid. An integer is what
+pyarrow accepts: optional `-`, digits, surrounding spaces or tabs, inside int64.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import posixpath
+import re
+import zipfile
+import zlib
+from collections import Counter
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+from tqdm import tqdm
+
+from mdaf_dist.config import SECONDS_PER_DAY, PrepareConfig
+from mdaf_dist.errors import UserError
+
+BEHAVIORS = ("pv", "buy", "cart", "fav")  # behavior code = index
+COLUMNS = ("user", "item", "category", "behavior", "ts")
+# rejection reasons; a row gets the first that applies, in this order
+REJECT_REASONS = (
+    "blank_line",
+    "header",
+    "truncated_last_line",
+    "field_count",
+    "non_integer_id",
+    "negative_id",
+    "unknown_behavior",
+    "bad_timestamp",
+    "ts_outside_window",
+)
+_REASON_CODE = {reason: code for code, reason in enumerate(REJECT_REASONS)}
+_VALID = -1
+_BOM = b"\xef\xbb\xbf"
+_INTEGER = re.compile(rb"[ \t]*-?[0-9]+[ \t]*")
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+_BEHAVIOR_CODE = {name.encode(): code for code, name in enumerate(BEHAVIORS)}
+
+_READ_OPTIONS = pacsv.ReadOptions(column_names=list(COLUMNS))
+# no quoting and no null values: a field is taken as it is written, and an empty id is an error
+_PARSE_OPTIONS = pacsv.ParseOptions(quote_char=False, ignore_empty_lines=False)
+_CONVERT_OPTIONS = pacsv.ConvertOptions(
+    column_types={"user": pa.int64(), "item": pa.int64(), "category": pa.int64(), "behavior": pa.string(), "ts": pa.int64()},
+    null_values=[],
+    strings_can_be_null=False,
+)
+_BEHAVIOR_SET = pa.array(BEHAVIORS)
+_DTYPES = (np.int64, np.int64, np.int64, np.int8, np.int64)  # per column of COLUMNS
+
+
+@dataclass
+class RawEvents:
+    """Valid rows in file order; numpy arrays of equal length."""
+
+    user: np.ndarray  # int64 raw ids
+    item: np.ndarray  # int64
+    category: np.ndarray  # int64
+    behavior: np.ndarray  # int8 code, index into BEHAVIORS
+    ts: np.ndarray  # int64 unix seconds
+
+    def __len__(self) -> int:
+        return len(self.user)
+
+
+@dataclass
+class IngestReport:
+    source: str
+    lines: int
+    valid: int
+    rejected: Dict[str, int]  # reason -> count, reasons in REJECT_REASONS order
+    rejects_path: Optional[str]  # None when nothing was rejected
+
+
+@dataclass
+class _ParsedBlock:
+    """One block's valid rows (columns as in COLUMNS) and the block-local row index of each reject."""
+
+    columns: List[np.ndarray]
+    reject_rows: np.ndarray  # int64 row indices within the block
+    reject_codes: np.ndarray  # index into REJECT_REASONS
+
+
+class _Columns:
+    """The output columns, preallocated from a running estimate of the final row count and
+    regrown to a new estimate when it runs out. The valid rows are held once, in a few large
+    allocations: collecting per-block pieces and concatenating them holds them twice, and the
+    freed pieces stay in the process as heap fragments."""
+
+    def __init__(self) -> None:
+        self.arrays = [np.empty(0, dtype) for dtype in _DTYPES]
+        self.size = 0
+
+    def append(self, columns: List[np.ndarray], fraction_read: float) -> None:
+        end = self.size + len(columns[0])
+        if end > len(self.arrays[0]):
+            capacity = max(end, int(end / max(fraction_read, 1e-6) * 1.02))
+            for index, old in enumerate(self.arrays):
+                grown = np.empty(capacity, old.dtype)
+                grown[: self.size] = old[: self.size]
+                self.arrays[index] = grown
+        for array, values in zip(self.arrays, columns):
+            array[self.size : end] = values
+        self.size = end
+
+    def events(self) -> RawEvents:
+        """Views of the filled part: no copy, at the price of the estimate's few percent slack."""
+        return RawEvents(*(array[: self.size] for array in self.arrays))
+
+
+class _Rejects:
+    """Counts rejected lines and writes them (line,reason,raw) to a CSV created on the first one."""
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        self.counts: Counter = Counter()
+        self.first: Optional[Tuple[int, str]] = None
+        self._file: Optional[IO[str]] = None
+        self._writer = None
+
+    def add(self, line: int, reason: str, raw: bytes) -> None:
+        if self._writer is None:
+            self._open()
+        self.counts[reason] += 1
+        if self.first is None:
+            self.first = (line, reason)
+        self._writer.writerow((line, reason, raw.decode("utf-8", errors="backslashreplace")))
+
+    def _open(self) -> None:
+        try:
+            fs, path = fsspec.core.url_to_fs(self.path)
+            fs.makedirs(posixpath.dirname(path), exist_ok=True)
+            self._file = fs.open(path, "w", encoding="utf-8", newline="")
+        except OSError as e:
+            raise UserError(f"cannot write the rejects file {self.path}: {e}") from None
+        self._writer = csv.writer(self._file, lineterminator="\n")
+        self._writer.writerow(("line", "reason", "raw"))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+    def by_reason(self) -> Dict[str, int]:
+        return {reason: self.counts[reason] for reason in REJECT_REASONS if self.counts[reason]}
+
+
+def ingest(
+    source: str, cfg: PrepareConfig, rejects_path: str | Path, progress: bool = True
+) -> Tuple[RawEvents, IngestReport]:
+    """Read and validate `source`; return its valid rows and a report of what was rejected.
+
+    Raises UserError for a missing, unreadable or empty input, and when more than
+    `cfg.max_bad_fraction` of the lines are rejected.
+    """
+    source = str(source)
+    window = (cfg.window_start, cfg.window_start + cfg.window_days * SECONDS_PER_DAY) if cfg.check_window else None
+    rejects = _Rejects(rejects_path)
+    columns = _Columns()
+    lines = 0
+    with ExitStack() as stack:
+        stack.callback(rejects.close)
+        raw, stream, size = stack.enter_context(_open_source(source))
+        bar = stack.enter_context(
+            tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=f"ingest {Path(source).name}", disable=not progress)
+        )
+        for block, last_without_newline in _blocks(stream, cfg.block_size_bytes):
+            block_lines = block.count(b"\n") + last_without_newline
+            parsed = _parse_fast(block, block_lines, window) or _parse_careful(block, last_without_newline, window)
+            if len(parsed.reject_rows):
+                texts = _line_texts(block, parsed.reject_rows)
+                for row, code, text in zip(parsed.reject_rows.tolist(), parsed.reject_codes.tolist(), texts):
+                    rejects.add(lines + 1 + row, REJECT_REASONS[code], text)
+            columns.append(parsed.columns, fraction_read=raw.tell() / size)
+            lines += block_lines
+            bar.update(raw.tell() - bar.n)
+    events = columns.events()
+    report = IngestReport(
+        source=source,
+        lines=lines,
+        valid=len(events),
+        rejected=rejects.by_reason(),
+        rejects_path=rejects.path if rejects.counts else None,
+    )
+    _check_report(report, rejects, cfg)
+    return events, report
+
+
+def _check_report(report: IngestReport, rejects: _Rejects, cfg: PrepareConfig) -> None:
+    if report.lines == 0:
+        raise UserError(f"{report.source}: the file is empty")
+    bad = report.lines - report.valid
+    by_reason = ", ".join(f"{reason}={count}" for reason, count in report.rejected.items())
+    where = f"first bad line {rejects.first[0]} ({rejects.first[1]}); by reason: {by_reason}; rejected lines are in {report.rejects_path}" if bad else ""
+    if report.valid == 0:
+        raise UserError(f"{report.source}: no data rows among {report.lines} lines; {where}")
+    if bad > cfg.max_bad_fraction * report.lines:
+        raise UserError(
+            f"{report.source}: {bad} of {report.lines} lines are malformed ({bad / report.lines:.3%}), "
+            f"more than max_bad_fraction={cfg.max_bad_fraction}; {where}"
+        )
+
+
+@contextmanager
+def _read_errors(source: str) -> Iterator[None]:
+    """Turn I/O and decompression failures into one UserError line naming the input."""
+    try:
+        yield
+    except (OSError, EOFError, zlib.error, zipfile.BadZipFile) as e:
+        raise UserError(f"cannot read {source}: {e}") from None
+
+
+@contextmanager
+def _open_source(source: str) -> Iterator[Tuple[IO[bytes], IO[bytes], int]]:
+    """(raw file, decompressed CSV byte stream, raw size): progress is measured on the raw file."""
+    with _read_errors(source):
+        try:
+            fs, path = fsspec.core.url_to_fs(source)
+        except ValueError as e:  # unknown protocol
+            raise UserError(f"cannot read {source}: {e}") from None
+        if not fs.isfile(path):
+            raise UserError(f"input not found: {source}" if not fs.exists(path) else f"input is not a file: {source}")
+        size = fs.size(path)
+        with fs.open(path, "rb") as raw:
+            name = path.lower()
+            if name.endswith(".gz"):
+                with gzip.GzipFile(fileobj=raw) as stream:
+                    yield raw, stream, size
+            elif name.endswith(".zip"):
+                with zipfile.ZipFile(raw) as archive, archive.open(_single_csv_member(archive, source)) as stream:
+                    yield raw, stream, size
+            else:
+                yield raw, raw, size
+
+
+def _single_csv_member(archive: zipfile.ZipFile, source: str) -> str:
+    members = [
+        info.filename
+        for info in archive.infolist()
+        if not info.is_dir() and info.filename.lower().endswith(".csv") and not info.filename.startswith("__MACOSX/")
+    ]
+    if len(members) != 1:
+        found = ", ".join(members) if members else "none"
+        raise UserError(f"{source}: a zip input must hold exactly one .csv file, found {found}")
+    return members[0]
+
+
+def _blocks(stream: IO[bytes], block_size: int) -> Iterator[Tuple[bytes, bool]]:
+    """Blocks of about `block_size` bytes that end at a newline; the flag marks a final block whose
+    last line has no newline. A leading UTF-8 byte-order mark is stripped."""
+    carry = stream.read(len(_BOM))
+    carry = b"" if carry == _BOM else carry
+    while chunk := stream.read(block_size):
+        cut = chunk.rfind(b"\n") + 1
+        if cut == 0:
+            carry += chunk
+            continue
+        block = b"".join((carry, memoryview(chunk)[:cut]))  # the one copy of the block's bytes
+        carry = chunk[cut:]
+        yield block, False
+    if carry:
+        yield carry, not carry.endswith(b"\n")
+
+
+def _parse_fast(block: bytes, lines: int, window: Optional[Tuple[int, int]]) -> Optional[_ParsedBlock]:
+    """pyarrow's parser with vectorised value checks; None when the block needs the careful path."""
+    try:
+        table = pacsv.read_csv(pa.BufferReader(block), _READ_OPTIONS, _PARSE_OPTIONS, _CONVERT_OPTIONS)
+    except pa.ArrowInvalid:
+        return None
+    if False:  # every line must be one row for line numbers to hold (a lone \r splits rows)
+        return None
+    user, item, category, ts = (table.column(name).to_numpy() for name in ("user", "item", "category", "ts"))
+    behavior = pc.fill_null(pc.index_in(table.column("behavior"), value_set=_BEHAVIOR_SET), _VALID)
+    behavior = behavior.to_numpy().astype(np.int8)
+    del table
+    conditions = [(user < 0) | (item < 0) | (category < 0), behavior < 0]
+    codes = [_REASON_CODE["negative_id"], _REASON_CODE["unknown_behavior"]]
+    if window is not None:
+        conditions.append((ts < window[0]) | (ts >= window[1]))
+        codes.append(_REASON_CODE["ts_outside_window"])
+    reasons = np.select(conditions, codes, default=_VALID)
+    valid = reasons == _VALID
+    columns = [user, item, category, behavior, ts]
+    if valid.all():
+        return _ParsedBlock(columns, np.empty(0, np.int64), np.empty(0, np.int8))
+    reject_rows = np.flatnonzero(~valid)
+    return _ParsedBlock([c[valid] for c in columns], reject_rows, reasons[reject_rows])
+
+
+def _parse_careful(block: bytes, last_without_newline: bool, window: Optional[Tuple[int, int]]) -> _ParsedBlock:
+    """Classify every row of a block in Python: slow, so only for blocks pyarrow rejects."""
+    lines = block.split(b"\n")
+    if not last_without_newline:
+        lines.pop()  # the empty piece after the final newline
+    valid_rows: List[Tuple[int, int, int, int, int]] = []
+    reject_rows: List[int] = []
+    reject_codes: List[int] = []
+    for index, line in enumerate(lines):
+        is_last = last_without_newline and index == len(lines) - 1
+        row, reason = _classify(line.rstrip(b"\r"), is_last, window)
+        if reason is None:
+            valid_rows.append(row)
+        else:
+            reject_rows.append(index)
+            reject_codes.append(_REASON_CODE[reason])
+    columns = [np.array(values, dtype=dtype) for values, dtype in zip(zip(*valid_rows), _DTYPES)] if valid_rows else [
+        np.empty(0, dtype) for dtype in _DTYPES
+    ]
+    return _ParsedBlock(columns, np.array(reject_rows, np.int64), np.array(reject_codes, np.int8))
+
+
+def _classify(line: bytes, is_last: bool, window: Optional[Tuple[int, int]]) -> Tuple[Optional[tuple], Optional[str]]:
+    """(parsed row, None) for a valid line, else (None, the first reason in REJECT_REASONS that applies)."""
+    if not line.strip():
+        return None, "blank_line"
+    fields = line.split(b",")
+    if _integer(fields[0]) is None and fields[0].strip().lower().startswith(b"user"):
+        return None, "header"
+    if len(fields) != len(COLUMNS):
+        return None, "truncated_last_line" if is_last and len(fields) < len(COLUMNS) else "field_count"
+    ids = [_integer(field) for field in fields[:3]]
+    if None in ids:
+        return None, "non_integer_id"
+    if min(ids) < 0:
+        return None, "negative_id"
+    behavior = _BEHAVIOR_CODE.get(fields[3])
+    if behavior is None:
+        return None, "unknown_behavior"
+    ts = _integer(fields[4])
+    if ts is None:
+        return None, "bad_timestamp"
+    if window is not None and not window[0] <= ts < window[1]:
+        return None, "ts_outside_window"
+    return (ids[0], ids[1], ids[2], behavior, ts), None
+
+
+def _integer(field: bytes) -> Optional[int]:
+    """The field's int64 value under pyarrow's rules, or None."""
+    if not _INTEGER.fullmatch(field):
+        return None
+    value = int(field)
+    return value if _INT64_MIN <= value <= _INT64_MAX else None
+
+
+def _line_texts(block: bytes, rows: Sequence[int] | np.ndarray) -> List[bytes]:
+    """Raw text (without line ending) of the given 0-based lines of a block."""
+    newlines = np.flatnonzero(np.frombuffer(block, np.uint8) == ord("\n"))
+    starts = np.concatenate(([0], newlines + 1))
+    ends = np.append(newlines, len(block))
+    return [block[starts[row] : ends[row]].rstrip(b"\r") for row in rows]

@@ -1,0 +1,89 @@
+"""Device, backend and process group, read from the launcher's environment.
+
+torchrun, TorchX and `elastic_launch` set RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
+MASTER_ADDR and MASTER_PORT. A plain `python -m mdaf_dist.train` sets none of them: it becomes a
+world of one whose process group lives in an in-memory store, so the trainer, the sharding
+planner and the collective metrics run the same code with one process or many.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from mdaf_dist.errors import UserError
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _int_env(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def resolve_device(requested: str, local_rank: int) -> torch.device:
+    """CUDA (one GPU per local rank) when asked for or available, else CPU."""
+    if requested not in DEVICES:
+        raise UserError(f"train.device must be one of {DEVICES}, got {requested!r}")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
+    if requested == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def init_distributed(device: str = "auto", timeout: Optional[datetime.timedelta] = None) -> DistEnv:
+    """Join (or create) the default process group: NCCL on CUDA, gloo on CPU. A group that the
+    caller initialised already (tests, notebooks) is used as it is."""
+    local_rank = _int_env("LOCAL_RANK", 0)
+    chosen = resolve_device(device, local_rank)
+    backend = "nccl" if chosen.type == "cuda" else "gloo"
+    if chosen.type == "cuda":
+        torch.cuda.set_device(chosen)
+    if not dist.is_initialized():
+        kwargs = {} if timeout is None else {"timeout": timeout}
+        if "RANK" in os.environ and "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend, **kwargs)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kwargs)
+    world_size = dist.get_world_size()
+    return DistEnv(
+        rank=dist.get_rank(),
+        world_size=world_size,
+        local_rank=local_rank,
+        local_world_size=_int_env("LOCAL_WORLD_SIZE", world_size),
+        device=chosen,
+        backend=dist.get_backend(),
+    )
+
+
+@contextmanager
+def distributed(device: str = "auto", timeout: Optional[datetime.timedelta] = None) -> Iterator[DistEnv]:
+    """`init_distributed` for the length of a block; the group is destroyed afterwards only if
+    this block created it."""
+    created = not dist.is_initialized()
+    env = init_distributed(device, timeout)
+    try:
+        yield env
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()

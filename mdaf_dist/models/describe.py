@@ -1,0 +1,125 @@
+"""`mdaf describe`: print a model, its parameter count per part, and the paper's own breakdown.
+
+The tables are built on the meta device, so describing the full-size model (330M embedding
+parameters at D = 64) allocates no memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from mdaf_dist.config import ModelConfig, load_config
+from mdaf_dist.data.layout import read_meta
+from mdaf_dist.errors import UserError
+from mdaf_dist.models.registry import build_model
+
+# Taobao UserBehavior: distinct users, items, categories, plus the padding row 0
+TAOBAO_VOCAB = {"user": 987_994 + 1, "item": 4_162_024 + 1, "category": 9_439 + 1}
+
+# top-level attribute -> part of the model, for MDAF and the models that share its names
+PARTS = {
+    "embeddings": "embeddings",
+    "static_norm": "static branch",
+    "static": "static branch",
+    "sequence": "sequential branch",
+    "fusion": "gate / fusion",
+    "head": "head",
+}
+
+# MDAF_paper.md 4.6; the total is quoted exactly, the parts are rounded as printed there
+PAPER_MDAF = [
+    ("embeddings", 30_000_000),
+    ("static branch", 8_000_000),
+    ("sequential branch", 6_000_000),
+    ("gate / fusion", 8_000),
+    ("head", 2_000_000),
+    ("total", 45_969_365),
+]
+
+PAPER_NOTES = """\
+Why the counts cannot agree with the paper's 4.6 (figures for the paper's sizes, D = 64):
+- embeddings: D = 64 rows of the full vocabulary are ~5.16M x 64 = ~330M parameters. The paper's
+  ~30M is ~470K rows: a subsampled vocabulary (its filtered data keeps about 1% of the users),
+  so pass --vocab or --data-dir to count the tables of the data you train on.
+- static branch: 2 LCN + 2 ECN layers on a 3D = 192 input are 4 x (192 x 192) weights plus a
+  384 -> 64 projection, ~0.17M; ~8M would need layers about 7x wider than 3D.
+- sequential branch: one Mamba block (d_inner 128, N 32) and a 64 -> 256 -> 64 FFN are ~0.07M,
+  not ~6M.
+- head: D -> D -> 1 at D = 64 is 4,225 parameters, not ~2M.
+- gate: 2D -> D -> 1 is 8,321 parameters: the one part that matches (~8K).
+The paper's parts sum to ~46M only through the embeddings; its layer sizes (5.1.4) and its
+parameter counts cannot both hold."""
+
+
+def parse_vocab(text: str) -> Dict[str, int]:
+    """'user=N,item=N,category=N' -> dict; sizes count rows, padding row included."""
+    vocab: Dict[str, int] = {}
+    for part in filter(None, text.split(",")):
+        name, sep, value = part.partition("=")
+        if not sep or not value.strip().isdigit():
+            raise UserError(f"--vocab wants user=N,item=N,category=N, got {part!r}")
+        vocab[name.strip()] = int(value)
+    missing = {"user", "item", "category"} - vocab.keys()
+    if missing:
+        raise UserError(f"--vocab lacks {', '.join(sorted(missing))}")
+    return vocab
+
+
+def vocab_from_data_dir(data_dir: str) -> Dict[str, int]:
+    meta = read_meta(data_dir)
+    if "vocab" not in meta:
+        raise UserError(f"{data_dir}/meta.json has no 'vocab' sizes")
+    return {name: int(meta["vocab"][name]) for name in ("user", "item", "category")}
+
+
+def count_parts(model: nn.Module) -> List[Tuple[str, int]]:
+    """Parameters per part, in the order the parts first appear, then the total."""
+    counts: Dict[str, int] = {}
+    for name, child in model.named_children():
+        n = sum(p.numel() for p in child.parameters())
+        if n:
+            part = PARTS.get(name, name)
+            counts[part] = counts.get(part, 0) + n
+    return list(counts.items()) + [("total", sum(p.numel() for p in model.parameters()))]
+
+
+def describe(cfg: ModelConfig, vocab: Dict[str, int]) -> str:
+    model = build_model(cfg, vocab, embedding_backend="plain", embedding_device=torch.device("meta"))
+    lines = [str(model), "", f"vocab: {vocab}", ""]
+    ours = count_parts(model)
+    paper: Optional[Dict[str, int]] = dict(PAPER_MDAF) if cfg.name == "mdaf" else None
+    header = f"{'part':<20}{'parameters':>15}" + (f"{'paper (4.6)':>15}" if paper else "")
+    lines.append(header)
+    for part, n in ours:
+        paper_col = f"{paper[part]:>15,}" if paper and part in paper else ("" if not paper else f"{'-':>15}")
+        lines.append(f"{part:<20}{n:>15,}{paper_col}")
+    if paper:
+        lines += ["", PAPER_NOTES]
+    return "\n".join(lines)
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config; its model: section is described")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.fusion=concat")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--vocab", help="table sizes user=N,item=N,category=N (default: full Taobao)")
+    source.add_argument("--data-dir", help="a prepared data directory whose meta.json gives the sizes")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if args.vocab:
+        vocab = parse_vocab(args.vocab)
+    elif args.data_dir:
+        vocab = vocab_from_data_dir(args.data_dir)
+    else:
+        vocab = dict(TAOBAO_VOCAB)
+    try:
+        print(describe(cfg.model, vocab))
+    except ValueError as e:  # an unknown model, branch or fusion name in the config
+        raise UserError(str(e)) from None
+    return 0

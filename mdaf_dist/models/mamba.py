@@ -1,0 +1,90 @@
+"""One Mamba block (MDAF_paper.md 4.4, Algorithm 1), laid out like ``mamba_ssm.Mamba``.
+
+Parameter names, shapes and initialisation follow ``mamba_ssm.Mamba`` (in_proj, conv1d, x_proj,
+dt_proj, A_log, D, out_proj), so a ``state_dict`` moves between this module and ``mamba_ssm``'s.
+The forward reads top to bottom next to Algorithm 1 (mamba-minimal style); the selective scan
+itself is ``selective_scan`` with a choice of backends.
+
+Padding: sequences are right-aligned (left-padded). On padded steps the convolution input is
+zeroed and delta is set to 0, so the state stays exactly zero until the first real step and the
+outputs on real steps do not depend on how much padding precedes them. Outputs on padded steps
+carry no meaning.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mdaf_dist.models.selective_scan import resolve_backend, selective_scan
+
+
+class Mamba(nn.Module):
+    """x [B, L, d_model] (+ mask [B, L], True on real steps) -> [B, L, d_model]."""
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: Union[int, str] = "auto",
+        scan_backend: str = "auto",
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+    ):
+        super().__init__()
+        resolve_backend(scan_backend, torch.device("cpu"))  # fail early on an unknown name
+        self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
+        self.d_inner = expand * d_model
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.scan_backend = scan_backend
+
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, kernel_size=d_conv,
+                                groups=self.d_inner, padding=d_conv - 1, bias=True)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        self.A_log = nn.Parameter(torch.empty(self.d_inner, d_state))
+        self.D = nn.Parameter(torch.empty(self.d_inner))
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+        self._init_ssm(dt_min, dt_max, dt_init_floor)
+
+    @torch.no_grad()
+    def _init_ssm(self, dt_min: float, dt_max: float, dt_init_floor: float) -> None:
+        """mamba_ssm's initialisation: dt log-uniform in [dt_min, dt_max] through the inverse
+        softplus in the bias, S4D-real A = -(1..N), D = 1."""
+        dt_init_std = self.dt_rank ** -0.5
+        nn.init.uniform_(self.dt_proj.weight, -dt_init_std, dt_init_std)
+        dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_init_floor)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+        self.A_log.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).expand(self.d_inner, -1))
+        self.D.fill_(1.0)
+
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        L = x.shape[1]
+        keep = None if mask is None else mask.unsqueeze(1).to(x.dtype)  # [B, 1, L]
+
+        # 1. H_x, H_z <- Linear(H_seq)
+        h_x, h_z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)  # [B, d_inner, L] each
+        # 2. H'_x <- SiLU(Conv1d(H_x)), causal: the conv pads both sides, keep the first L outputs
+        if keep is not None:
+            h_x = h_x * keep
+        h_x = F.silu(self.conv1d(h_x)[..., :L])
+        # 3.-5. A <- -exp(A_log); B, C, dt <- Linear(H'_x); delta <- softplus(dt_proj(dt))
+        dt, B, C = self.x_proj(h_x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.softplus(self.dt_proj(dt)).transpose(1, 2)  # [B, d_inner, L]
+        if keep is not None:
+            delta = delta * keep  # delta = 0: exp(0 A) = 1 and no input, the state is carried over
+        A = -torch.exp(self.A_log.float())
+        # 6.-7. H_y <- SelectiveSSM(discretize(delta, A, B), C)(H'_x), gated by SiLU(H_z)
+        y = selective_scan(h_x, delta, A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(),
+                           z=h_z, backend=self.scan_backend)
+        # 8. H_o <- Linear(H_y * SiLU(H_z))
+        return self.out_proj(y.transpose(1, 2))

@@ -1,0 +1,103 @@
+"""Optimizers (MDAF_paper.md 5.1.4): AdamW with linear warmup for the dense modules, and a
+row-sparse optimizer for the embedding tables.
+
+With TorchRec the tables' optimizer is fused into the backward (`apply_optimizer_in_backward`
+before sharding): each table's rows are updated inside the fbgemm kernel as their gradients are
+produced, and no dense gradient of a table is ever materialised. The fbgemm CPU kernels
+implement only EXACT_SGD, EXACT_ADAGRAD and EXACT_ROWWISE_ADAGRAD, so "auto" means Adam on CUDA
+and row-wise Adagrad on CPU. The plain-PyTorch embedding backend (the unsharded reference) runs
+the same optimizer class as an ordinary optimizer stepped right after the backward, which is
+the same update.
+
+Two documented departures from the paper's single AdamW: the warmup schedules the dense
+learning rate only (the fused tables keep `train.embedding_lr`), and weight decay applies to
+the dense parameters only (the fused kernels would decay only the rows a batch touches).
+Gradients of sharded tables are the sum of every rank's local-mean loss gradient (DDP averages
+dense gradients instead); Adam and (row-wise) Adagrad are invariant to that scale up to eps.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Tuple, Type
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+from mdaf_dist.config import TrainConfig
+from mdaf_dist.errors import UserError
+
+EMBEDDING_OPTIMIZERS: Dict[str, Type[torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam,
+    "rowwise_adagrad": RowWiseAdagrad,
+    "adagrad": torch.optim.Adagrad,
+    "sgd": torch.optim.SGD,
+}
+# what the fbgemm CPU kernels implement (split_table_batched_embeddings_ops_training)
+CPU_EMBEDDING_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")
+EMBEDDINGS_PREFIX = "embeddings."
+
+
+def resolve_embedding_optimizer(name: str, device: torch.device) -> str:
+    if name == "auto":
+        return "adam" if device.type == "cuda" else "rowwise_adagrad"
+    if name not in EMBEDDING_OPTIMIZERS:
+        raise UserError(f"unknown train.embedding_optimizer {name!r}; expected auto or one of {list(EMBEDDING_OPTIMIZERS)}")
+    if device.type == "cpu" and name not in CPU_EMBEDDING_OPTIMIZERS:
+        raise UserError(f"train.embedding_optimizer={name} has no fbgemm CPU kernel; use one of {list(CPU_EMBEDDING_OPTIMIZERS)}")
+    return name
+
+
+def embedding_optimizer_spec(name: str, cfg: TrainConfig) -> Tuple[Type[torch.optim.Optimizer], Dict[str, float]]:
+    """Class and arguments of a resolved embedding optimizer."""
+    kwargs: Dict[str, float] = {"lr": cfg.embedding_lr}
+    if name != "sgd":
+        kwargs["eps"] = cfg.embedding_eps
+    return EMBEDDING_OPTIMIZERS[name], kwargs
+
+
+def fuse_embedding_optimizer(embeddings: nn.Module, name: str, cfg: TrainConfig) -> None:
+    """Mark the tables' parameters for the fused in-backward update; call before sharding."""
+    optimizer_class, kwargs = embedding_optimizer_spec(name, cfg)
+    apply_optimizer_in_backward(optimizer_class, embeddings.parameters(), kwargs)
+
+
+def dense_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
+    """Parameters trained by AdamW: everything but the tables (fused or plain)."""
+    return {
+        name: p
+        for name, p in in_backward_optimizer_filter(model.named_parameters())
+        if not name.startswith(EMBEDDINGS_PREFIX) and p.requires_grad
+    }
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, embedding_optimizer: str) -> KeyedOptimizer:
+    """One keyed optimizer over the whole model (its state_dict is what a checkpoint stores):
+    AdamW over the dense parameters, plus the tables' optimizer, fused (`model.fused_optimizer`
+    of a DistributedModelParallel) or, for plain tables, an ordinary one."""
+    dense = KeyedOptimizerWrapper(
+        dense_parameters(model), lambda params: torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    )
+    fused = getattr(model, "fused_optimizer", None)
+    if fused is not None:
+        return CombinedOptimizer([("dense", dense), ("embeddings", fused)])
+    plain_tables = {name: p for name, p in model.named_parameters() if name.startswith(EMBEDDINGS_PREFIX)}
+    optimizer_class, kwargs = embedding_optimizer_spec(embedding_optimizer, cfg)
+    tables = KeyedOptimizerWrapper(plain_tables, lambda params: optimizer_class(params, **kwargs))
+    return CombinedOptimizer([("dense", dense), ("embeddings", tables)])
+
+
+def warmup_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    return cfg.warmup_steps if cfg.warmup_steps > 0 else int(round(cfg.warmup_epochs * steps_per_epoch))
+
+
+def linear_warmup(optimizer: KeyedOptimizer, steps: int) -> LambdaLR:
+    """Dense lr rises linearly from lr/steps to lr over `steps` steps, then stays (paper: 2
+    epochs of warmup, no decay). Only the dense param groups are scheduled."""
+    dense_groups = optimizer.optimizers[0][1] if isinstance(optimizer, CombinedOptimizer) else optimizer
+    return LambdaLR(dense_groups, lambda step: min(1.0, (step + 1) / steps) if steps > 0 else 1.0)
+

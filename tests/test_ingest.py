@@ -1,0 +1,259 @@
+"""Ingest of raw UserBehavior CSV: every malformed line is classified, counted and written out with
+its line number; compressed, archived and remote inputs and block boundaries do not change results."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import uuid
+import zipfile
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+
+from mdaf_dist.config import SECONDS_PER_DAY, TAOBAO_START_TS, PrepareConfig
+from mdaf_dist.data.ingest import BEHAVIORS, RawEvents, ingest
+from mdaf_dist.errors import UserError
+
+T0 = TAOBAO_START_TS
+SLICE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "taobao_userbehavior_1h_slice.csv"
+BLOCK_SIZES = (64 << 20, 16, 1)  # one block; blocks shorter than a line; one byte at a time
+
+
+def good_rows(n: int = 8) -> list[str]:
+    return [f"{u},{100 + u},{1000 + u % 3},{BEHAVIORS[u % 4]},{T0 + 7 * u}" for u in range(1, n + 1)]
+
+
+def reference(rows: list[str]) -> RawEvents:
+    """The valid rows parsed by hand, the reference for ingest's output."""
+    fields = [row.split(",") for row in rows]
+    ints = lambda k: np.array([int(f[k]) for f in fields], np.int64)  # noqa: E731
+    behavior = np.array([BEHAVIORS.index(f[3]) for f in fields], np.int8)
+    return RawEvents(ints(0), ints(1), ints(2), behavior, ints(4))
+
+
+def assert_events_equal(actual: RawEvents, expected: RawEvents) -> None:
+    for name in ("user", "item", "category", "behavior", "ts"):
+        a, e = getattr(actual, name), getattr(expected, name)
+        assert a.dtype == e.dtype, name
+        np.testing.assert_array_equal(a, e, err_msg=name)
+
+
+def read_rejects(path: str) -> list[list[str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.reader(f))
+
+
+def config(block_size: int = 64 << 20, **overrides) -> PrepareConfig:
+    return PrepareConfig(max_bad_fraction=0.5, block_size_bytes=block_size, **overrides)
+
+
+def write(tmp_path: Path, text: str | bytes, name: str = "in.csv") -> Path:
+    path = tmp_path / name
+    path.write_bytes(text.encode() if isinstance(text, str) else text)
+    return path
+
+
+BAD_LINES = [
+    ("1,2,3,pv", "field_count"),
+    (f"1,2,3,pv,{T0},7", "field_count"),
+    (f"u1,2,3,pv,{T0}", "non_integer_id"),
+    (f"1,,3,pv,{T0}", "non_integer_id"),
+    (f"1,2,3.5,pv,{T0}", "non_integer_id"),
+    (f"1,99999999999999999999,3,pv,{T0}", "non_integer_id"),
+    (f"-1,2,3,pv,{T0}", "negative_id"),
+    (f"1,2,-3,pv,{T0}", "negative_id"),
+    (f"1,2,3,click,{T0}", "unknown_behavior"),
+    (f"1,2,3,PV,{T0}", "unknown_behavior"),
+    ("1,2,3,pv,2017-11-25", "bad_timestamp"),
+    ("1,2,3,pv,", "bad_timestamp"),
+    ("1,2,3,pv,15", "ts_outside_window"),
+    (f"1,2,3,pv,{T0 - 1}", "ts_outside_window"),
+    (f"1,2,3,pv,{T0 + 9 * SECONDS_PER_DAY}", "ts_outside_window"),  # the window's end is exclusive
+    ("user_id,item_id,category_id,behavior_type,timestamp", "header"),
+    ("", "blank_line"),
+    ("  ", "blank_line"),
+]
+
+
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("bad, reason", BAD_LINES)
+def test_each_bad_line_is_counted_and_written_with_its_line_number(tmp_path, bad, reason, block_size):
+    rows = good_rows()
+    path = write(tmp_path, "\n".join(rows[:3] + [bad] + rows[3:]) + "\n")
+    rejects = tmp_path / "out" / "rejects.csv"
+    events, report = ingest(str(path), config(block_size), rejects, progress=False)
+    assert_events_equal(events, reference(rows))
+    assert (report.lines, report.valid, report.rejected) == (9, 8, {reason: 1})
+    assert report.rejects_path == str(rejects)
+    assert read_rejects(report.rejects_path) == [["line", "reason", "raw"], ["4", reason, bad]]
+
+
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize(
+    "last, reason",
+    [("1,2,3", "truncated_last_line"), (f"1,2,3,pv,{T0},9", "field_count"), (f"1,2,3,pv,{T0}", None)],
+)
+def test_last_line_without_newline(tmp_path, last, reason, block_size):
+    rows = good_rows()
+    path = write(tmp_path, "\n".join(rows + [last]))
+    events, report = ingest(str(path), config(block_size), tmp_path / "rejects.csv", progress=False)
+    assert report.lines == 9
+    if reason is None:
+        assert_events_equal(events, reference(rows + [last]))
+        assert (report.rejected, report.rejects_path) == ({}, None)
+        assert not (tmp_path / "rejects.csv").exists()
+    else:
+        assert_events_equal(events, reference(rows))
+        assert report.rejected == {reason: 1}
+        assert read_rejects(report.rejects_path)[1:] == [["9", reason, last]]
+
+
+def test_the_exact_rejects_file(tmp_path):
+    rows = good_rows()
+    bad = ["user_id,item_id,category_id,behavior_type,timestamp", '1,"2",3,pv,15', ""]
+    path = write(tmp_path, "\n".join(bad[:1] + rows[:4] + bad[1:] + rows[4:]) + "\n")
+    _, report = ingest(str(path), config(), tmp_path / "rejects.csv", progress=False)
+    assert report.rejected == {"blank_line": 1, "header": 1, "non_integer_id": 1}
+    assert Path(report.rejects_path).read_text() == (
+        "line,reason,raw\n"
+        '1,header,"user_id,item_id,category_id,behavior_type,timestamp"\n'
+        '6,non_integer_id,"1,""2"",3,pv,15"\n'
+        "7,blank_line,\n"
+    )
+
+
+def test_mixed_file_is_the_same_for_every_block_size_and_line_ending(tmp_path):
+    """A header in the first block sends it through the per-row path; with tiny blocks the same
+    value errors go through pyarrow and the vectorised checks: both must agree."""
+    rows = good_rows(42)
+    padded = f" 7 ,8,9,cart,{T0}"  # padded integers are integers, as pyarrow reads them
+    bad = [f"-5,2,3,pv,{T0}", f"5,2,3,fav2,{T0}", "5,2,3,pv,15", padded, "1,2", ""]
+    pairs = list(zip(rows, bad * 7))
+    lines = ["user_id,item_id,category_id,behavior_type,timestamp"] + [line for pair in pairs for line in pair]
+    expected_valid = [line.replace(" ", "") for pair in pairs for line in pair if line == pair[0] or line == padded]
+    results = []
+    for newline in ("\n", "\r\n"):
+        path = write(tmp_path, newline.join(lines) + newline, f"in{len(newline)}.csv")
+        for block_size in BLOCK_SIZES:
+            rejects = tmp_path / f"rejects-{len(newline)}-{block_size}.csv"
+            events, report = ingest(str(path), config(block_size), rejects, progress=False)
+            assert (report.lines, report.valid) == (len(lines), len(expected_valid))
+            results.append((events, report.rejected, read_rejects(str(rejects))))
+    events, rejected, rejected_rows = results[0]
+    assert_events_equal(events, reference(expected_valid))
+    assert rejected == {"blank_line": 7, "header": 1, "field_count": 7, "negative_id": 7, "unknown_behavior": 7, "ts_outside_window": 7}
+    assert rejected_rows[1:4] == [["1", "header", lines[0]], ["3", "negative_id", bad[0]], ["5", "unknown_behavior", bad[1]]]
+    for other_events, other_rejected, other_rows in results[1:]:
+        assert_events_equal(other_events, events)
+        assert (other_rejected, other_rows) == (rejected, rejected_rows)
+
+
+def test_window_check_can_be_switched_off(tmp_path):
+    rows = good_rows() + ["1,2,3,pv,15"]
+    path = write(tmp_path, "\n".join(rows) + "\n")
+    events, report = ingest(str(path), config(check_window=False), tmp_path / "rejects.csv", progress=False)
+    assert_events_equal(events, reference(rows))
+    assert report.rejected == {}
+
+
+def test_byte_order_mark_is_stripped_and_the_first_row_kept(tmp_path):
+    rows = good_rows()
+    path = write(tmp_path, b"\xef\xbb\xbf" + ("\n".join(rows) + "\n").encode())
+    events, report = ingest(str(path), config(block_size=1), tmp_path / "rejects.csv", progress=False)
+    assert_events_equal(events, reference(rows))
+    assert (report.lines, report.rejected, report.rejects_path) == (8, {}, None)
+
+
+def test_too_many_bad_lines_is_an_error_naming_everything(tmp_path):
+    rows = good_rows()
+    lines = rows[:2] + [f"-1,2,3,pv,{T0}"] + rows[2:7] + ["1,2,3", rows[7]]
+    path = write(tmp_path, "\n".join(lines) + "\n")
+    rejects = tmp_path / "rejects.csv"
+    with pytest.raises(UserError) as error:
+        ingest(str(path), PrepareConfig(max_bad_fraction=0.1), rejects, progress=False)
+    assert str(error.value) == (
+        f"{path}: 2 of 10 lines are malformed (20.000%), more than max_bad_fraction=0.1; "
+        f"first bad line 3 (negative_id); by reason: field_count=1, negative_id=1; rejected lines are in {rejects}"
+    )
+    assert len(read_rejects(str(rejects))) == 3
+    # exactly at the threshold is still accepted
+    _, report = ingest(str(path), PrepareConfig(max_bad_fraction=0.2), rejects, progress=False)
+    assert report.valid == 8
+
+
+def test_missing_empty_and_unreadable_inputs_are_one_line_errors(tmp_path):
+    rejects = tmp_path / "rejects.csv"
+    cases = {
+        str(tmp_path / "nope.csv"): f"input not found: {tmp_path / 'nope.csv'}",
+        str(write(tmp_path, "", "empty.csv")): f"{tmp_path / 'empty.csv'}: the file is empty",
+        str(write(tmp_path, b"\xef\xbb\xbf", "bom.csv")): f"{tmp_path / 'bom.csv'}: the file is empty",
+        str(tmp_path): f"input is not a file: {tmp_path}",
+        str(write(tmp_path, "header\n", "header.csv")): (
+            f"{tmp_path / 'header.csv'}: no data rows among 1 lines; first bad line 1 (field_count); "
+            f"by reason: field_count=1; rejected lines are in {rejects}"
+        ),
+    }
+    for source, message in cases.items():
+        with pytest.raises(UserError) as error:
+            ingest(source, PrepareConfig(max_bad_fraction=1.0), rejects, progress=False)
+        assert str(error.value) == message
+    for name, data in [("bad.csv.gz", b"not gzip at all"), ("bad.zip", b"not a zip"), ("cut.csv.gz", gzip.compress(b"1,2,3,pv,5\n" * 100)[:40])]:
+        with pytest.raises(UserError, match=f"^cannot read {write(tmp_path, data, name)}: "):
+            ingest(str(tmp_path / name), PrepareConfig(), rejects, progress=False)
+
+
+@pytest.mark.parametrize("members, found", [([], "none"), (["a.csv", "b/c.CSV"], "a.csv, b/c.CSV")])
+def test_zip_must_hold_exactly_one_csv(tmp_path, members, found):
+    path = tmp_path / "in.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("README.txt", "not data")
+        archive.writestr("__MACOSX/._a.csv", "resource fork")
+        for member in members:
+            archive.writestr(member, "1,2,3,pv,5\n")
+    with pytest.raises(UserError) as error:
+        ingest(str(path), PrepareConfig(), tmp_path / "rejects.csv", progress=False)
+    assert str(error.value) == f"{path}: a zip input must hold exactly one .csv file, found {found}"
+
+
+def test_compressed_archived_and_uri_inputs_give_the_same_events(tmp_path):
+    rows = good_rows(50)
+    text = ("\n".join(rows[:20] + ["1,2,3,pv,15"] + rows[20:]) + "\n").encode()
+    plain = write(tmp_path, text)
+    write(tmp_path, gzip.compress(text), "in.csv.gz")
+    with zipfile.ZipFile(tmp_path / "in.zip", "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("UserBehavior.csv", text)
+    memory = fsspec.filesystem("memory")
+    memory_path = f"/ingest-{uuid.uuid4().hex}/in.csv"
+    memory.pipe(memory_path, text)
+    try:
+        sources = [str(tmp_path / "in.csv.gz"), str(tmp_path / "in.zip"), f"memory://{memory_path}", plain.as_uri()]
+        results = [ingest(source, config(block_size=100), tmp_path / f"rejects{i}.csv", progress=False) for i, source in enumerate(sources)]
+        remote_rejects = f"memory://{memory_path}.rejects/rejects.csv"
+        results.append(ingest(f"memory://{memory_path}", config(), remote_rejects, progress=False))
+        assert memory.cat(remote_rejects).decode() == 'line,reason,raw\n21,ts_outside_window,"1,2,3,pv,15"\n'
+    finally:
+        memory.rm(memory_path.rsplit("/", 1)[0], recursive=True)
+    expected = reference(rows)
+    for events, report in results:
+        assert_events_equal(events, expected)
+        assert (report.lines, report.valid, report.rejected) == (51, 50, {"ts_outside_window": 1})
+
+
+def test_progress_bar_on_stderr(tmp_path, capsys):
+    path = write(tmp_path, "\n".join(good_rows()) + "\n")
+    ingest(str(path), config(), tmp_path / "rejects.csv", progress=True)
+    assert "ingest in.csv" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not SLICE.is_file(), reason="the real data slice is not available")
+def test_real_slice_ingests_as_it_is(tmp_path):
+    events, report = ingest(str(SLICE), PrepareConfig(), tmp_path / "rejects.csv", progress=False)
+    assert (report.lines, report.valid, report.rejected) == (96169, 96168, {"ts_outside_window": 1})
+    assert read_rejects(report.rejects_path)[1][:2] == ["96169", "ts_outside_window"]
+    assert np.all((events.ts >= T0) & (events.ts < T0 + 9 * SECONDS_PER_DAY))
+    assert np.bincount(events.behavior, minlength=4).tolist() == [85773, 2144, 5292, 2959]
+    small_blocks, _ = ingest(str(SLICE), PrepareConfig(block_size_bytes=100_000), tmp_path / "r2.csv", progress=False)
+    assert_events_equal(small_blocks, events)

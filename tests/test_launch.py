@@ -1,0 +1,71 @@
+"""Launch paths: the TorchX component, `.torchxconfig`, the Slurm script TorchX generates, and
+(slow) end-to-end runs of 2 gloo ranks through `torchx run` and `torchrun` on tiny data."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from torchx.specs.builders import materialize_appdef
+
+from launch.components import train
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _run(*command: str, timeout: float = 60) -> str:
+    """Run a console script of this environment from the repository root (where TorchX finds
+    `.torchxconfig`); fail with its output if it fails."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def test_component_runs_torchrun_on_the_entry_module_with_config_and_overrides():
+    app = materialize_appdef(
+        train, ["--config", "configs/smoke.yaml", "--nnodes", "2", "--nproc_per_node", "4", "--", "loader.batch_size=64"]
+    )
+    (role,) = app.roles
+    assert role.num_replicas == 2
+    assert role.entrypoint == "bash" and role.args[0] == "-c"
+    command = role.args[1]
+    assert command.startswith("torchrun ")
+    assert "--nnodes 2 --nproc_per_node 4" in command
+    assert command.endswith("-m mdaf_dist.train --config configs/smoke.yaml loader.batch_size=64")
+
+
+def test_torchxconfig_makes_local_cwd_the_default_scheduler():
+    out = _run(str(BIN / "torchx"), "run", "--dryrun", "dist.ddp", "-j", "1x2", "-m", "mdaf_dist.train", "--", "--config", "configs/smoke.yaml")
+    assert "local_cwd://torchx/" in out
+    assert f"'cwd': {str(REPO)!r}" in out
+
+
+def test_slurm_dryrun_writes_a_valid_sbatch_script(tmp_path):
+    out = _run(
+        str(BIN / "torchx"), "run", "--dryrun", "-s", "slurm", "-cfg", "partition=gpu,time=1:00:00",
+        "launch/components.py:train", "--config", "configs/paper.yaml", "--nnodes", "2", "--nproc_per_node", "4",
+        "--gpu", "4", "--", "loader.batch_size=512",
+    )  # fmt: skip
+    script = out.split("# SBATCH_SCRIPT\n#----------------\n", 1)[1]
+    assert script.startswith("#!/bin/bash\n")
+    directives = [line for line in script.splitlines() if line.startswith("#SBATCH")]
+    # one heterogeneous job group per node
+    assert directives[1] == "#SBATCH hetjob" and len(directives) == 3
+    for group in (directives[0], directives[2]):
+        for option in ("--partition=gpu", "--time=1:00:00", "--gpus-per-task=4", "--ntasks-per-node=1"):
+            assert option in group
+    sruns = [line for line in script.splitlines() if "srun " in line or "--output=slurm" in line]
+    assert len(sruns) == 2
+    for srun in sruns:
+        assert "torchrun --rdzv_backend c10d --rdzv_endpoint ${SLURM_JOB_NODELIST_HET_GROUP_0:=localhost}:29500" in srun
+        assert "--nnodes 2 --nproc_per_node 4" in srun
+        assert "-m mdaf_dist.train --config configs/paper.yaml loader.batch_size=512" in srun
+    path = tmp_path / "job.sbatch"
+    path.write_text(script)
+    syntax = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+    assert syntax.returncode == 0, syntax.stderr

@@ -1,0 +1,184 @@
+"""Samples: histories, negatives, filters, split and subsampling against brute-force references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mdaf_dist.config import SECONDS_PER_DAY
+from mdaf_dist.data import samples as S
+from mdaf_dist.data.vocab import PADDING_RAW_ID, dense_ids
+from mdaf_dist.errors import UserError
+
+START = 1_000_000_000
+
+
+def clicks_from_raw(user, item, category, ts) -> S.Clicks:
+    """The pipeline's click construction on raw columns in file order."""
+    user, item, category, ts = (np.asarray(a, dtype=np.int64) for a in (user, item, category, ts))
+    order = S.click_order(user, ts)
+    dense_user, users = dense_ids(user[order])
+    dense_item, _ = dense_ids(item[order])
+    dense_category, _ = dense_ids(category[order])
+    return S.make_clicks(dense_user, dense_item, dense_category, ts[order].astype(np.int32), len(users))
+
+
+def random_clicks(seed: int, n: int = 3000, users: int = 40, items: int = 300, categories: int = 12, days: int = 3):
+    rng = np.random.default_rng(seed)
+    item = rng.integers(1, items, n)
+    return clicks_from_raw(
+        rng.integers(1, users, n), item, item % categories, START + rng.integers(0, days * SECONDS_PER_DAY, n)
+    )
+
+
+def test_histories_are_the_clicks_strictly_before_with_ties_in_file_order():
+    # equal timestamps everywhere, users interleaved, file order unsorted in time
+    user = [7, 3, 7, 7, 3, 7, 3, 7]
+    item = [10, 20, 11, 12, 21, 13, 22, 14]
+    ts = [50, 40, 50, 40, 40, 60, 30, 50]
+    clicks = clicks_from_raw(user, item, [1] * 8, ts)
+    _, raw_item = dense_ids(np.array(item))
+    _, raw_user = dense_ids(np.array(user))
+    for i in range(len(user)):
+        # reference: the same user's rows earlier in time, or at the same time earlier in the file
+        earlier = sorted((ts[j], j) for j in range(len(user)) if user[j] == user[i] and (ts[j], j) < (ts[i], i))
+        expected = [item[j] for _, j in earlier]
+        target = [k for k in range(len(user)) if raw_user[clicks.user[k]] == user[i] and raw_item[clicks.item[k]] == item[i]]
+        (k,) = target
+        off, pos = clicks.user_offsets[clicks.user[k]], clicks.pos[k]
+        assert raw_item[clicks.item[off : off + pos]].tolist() == expected
+
+
+def test_user_offsets_cover_users_with_padding_user_empty():
+    clicks = clicks_from_raw([5, 9, 5], [1, 2, 3], [1, 1, 1], [3, 2, 1])
+    assert clicks.user_offsets.tolist() == [0, 0, 2, 3]
+    assert clicks.pos.tolist() == [0, 1, 0]
+    assert clicks.ts.tolist() == [1, 3, 2]
+
+
+def test_dense_ids_follow_raw_order_on_both_paths():
+    small = np.array([30, 10, 30, 20])
+    large = small * (1 << 40)
+    for raw in (small, large):
+        dense, raw_by_dense = dense_ids(raw)
+        assert dense.tolist() == [3, 1, 3, 2]
+        assert raw_by_dense.tolist() == [PADDING_RAW_ID, *sorted(set(raw.tolist()))]
+
+
+@pytest.mark.parametrize("sampling", S.NEG_SAMPLING)
+def test_negatives_avoid_the_users_window_clicks_and_come_from_the_window(sampling):
+    clicks = random_clicks(seed=1)
+    counts = S.negative_counts(len(clicks.user), 1.5, seed=3)
+    draw = S.draw_negatives(clicks, counts, window_start=START, window_seconds=SECONDS_PER_DAY, sampling=sampling, max_draws=10, seed=3)
+    day = (clicks.ts.astype(np.int64) - START) // SECONDS_PER_DAY
+    window_items = {d: set(clicks.item[day == d].tolist()) for d in np.unique(day).tolist()}
+    user_window_items = set(zip(clicks.user.tolist(), day.tolist(), clicks.item.tolist()))
+    assert draw.requested == counts.sum() and len(draw.owner) == draw.requested - draw.unavailable
+    for owner, item in zip(draw.owner.tolist(), draw.item.tolist()):
+        u, d = int(clicks.user[owner]), int(day[owner])
+        assert item in window_items[d]
+        assert (u, d, item) not in user_window_items
+
+
+def test_negatives_share_the_positive_user_pos_ts_and_take_the_item_category():
+    clicks = random_clicks(seed=2)
+    counts = S.negative_counts(len(clicks.user), 2.0, seed=0)
+    draw = S.draw_negatives(clicks, counts, window_start=START, window_seconds=SECONDS_PER_DAY, sampling="uniform", max_draws=10, seed=0)
+    samples = S.with_negatives(clicks, draw)
+    assert len(samples) == len(clicks.user) + len(draw.owner)
+    item_category = dict(zip(clicks.item.tolist(), clicks.category.tolist()))
+    positive = np.flatnonzero(samples.label == 1)
+    assert positive.tolist() == (np.arange(len(clicks.user)) + np.concatenate([[0], np.cumsum(np.bincount(draw.owner, minlength=len(clicks.user)))[:-1]])).tolist()
+    # each negative follows its positive: same user, pos, ts as the last positive before it
+    last_positive = np.maximum.accumulate(np.where(samples.label == 1, np.arange(len(samples)), 0))
+    for name in ("user", "pos", "ts"):
+        column = getattr(samples, name)
+        assert np.array_equal(column, column[last_positive])
+    negative = samples.label == 0
+    assert all(item_category[i] == c for i, c in zip(samples.item[negative].tolist(), samples.category[negative].tolist()))
+
+
+def test_negative_ratio_gives_the_positive_share():
+    counts = S.negative_counts(200_000, 1.5, seed=7)
+    assert set(np.unique(counts).tolist()) == {1, 2}
+    assert 1 / (1 + counts.mean()) == pytest.approx(0.4, abs=0.002)
+    assert np.array_equal(counts, S.negative_counts(200_000, 1.5, seed=7))
+    assert (S.negative_counts(10, 2.0, seed=1) == 2).all()
+
+
+def test_negatives_are_dropped_and_counted_when_the_user_clicked_every_window_item():
+    # user 1 clicked both items of day 0; user 2 clicked one of them
+    clicks = clicks_from_raw([1, 1, 2], [5, 6, 5], [1, 1, 1], [START, START + 1, START + 2])
+    draw = S.draw_negatives(clicks, np.array([1, 1, 1]), window_start=START, window_seconds=SECONDS_PER_DAY, sampling="uniform", max_draws=5, seed=0)
+    assert (draw.requested, draw.unavailable) == (3, 2)
+    assert draw.owner.tolist() == [2] and draw.item.tolist() == [2]  # dense id of raw item 6
+
+
+def test_negative_draws_are_reproducible():
+    clicks = random_clicks(seed=4)
+    counts = S.negative_counts(len(clicks.user), 1.5, seed=9)
+    kwargs = dict(window_start=START, window_seconds=SECONDS_PER_DAY, sampling="popularity", max_draws=10, seed=9)
+    a, b = S.draw_negatives(clicks, counts, **kwargs), S.draw_negatives(clicks, counts, **kwargs)
+    assert np.array_equal(a.item, b.item) and np.array_equal(a.owner, b.owner)
+
+
+def reference_keep(clicks: S.Clicks, samples: S.Samples, mode: str, history_length: int, last_k: int):
+    keep = []
+    for u, c, p in zip(samples.user.tolist(), samples.category.tolist(), samples.pos.tolist()):
+        off = clicks.user_offsets[u]
+        history = clicks.category[off : off + p].tolist()
+        window = {"last_l": history[-history_length:], "last_k": history[-last_k:], "any": history, "none": None}[mode]
+        keep.append(True if window is None else c in window)
+    return np.array(keep)
+
+
+@pytest.mark.parametrize("mode", S.CATEGORY_FILTERS)
+def test_category_filter_matches_brute_force(mode):
+    clicks = random_clicks(seed=5, n=2500, users=15, categories=40)
+    draw = S.draw_negatives(clicks, S.negative_counts(len(clicks.user), 1.5, 5), window_start=START, window_seconds=SECONDS_PER_DAY, sampling="uniform", max_draws=10, seed=5)
+    samples = S.with_negatives(clicks, draw)
+    got = S.category_filter(clicks, samples, mode, history_length=20, last_k=4)
+    expected = reference_keep(clicks, samples, mode, history_length=20, last_k=4)
+    assert np.array_equal(got, expected)
+    assert 0 < got.sum() < len(samples) or mode == "none"
+
+
+def test_category_gap_counts_back_from_the_target():
+    clicks = clicks_from_raw([1] * 5, [1, 2, 3, 4, 5], [7, 8, 8, 9, 7], [1, 2, 3, 4, 5])
+    samples = S.positives(clicks)
+    assert S.category_gap(clicks, samples).tolist() == [S.NO_PREVIOUS, S.NO_PREVIOUS, 1, S.NO_PREVIOUS, 4]
+
+
+def test_empty_history_mask():
+    clicks = clicks_from_raw([1, 2, 1], [1, 2, 3], [1, 1, 1], [1, 1, 2])
+    assert S.has_history(S.positives(clicks)).tolist() == [False, True, False]
+
+
+def test_temporal_split_puts_the_last_days_in_valid():
+    start = S.valid_start(START, window_days=9, valid_days=2)
+    assert start == START + 7 * SECONDS_PER_DAY
+    ts = np.array([START, start - 1, start, START + 9 * SECONDS_PER_DAY - 1])
+    assert S.is_valid(ts, start).tolist() == [False, False, True, True]
+    with pytest.raises(UserError, match=r"prepare.valid_days must be in \[1, window_days - 1\], got 9"):
+        S.valid_start(START, window_days=9, valid_days=9)
+
+
+def test_user_subsampling_is_deterministic_proportional_and_nested():
+    users = np.arange(1, 200_001, dtype=np.int64)
+    keep = S.keep_users(users, 0.1, seed=42)
+    assert keep.mean() == pytest.approx(0.1, abs=0.003)
+    assert np.array_equal(keep, S.keep_users(users, 0.1, seed=42))
+    # a user's fate does not depend on the other rows, and smaller fractions are subsets
+    assert np.array_equal(S.keep_users(users[::-7], 0.1, seed=42), keep[::-7])
+    assert not (S.keep_users(users, 0.05, seed=42) & ~keep).any()
+    assert (keep != S.keep_users(users, 0.1, seed=43)).any()
+    with pytest.raises(UserError, match=r"prepare.user_fraction must be in \(0, 1\], got 0"):
+        S.keep_users(users, 0.0, seed=42)
+
+
+def test_unknown_filter_and_sampling_are_user_errors():
+    clicks = random_clicks(seed=6, n=10)
+    with pytest.raises(UserError, match="prepare.category_filter must be one of"):
+        S.category_filter(clicks, S.positives(clicks), "last", 50, 10)
+    with pytest.raises(UserError, match="prepare.neg_sampling must be one of"):
+        S.draw_negatives(clicks, np.ones(10, np.int64), window_start=START, window_seconds=1, sampling="zipf", max_draws=1, seed=0)
