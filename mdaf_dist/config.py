@@ -63,7 +63,8 @@ class LoaderConfig:
 
     batch_size: int = 2048
     eval_batch_size: int = 4096
-    shuffle_buffer: int = 1 << 16
+    # rows shuffled together; at least one Parquet row group of `mdaf prepare` (prepare.samples_row_group)
+    shuffle_buffer: int = 1 << 18
     num_workers: int = 1
     seed: int = 42
     history_categories: bool = False

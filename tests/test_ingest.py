@@ -59,6 +59,7 @@ def write(tmp_path: Path, text: str | bytes, name: str = "in.csv") -> Path:
 BAD_LINES = [
     ("1,2,3,pv", "field_count"),
     (f"1,2,3,pv,{T0},7", "field_count"),
+    (f"1,2,3,pv,{T0}\r5,6,7,pv,{T0}", "field_count"),  # pyarrow would take a lone \r as a row end
     (f"u1,2,3,pv,{T0}", "non_integer_id"),
     (f"1,,3,pv,{T0}", "non_integer_id"),
     (f"1,2,3.5,pv,{T0}", "non_integer_id"),
@@ -133,7 +134,7 @@ def test_mixed_file_is_the_same_for_every_block_size_and_line_ending(tmp_path):
     bad = [f"-5,2,3,pv,{T0}", f"5,2,3,fav2,{T0}", "5,2,3,pv,15", padded, "1,2", ""]
     pairs = list(zip(rows, bad * 7))
     lines = ["user_id,item_id,category_id,behavior_type,timestamp"] + [line for pair in pairs for line in pair]
-    expected_valid = [line.replace(" ", "") for pair in pairs for line in pair if line == pair[0] or line == padded]
+    expected_valid = [line.replace(" ", "") for pair in pairs for line in pair if line in (pair[0], padded)]
     results = []
     for newline in ("\n", "\r\n"):
         path = write(tmp_path, newline.join(lines) + newline, f"in{len(newline)}.csv")
@@ -144,8 +145,12 @@ def test_mixed_file_is_the_same_for_every_block_size_and_line_ending(tmp_path):
             results.append((events, report.rejected, read_rejects(str(rejects))))
     events, rejected, rejected_rows = results[0]
     assert_events_equal(events, reference(expected_valid))
-    assert rejected == {"blank_line": 7, "header": 1, "field_count": 7, "negative_id": 7, "unknown_behavior": 7, "ts_outside_window": 7}
-    assert rejected_rows[1:4] == [["1", "header", lines[0]], ["3", "negative_id", bad[0]], ["5", "unknown_behavior", bad[1]]]
+    assert rejected == {
+        "blank_line": 7, "header": 1, "field_count": 7, "negative_id": 7, "unknown_behavior": 7, "ts_outside_window": 7
+    }
+    assert rejected_rows[1:4] == [
+        ["1", "header", lines[0]], ["3", "negative_id", bad[0]], ["5", "unknown_behavior", bad[1]]
+    ]
     for other_events, other_rejected, other_rows in results[1:]:
         assert_events_equal(other_events, events)
         assert (other_rejected, other_rows) == (rejected, rejected_rows)
@@ -200,9 +205,15 @@ def test_missing_empty_and_unreadable_inputs_are_one_line_errors(tmp_path):
         with pytest.raises(UserError) as error:
             ingest(source, PrepareConfig(max_bad_fraction=1.0), rejects, progress=False)
         assert str(error.value) == message
-    for name, data in [("bad.csv.gz", b"not gzip at all"), ("bad.zip", b"not a zip"), ("cut.csv.gz", gzip.compress(b"1,2,3,pv,5\n" * 100)[:40])]:
-        with pytest.raises(UserError, match=f"^cannot read {write(tmp_path, data, name)}: "):
-            ingest(str(tmp_path / name), PrepareConfig(), rejects, progress=False)
+    unreadable = {
+        "bad.csv.gz": b"not gzip at all",
+        "bad.zip": b"not a zip",
+        "cut.csv.gz": gzip.compress(b"1,2,3,pv,5\n" * 100)[:40],
+    }
+    sources = [str(write(tmp_path, data, name)) for name, data in unreadable.items()] + ["nosuchprotocol://in.csv"]
+    for source in sources:
+        with pytest.raises(UserError, match=f"^cannot read {source}: "):
+            ingest(source, PrepareConfig(), rejects, progress=False)
 
 
 @pytest.mark.parametrize("members, found", [([], "none"), (["a.csv", "b/c.CSV"], "a.csv, b/c.CSV")])
@@ -230,7 +241,10 @@ def test_compressed_archived_and_uri_inputs_give_the_same_events(tmp_path):
     memory.pipe(memory_path, text)
     try:
         sources = [str(tmp_path / "in.csv.gz"), str(tmp_path / "in.zip"), f"memory://{memory_path}", plain.as_uri()]
-        results = [ingest(source, config(block_size=100), tmp_path / f"rejects{i}.csv", progress=False) for i, source in enumerate(sources)]
+        results = [
+            ingest(source, config(block_size=100), tmp_path / f"rejects{i}.csv", progress=False)
+            for i, source in enumerate(sources)
+        ]
         remote_rejects = f"memory://{memory_path}.rejects/rejects.csv"
         results.append(ingest(f"memory://{memory_path}", config(), remote_rejects, progress=False))
         assert memory.cat(remote_rejects).decode() == 'line,reason,raw\n21,ts_outside_window,"1,2,3,pv,15"\n'
@@ -255,5 +269,5 @@ def test_real_slice_ingests_as_it_is(tmp_path):
     assert read_rejects(report.rejects_path)[1][:2] == ["96169", "ts_outside_window"]
     assert np.all((events.ts >= T0) & (events.ts < T0 + 9 * SECONDS_PER_DAY))
     assert np.bincount(events.behavior, minlength=4).tolist() == [85773, 2144, 5292, 2959]
-    small_blocks, _ = ingest(str(SLICE), PrepareConfig(block_size_bytes=100_000), tmp_path / "r2.csv", progress=False)
+    small_blocks, _ = ingest(str(SLICE), PrepareConfig(block_size_bytes=1 << 17), tmp_path / "r2.csv", progress=False)
     assert_events_equal(small_blocks, events)

@@ -88,6 +88,7 @@ def test_every_sample_once_across_ranks_and_workers(data_dir, world_size, num_wo
 def test_resume_mid_epoch_yields_exactly_the_rest_in_order(data_dir):
     out, _, _ = data_dir
     cfg = config(num_workers=2)
+    resumed_runs = []
     for rank in range(2):
         full = sample_ids(make_loader(out, "train", cfg, rank=rank, world_size=2, epoch=3))
         first = make_loader(out, "train", cfg, rank=rank, world_size=2, epoch=3)
@@ -99,7 +100,9 @@ def test_resume_mid_epoch_yields_exactly_the_rest_in_order(data_dir):
         resumed = make_loader(out, "train", cfg, rank=rank, world_size=2)
         resumed.load_state_dict(first.state_dict())
         rest = list(resumed)
-        assert np.array_equal(np.concatenate([sample_ids(seen), sample_ids(rest)]), full)
+        resumed_runs.append(np.concatenate([sample_ids(seen), sample_ids(rest)]))
+        assert np.array_equal(resumed_runs[-1], full)
+    assert np.array_equal(np.sort(np.concatenate(resumed_runs)), np.arange(NUM_SAMPLES))
 
 
 def test_state_after_a_full_pass_starts_the_next_epoch(data_dir):

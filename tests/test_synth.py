@@ -155,7 +155,10 @@ def test_cli_rejects_non_positive_rows(tmp_path, capsys):
         (dict(rows=-5), "rows must be positive, got -5"),
         (dict(rows=10, users=11), "users must be between 1 and rows (10), got 11"),
         (dict(rows=10, categories=0), "categories must be positive, got 0"),
-        (dict(rows=10, items=2, categories=3), "items (2) must be at least categories (3): every category needs an item"),
+        (
+            dict(rows=10, items=2, categories=3),
+            "items (2) must be at least categories (3): every category needs an item",
+        ),
         (dict(rows=10, seed=-1), "seed must be non-negative, got -1"),
     ],
 )

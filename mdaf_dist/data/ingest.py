@@ -3,7 +3,8 @@
 The byte stream is read in blocks of `block_size_bytes` cut at newlines, so memory beyond the
 output arrays stays bounded. Each block is parsed by pyarrow's CSV reader with explicit column
 types; value checks (negative ids, unknown behavior, timestamp outside the window) are vectorised
-on the parsed columns, because the real file has out-of-window timestamps spread all over it.
+on the parsed columns, so that scattered out-of-window timestamps (the real file has them) do not
+send whole blocks down the slow path.
 Only a block that pyarrow cannot parse (wrong field count, a non-integer, a blank line, a header)
 goes through the careful per-row path, which classifies every row of that block with the same
 rules. Nothing is dropped silently: every rejected line is counted by reason and written with its
@@ -27,7 +28,7 @@ from collections import Counter
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import IO, Dict, Iterator, List, Optional, Tuple
 
 import fsspec
 import numpy as np
@@ -64,7 +65,7 @@ _READ_OPTIONS = pacsv.ReadOptions(column_names=list(COLUMNS))
 # no quoting and no null values: a field is taken as it is written, and an empty id is an error
 _PARSE_OPTIONS = pacsv.ParseOptions(quote_char=False, ignore_empty_lines=False)
 _CONVERT_OPTIONS = pacsv.ConvertOptions(
-    column_types={"user": pa.int64(), "item": pa.int64(), "category": pa.int64(), "behavior": pa.string(), "ts": pa.int64()},
+    column_types={name: pa.string() if name == "behavior" else pa.int64() for name in COLUMNS},
     null_values=[],
     strings_can_be_null=False,
 )
@@ -114,10 +115,11 @@ class _Columns:
         self.arrays = [np.empty(0, dtype) for dtype in _DTYPES]
         self.size = 0
 
-    def append(self, columns: List[np.ndarray], fraction_read: float) -> None:
+    def append(self, columns: List[np.ndarray], fraction_read: Optional[float]) -> None:
+        """Add a block's rows; `fraction_read` of the input (None if unknown) extrapolates the total."""
         end = self.size + len(columns[0])
         if end > len(self.arrays[0]):
-            capacity = max(end, int(end / max(fraction_read, 1e-6) * 1.02))
+            capacity = max(end, int(end / fraction_read * 1.02)) if fraction_read else 2 * end
             for index, old in enumerate(self.arrays):
                 grown = np.empty(capacity, old.dtype)
                 grown[: self.size] = old[: self.size]
@@ -176,7 +178,8 @@ def ingest(
     `cfg.max_bad_fraction` of the lines are rejected.
     """
     source = str(source)
-    window = (cfg.window_start, cfg.window_start + cfg.window_days * SECONDS_PER_DAY) if cfg.check_window else None
+    window_end = cfg.window_start + cfg.window_days * SECONDS_PER_DAY
+    window = (cfg.window_start, window_end) if cfg.check_window else None
     rejects = _Rejects(rejects_path)
     columns = _Columns()
     lines = 0
@@ -184,7 +187,8 @@ def ingest(
         stack.callback(rejects.close)
         raw, stream, size = stack.enter_context(_open_source(source))
         bar = stack.enter_context(
-            tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=f"ingest {Path(source).name}", disable=not progress)
+            tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=f"ingest {Path(source).name}",
+                 disable=not progress)
         )
         for block, last_without_newline in _blocks(stream, cfg.block_size_bytes):
             block_lines = block.count(b"\n") + last_without_newline
@@ -193,7 +197,7 @@ def ingest(
                 texts = _line_texts(block, parsed.reject_rows)
                 for row, code, text in zip(parsed.reject_rows.tolist(), parsed.reject_codes.tolist(), texts):
                     rejects.add(lines + 1 + row, REJECT_REASONS[code], text)
-            columns.append(parsed.columns, fraction_read=raw.tell() / size)
+            columns.append(parsed.columns, fraction_read=raw.tell() / size if size else None)
             lines += block_lines
             bar.update(raw.tell() - bar.n)
     events = columns.events()
@@ -213,7 +217,12 @@ def _check_report(report: IngestReport, rejects: _Rejects, cfg: PrepareConfig) -
         raise UserError(f"{report.source}: the file is empty")
     bad = report.lines - report.valid
     by_reason = ", ".join(f"{reason}={count}" for reason, count in report.rejected.items())
-    where = f"first bad line {rejects.first[0]} ({rejects.first[1]}); by reason: {by_reason}; rejected lines are in {report.rejects_path}" if bad else ""
+    where = (
+        f"first bad line {rejects.first[0]} ({rejects.first[1]}); by reason: {by_reason}; "
+        f"rejected lines are in {report.rejects_path}"
+        if bad
+        else ""
+    )
     if report.valid == 0:
         raise UserError(f"{report.source}: no data rows among {report.lines} lines; {where}")
     if bad > cfg.max_bad_fraction * report.lines:
@@ -224,22 +233,14 @@ def _check_report(report: IngestReport, rejects: _Rejects, cfg: PrepareConfig) -
 
 
 @contextmanager
-def _read_errors(source: str) -> Iterator[None]:
-    """Turn I/O and decompression failures into one UserError line naming the input."""
+def _open_source(source: str) -> Iterator[Tuple[IO[bytes], IO[bytes], Optional[int]]]:
+    """(raw file, decompressed CSV byte stream, raw size if known): progress is measured on the raw
+    file. I/O and decompression failures, here or while the stream is read, become one UserError."""
     try:
-        yield
-    except (OSError, EOFError, zlib.error, zipfile.BadZipFile) as e:
+        fs, path = fsspec.core.url_to_fs(source)
+    except ValueError as e:  # an unknown protocol
         raise UserError(f"cannot read {source}: {e}") from None
-
-
-@contextmanager
-def _open_source(source: str) -> Iterator[Tuple[IO[bytes], IO[bytes], int]]:
-    """(raw file, decompressed CSV byte stream, raw size): progress is measured on the raw file."""
-    with _read_errors(source):
-        try:
-            fs, path = fsspec.core.url_to_fs(source)
-        except ValueError as e:  # unknown protocol
-            raise UserError(f"cannot read {source}: {e}") from None
+    try:
         if not fs.isfile(path):
             raise UserError(f"input not found: {source}" if not fs.exists(path) else f"input is not a file: {source}")
         size = fs.size(path)
@@ -253,6 +254,8 @@ def _open_source(source: str) -> Iterator[Tuple[IO[bytes], IO[bytes], int]]:
                     yield raw, stream, size
             else:
                 yield raw, raw, size
+    except (OSError, EOFError, zlib.error, zipfile.BadZipFile) as e:
+        raise UserError(f"cannot read {source}: {e}") from None
 
 
 def _single_csv_member(archive: zipfile.ZipFile, source: str) -> str:
@@ -290,7 +293,7 @@ def _parse_fast(block: bytes, lines: int, window: Optional[Tuple[int, int]]) -> 
         table = pacsv.read_csv(pa.BufferReader(block), _READ_OPTIONS, _PARSE_OPTIONS, _CONVERT_OPTIONS)
     except pa.ArrowInvalid:
         return None
-    if False:  # every line must be one row for line numbers to hold (a lone \r splits rows)
+    if table.num_rows != lines:  # every line must be one row for line numbers to hold (a lone \r splits rows)
         return None
     user, item, category, ts = (table.column(name).to_numpy() for name in ("user", "item", "category", "ts"))
     behavior = pc.fill_null(pc.index_in(table.column("behavior"), value_set=_BEHAVIOR_SET), _VALID)
@@ -326,13 +329,14 @@ def _parse_careful(block: bytes, last_without_newline: bool, window: Optional[Tu
         else:
             reject_rows.append(index)
             reject_codes.append(_REASON_CODE[reason])
-    columns = [np.array(values, dtype=dtype) for values, dtype in zip(zip(*valid_rows), _DTYPES)] if valid_rows else [
-        np.empty(0, dtype) for dtype in _DTYPES
-    ]
+    values = list(zip(*valid_rows)) if valid_rows else [()] * len(COLUMNS)
+    columns = [np.array(column, dtype=dtype) for column, dtype in zip(values, _DTYPES)]
     return _ParsedBlock(columns, np.array(reject_rows, np.int64), np.array(reject_codes, np.int8))
 
 
-def _classify(line: bytes, is_last: bool, window: Optional[Tuple[int, int]]) -> Tuple[Optional[tuple], Optional[str]]:
+def _classify(
+    line: bytes, is_last: bool, window: Optional[Tuple[int, int]]
+) -> Tuple[Optional[tuple], Optional[str]]:
     """(parsed row, None) for a valid line, else (None, the first reason in REJECT_REASONS that applies)."""
     if not line.strip():
         return None, "blank_line"
@@ -365,7 +369,7 @@ def _integer(field: bytes) -> Optional[int]:
     return value if _INT64_MIN <= value <= _INT64_MAX else None
 
 
-def _line_texts(block: bytes, rows: Sequence[int] | np.ndarray) -> List[bytes]:
+def _line_texts(block: bytes, rows: np.ndarray) -> List[bytes]:
     """Raw text (without line ending) of the given 0-based lines of a block."""
     newlines = np.flatnonzero(np.frombuffer(block, np.uint8) == ord("\n"))
     starts = np.concatenate(([0], newlines + 1))

@@ -16,8 +16,9 @@ How the work is split (DESIGN.md 3), and why:
 * DataLoader workers. Batch j of a rank's stream is built by worker j mod num_workers.
   PyTorch's DataLoader collects results from its workers round-robin, so the rank's batches
   arrive in stream order whatever the number of workers, and the only position to remember is
-  how many batches this rank has yielded. Each worker decodes every window (Parquet decoding
-  is cheap next to gathering histories) but gathers histories only for its own batches.
+  how many batches this rank has yielded. The price: each worker decodes and permutes every
+  window (about 0.2 us per row and worker) but gathers histories, the dominant cost (about
+  1.5 us per sample with 50-click histories), only for its own batches.
 
 Histories are never stored: each batch gathers its samples' last L clicks before `pos` from
 the memory-mapped events with a handful of whole-batch numpy calls.

@@ -150,8 +150,9 @@ class _World:
         self.category_size = 1 + rng.multinomial(sizes.items - c, popularity)
         self.category_first_item = _segment_starts(self.category_size)
         # inverse CDF of a continuous power law on [1, size + 1): rank = (1 + u * scale)^power - 1
-        self.rank_scale = (self.category_size + 1.0) ** (1.0 - ITEM_ZIPF) - 1.0
-        self.rank_power = 1.0 / (1.0 - ITEM_ZIPF)
+        # (float32: ranks stay exact enough below 2^24 items per category, and it is the hot spot)
+        self.rank_scale = ((self.category_size + 1.0) ** (1.0 - ITEM_ZIPF) - 1.0).astype(np.float32)
+        self.rank_power = np.float32(1.0 / (1.0 - ITEM_ZIPF))
         self.category_id = (1 + rng.permutation(c)).astype(np.int32)
         self.item_id = (1 + rng.permutation(sizes.items)).astype(np.int32)
         activity = rng.lognormal(0.0, USER_ACTIVITY_SIGMA, sizes.users)
@@ -203,11 +204,10 @@ def _categories_and_items(
     source = np.arange(n, dtype=np.int32)
     source[rows] -= 1 + (_uniform(rng, len(rows)) * np.minimum(pos[rows], ANCHOR_LAG)).astype(np.int32)
     root = source[rows]
-    while True:
-        deeper = np.flatnonzero(anchored[root])
-        if len(deeper) == 0:
-            break
-        root[deeper] = source[root[deeper]]
+    pending = np.flatnonzero(anchored[root])
+    while len(pending):
+        root[pending] = source[root[pending]]
+        pending = pending[anchored[root[pending]]]
     category[rows] = category[root]
     exact = (behavior[rows] > 0) | (_uniform(rng, len(rows)) < EXACT_REPEAT)
     rank[rows[exact]] = rank[root[exact]]
@@ -260,9 +260,9 @@ def _block_table(world: _World, first_user: int, last_user: int, rng: np.random.
     row_session = np.cumsum(new_session, dtype=np.int32) - 1
     session_user = row_user[session_first_row] - 1
     pos = np.arange(n, dtype=np.int32) - session_first_row[row_session]
+    # behavior code (index into BEHAVIORS): how many cumulative shares a uniform draw passes
     u = _uniform(rng, n)
-    shares = np.cumsum(BEHAVIOR_SHARES)
-    behavior = sum((u >= share).view(np.int8) for share in shares[:-1])
+    behavior = sum((u >= share).view(np.int8) for share in np.cumsum(BEHAVIOR_SHARES)[:-1])
     category, item = _categories_and_items(world, row_session, pos, behavior, session_user, rng)
     # heavy users click faster, so that their clicks take a quarter of the window on average
     mean_gap = np.minimum(MEAN_CLICK_GAP_SECONDS, WINDOW_SECONDS / (4.0 * user_rows)).astype(np.float32)

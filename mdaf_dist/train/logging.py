@@ -106,10 +106,9 @@ class RunLogger:
                 dynamic_ncols=True,
                 file=sys.stderr,
             )
-        else:
-            self._bar.update(step - self._bar.n)
         shown = {k: f"{v:.4g}" for k, v in values.items() if k != "samples_per_sec"}
         self._bar.set_postfix(shown, refresh=False)
+        self._bar.update(step - self._bar.n)
 
 
 def _step_field(step: int, total_steps: Optional[int]) -> str:

@@ -1,0 +1,43 @@
+"""`mdaf train` and `python -m mdaf_dist.train`: one `main` for both, so torchrun/TorchX and the
+console script run the same code. Each rank is one process; the launcher's environment says
+which (see mdaf_dist/dist/env.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List, Optional
+
+from mdaf_dist.config import load_config
+from mdaf_dist.dist.env import distributed
+from mdaf_dist.errors import UserError
+from mdaf_dist.train.trainer import EMBEDDING_BACKENDS, Trainer
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config (e.g. configs/smoke.yaml)")
+    parser.add_argument("--embedding-backend", choices=EMBEDDING_BACKENDS, default="torchrec", help="plain: unsharded reference, one process")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_epochs=1 sharding.tables.item=row_wise")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if not cfg.data_dir:
+        raise UserError("data_dir is not set (give it in the config or as data_dir=PATH)")
+    with distributed(cfg.train.device) as env:
+        result = Trainer(cfg, env, embedding_backend=args.embedding_backend).fit()
+        if env.is_main:
+            print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}, default=float))
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mdaf_dist.train", description="train MDAF (one process per rank)")
+    configure_parser(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (UserError, FileNotFoundError) as e:
+        print(f"mdaf train: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,261 @@
+"""The training loop: sharded model, optimizers, epochs, evaluation, early stopping, checkpoints.
+
+Uneven data across ranks. The loader gives every rank a contiguous slice of the samples (ranks
+differ by at most one sample), so one rank may have one batch more than another. Every step
+starts with an all-reduce of a "has a batch" flag; the loop ends only when no rank has one.
+A rank that has run out meanwhile runs the step on a one-sample padding batch (id 0, the padding
+row of every table) with loss weight 0, so it joins the collectives (embedding all-to-alls, DDP
+all-reduce) without contributing gradient: nothing hangs and no sample is dropped, the tail
+batches included (the last partial batch of each rank is trained on, unless loader.drop_last).
+On such a step the dense gradient is the mean over all ranks, the padding rank counting zero.
+Evaluation does the same, and only real batches reach the Evaluator.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from mdaf_dist.config import Config, to_yaml
+from mdaf_dist.data.batch import CATEGORY, HIST_CATEGORY, HIST_ITEM, ITEM, USER, Batch
+from mdaf_dist.data.layout import read_meta
+from mdaf_dist.data.loader import make_loader
+from mdaf_dist.dist import checkpoint as ckpt
+from mdaf_dist.dist.env import DistEnv
+from mdaf_dist.dist.sharding import PLAN_JSON, PLAN_TEXT, describe_plan, shard_model
+from mdaf_dist.errors import UserError
+from mdaf_dist.models.loss import smoothed_bce
+from mdaf_dist.models.registry import build_model
+from mdaf_dist.train.logging import RunLogger
+from mdaf_dist.train.metrics import Evaluator
+from mdaf_dist.train.optim import (
+    build_optimizer,
+    dense_parameters,
+    fuse_embedding_optimizer,
+    linear_warmup,
+    resolve_embedding_optimizer,
+    warmup_steps,
+)
+
+EMBEDDING_BACKENDS = ("torchrec", "plain")
+
+
+def build_training_model(cfg: Config, vocab: Dict[str, int], env: DistEnv, backend: str, embedding_optimizer: str, out_dir: Optional[Path]) -> nn.Module:
+    """torchrec: tables on the meta device, their optimizer fused, sharded by DMP (dense modules
+    in DDP). plain: the unsharded reference, in a world of one."""
+    if backend not in EMBEDDING_BACKENDS:
+        raise UserError(f"unknown embedding backend {backend!r}; expected one of {EMBEDDING_BACKENDS}")
+    if backend == "plain":
+        if env.world_size != 1:
+            raise UserError("the plain embedding backend is unsharded: run it as a single process")
+        return build_model(cfg.model, vocab, embedding_backend="plain").to(env.device)
+    model = build_model(cfg.model, vocab, embedding_backend="torchrec", embedding_device=torch.device("meta"))
+    fuse_embedding_optimizer(model.embeddings, embedding_optimizer, cfg.train)
+    return shard_model(model, cfg.sharding, env, out_dir)
+
+
+def padding_batch(history_categories: bool) -> Batch:
+    """One sample of padding ids (0 in every table): what an out-of-data rank computes on."""
+    keys = [USER, ITEM, CATEGORY, HIST_ITEM] + ([HIST_CATEGORY] if history_categories else [])
+    features = KeyedJaggedTensor(keys=keys, values=torch.zeros(len(keys), dtype=torch.int64), lengths=torch.ones(len(keys), dtype=torch.int32), stride=1)
+    return Batch(features, torch.zeros(1))
+
+
+@dataclass
+class TrainState:
+    """What the loop itself must remember across a resume (the rest is model/optimizer/loader)."""
+
+    step: int = 0
+    best_auc: float = -math.inf
+    best_step: int = -1
+    epochs_without_improvement: int = 0
+    samples_trained: int = 0
+
+
+class Trainer:
+    """Builds everything from a Config and runs `fit`. All methods are collective: every rank
+    calls them in the same order."""
+
+    def __init__(self, cfg: Config, env: DistEnv, embedding_backend: str = "torchrec") -> None:
+        self.cfg, self.env = cfg, env
+        self.out_dir = Path(cfg.output_dir)
+        ckpt.seed_everything(cfg.train.seed)
+        self.vocab = {name: int(size) for name, size in read_meta(cfg.data_dir)["vocab"].items()}
+        self.embedding_optimizer = resolve_embedding_optimizer(cfg.train.embedding_optimizer, env.device)
+        self.model = build_training_model(cfg, self.vocab, env, embedding_backend, self.embedding_optimizer, self.out_dir)
+        self.sharded = embedding_backend == "torchrec"
+        self.optimizer = build_optimizer(self.model, cfg.train, self.embedding_optimizer)
+        self.dense_params = list(dense_parameters(self.model).values())
+        self.train_loader = make_loader(cfg.data_dir, "train", cfg.loader, rank=env.rank, world_size=env.world_size, device=env.device)
+        self.steps_per_epoch = self._all_reduce_max(len(self.train_loader))
+        self.scheduler = linear_warmup(self.optimizer, warmup_steps(cfg.train, self.steps_per_epoch))
+        self.evaluator = Evaluator()
+        self.checkpointer = ckpt.Checkpointer(self.out_dir / "checkpoints", env.rank, cfg.checkpoint.keep_last)
+        self.state = TrainState()
+        # global mean training loss of every step this process ran
+        self.step_losses: List[float] = []
+        self.padding = padding_batch(cfg.loader.history_categories).to(env.device)
+
+    # -- collectives ------------------------------------------------------------------------
+    def _all_reduce(self, values: List[float], op: dist.ReduceOp) -> List[float]:
+        device = self.env.device if self.env.backend == "nccl" else torch.device("cpu")
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=op)
+        return t.tolist()
+
+    def _all_reduce_max(self, value: float) -> int:
+        return int(self._all_reduce([value], dist.ReduceOp.MAX)[0])
+
+    def _next_or_padding(self, batches) -> Optional[Batch]:
+        """This rank's next batch; None once every rank is out of data; the padding batch (with
+        weight 0) while only some are."""
+        batch = next(batches, None)
+        if not self._all_reduce_max(batch is not None):
+            return None
+        return batch.to(self.env.device, non_blocking=True) if batch is not None else self.padding
+
+    # -- one step ---------------------------------------------------------------------------
+    def train_step(self, batch: Batch, weight: float = 1.0) -> torch.Tensor:
+        """Forward, backward (the tables update inside it), dense clip + AdamW step, warmup.
+        Returns this rank's mean loss over its batch."""
+        self.model.train()
+        out = self.model(batch.features)
+        loss = smoothed_bce(out.logits, batch.labels, self.cfg.model.label_smoothing)
+        (loss * weight).backward()
+        if self.cfg.train.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.dense_params, self.cfg.train.grad_clip_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return loss.detach()
+
+    # -- evaluation -------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> Dict[str, Any]:
+        """Exact metrics over the whole validation split, every rank taking its slice."""
+        self.model.eval()
+        self.evaluator.reset()
+        loader = make_loader(self.cfg.data_dir, "valid", self.cfg.loader, rank=self.env.rank, world_size=self.env.world_size, shuffle=False, device=self.env.device)
+        batches = iter(loader)
+        while (batch := self._next_or_padding(batches)) is not None:
+            out = self.model(batch.features)
+            if batch is not self.padding:
+                self.evaluator.update(out.logits, batch.labels, out.gate, batch.features[HIST_ITEM].lengths())
+        return self.evaluator.compute()
+
+    # -- the loop ---------------------------------------------------------------------------
+    def _reached_max_steps(self) -> bool:
+        return 0 < self.cfg.train.max_steps <= self.state.step
+
+    def _train_epoch(self, logger: RunLogger) -> None:
+        batches = iter(self.train_loader)
+        log_every = max(1, self.cfg.logging.log_every)
+        every = self.cfg.checkpoint.every_steps
+        while not self._reached_max_steps() and (batch := self._next_or_padding(batches)) is not None:
+            real = batch is not self.padding
+            loss = self.train_step(batch, weight=1.0 if real else 0.0)
+            n = batch.batch_size if real else 0
+            loss_sum, count = self._all_reduce([float(loss) * n, n], dist.ReduceOp.SUM)
+            self.state.step += 1
+            self.state.samples_trained += int(count)
+            self.step_losses.append(loss_sum / count)
+            if self.state.step % log_every == 0:
+                logger.step(self.state.step, {"loss": loss_sum / count, "lr": self.scheduler.get_last_lr()[0]})
+            if every > 0 and self.state.step % every == 0:
+                self.save_checkpoint(None)
+
+    def _record(self, metrics: Dict[str, Any], logger: RunLogger) -> bool:
+        """Early stopping bookkeeping; True when patience has run out."""
+        logger.scalars(self.state.step, {k: v for k, v in metrics.items() if isinstance(v, (int, float, dict))}, prefix="valid")
+        if self.evaluator.gates is not None:
+            logger.histogram(self.state.step, "valid/gate", self.evaluator.gates)
+        logger.info(f"epoch={self.train_loader.epoch} step={self.state.step} auc={metrics['auc']:.6f} logloss={metrics['logloss']:.6f}")
+        if metrics["auc"] > self.state.best_auc:
+            self.state.best_auc, self.state.best_step = float(metrics["auc"]), self.state.step
+            self.state.epochs_without_improvement = 0
+        else:
+            self.state.epochs_without_improvement += 1
+        patience = self.cfg.train.patience
+        return patience > 0 and self.state.epochs_without_improvement >= patience
+
+    def fit(self) -> Dict[str, Any]:
+        """Train until max_epochs, max_steps or early stopping; evaluate after every epoch (and
+        after a max_steps stop) and checkpoint each time. Returns the last metrics + the best."""
+        resume_from = ckpt.resolve(self.cfg.train.resume, self.checkpointer.root)
+        if resume_from is not None:
+            self.restore(resume_from)
+        total = self.cfg.train.max_epochs * self.steps_per_epoch
+        if self.cfg.train.max_steps > 0:
+            total = min(total, self.cfg.train.max_steps)
+        logger = RunLogger(
+            str(self.out_dir / "tensorboard") if self.cfg.logging.tensorboard else None,
+            self.env.rank,
+            total,
+            self.cfg.loader.batch_size * self.env.world_size,
+            enabled_progress=self.cfg.logging.progress_bar,
+        )
+        logger.info(
+            f"world_size={self.env.world_size} device={self.env.device} backend={self.env.backend} "
+            f"embedding_optimizer={self.embedding_optimizer} (fused={self.sharded}) dense_optimizer=AdamW "
+            f"steps_per_epoch={self.steps_per_epoch} warmup_steps={warmup_steps(self.cfg.train, self.steps_per_epoch)}"
+        )
+        metrics: Dict[str, Any] = {}
+        try:
+            while self.train_loader.epoch < self.cfg.train.max_epochs and not self._reached_max_steps():
+                self._train_epoch(logger)
+                metrics = self.evaluate()
+                stop = self._record(metrics, logger)
+                self.save_checkpoint(metrics)
+                if stop:
+                    logger.info(f"early stopping: no better validation AUC for {self.cfg.train.patience} evaluations")
+                    break
+        finally:
+            logger.close()
+        return {**metrics, "step": self.state.step, "best_auc": self.state.best_auc, "best_step": self.state.best_step}
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def save_checkpoint(self, metrics: Optional[Dict[str, Any]]) -> Path:
+        trainer = {
+            **asdict(self.state),
+            "epoch": self.train_loader.epoch,
+            "world_size": self.env.world_size,
+            "auc": None if metrics is None else float(metrics["auc"]),
+            "metrics": metrics,
+        }
+        files = {ckpt.CONFIG_FILE: to_yaml(self.cfg)}
+        if self.sharded:
+            files[PLAN_JSON] = json.dumps(describe_plan(self.model.plan), indent=2)
+            files[PLAN_TEXT] = str(self.model.plan) + "\n"
+        local = {"loader": self.train_loader.state_dict(), "rng": ckpt.rng_state()}
+        snapshot = ckpt.Snapshot(trainer=json.loads(json.dumps(trainer, default=float)), local=local, files=files)
+        return self.checkpointer.save(self.state.step, self.model, self.optimizer, snapshot)
+
+    def restore(self, path: Path) -> None:
+        """Model, optimizer, loop state, and (same world size) loader position and RNG."""
+        # optimizer states must exist before DCP can load into them; the fused ones always do
+        for name, optimizer in self.optimizer.optimizers:
+            if not (self.sharded and name == "embeddings"):
+                optimizer.init_state()
+        ckpt.Checkpointer.load(path, self.model, self.optimizer)
+        saved = ckpt.read_trainer_state(path)
+        self.state = TrainState(**{k: saved[k] for k in asdict(TrainState())})
+        local = ckpt.Checkpointer.load_local(path, self.env.rank, self.env.world_size)
+        if local is not None:
+            self.train_loader.load_state_dict(local["loader"])
+            ckpt.set_rng_state(local["rng"])
+        else:
+            self.train_loader.set_epoch(int(saved["epoch"]))
+            ckpt.seed_everything(self.cfg.train.seed + self.state.step * 1000 + self.env.rank)
+        # the warmup schedule continues from the restored step
+        self.scheduler.last_epoch = self.state.step - 1
+        self.scheduler.step()
+        if self.env.is_main:
+            print(f"resumed from {path} at step {self.state.step} (epoch {saved['epoch']})", flush=True)
