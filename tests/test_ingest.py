@@ -146,7 +146,8 @@ def test_mixed_file_is_the_same_for_every_block_size_and_line_ending(tmp_path):
     events, rejected, rejected_rows = results[0]
     assert_events_equal(events, reference(expected_valid))
     assert rejected == {
-        "blank_line": 7, "header": 1, "field_count": 7, "negative_id": 7, "unknown_behavior": 7, "ts_outside_window": 7
+        "blank_line": 7, "header": 1, "field_count": 7,
+        "negative_id": 7, "unknown_behavior": 7, "ts_outside_window": 7,
     }
     assert rejected_rows[1:4] == [
         ["1", "header", lines[0]], ["3", "negative_id", bad[0]], ["5", "unknown_behavior", bad[1]]
@@ -154,6 +155,26 @@ def test_mixed_file_is_the_same_for_every_block_size_and_line_ending(tmp_path):
     for other_events, other_rejected, other_rows in results[1:]:
         assert_events_equal(other_events, events)
         assert (other_rejected, other_rows) == (rejected, rejected_rows)
+
+
+def test_bad_lines_deep_inside_a_large_block_keep_their_line_numbers(tmp_path):
+    """A large block pyarrow rejects is halved until the pieces holding the bad lines are small."""
+    rows = good_rows(6000)
+    bad = {1: "user_id,item_id,category_id,behavior_type,timestamp", 3001: "1,2", 4500: "", 4501: "x,1,2,pv,3"}
+    reasons = {1: "header", 3001: "field_count", 4500: "blank_line", 4501: "non_integer_id"}
+    lines = list(rows)
+    for number, text in sorted(bad.items()):
+        lines.insert(number - 1, text)
+    path = write(tmp_path, "\n".join(lines + ["1,2,3"]))
+    expected_rejects = (
+        [["line", "reason", "raw"]]
+        + [[str(number), reason, bad[number]] for number, reason in reasons.items()]
+        + [[str(len(lines) + 1), "truncated_last_line", "1,2,3"]]
+    )
+    for block_size in (64 << 20, 50_000):
+        events, report = ingest(str(path), config(block_size), tmp_path / "rejects.csv", progress=False)
+        assert_events_equal(events, reference(rows))
+        assert read_rejects(report.rejects_path) == expected_rejects
 
 
 def test_window_check_can_be_switched_off(tmp_path):
@@ -240,7 +261,8 @@ def test_compressed_archived_and_uri_inputs_give_the_same_events(tmp_path):
     memory_path = f"/ingest-{uuid.uuid4().hex}/in.csv"
     memory.pipe(memory_path, text)
     try:
-        sources = [str(tmp_path / "in.csv.gz"), str(tmp_path / "in.zip"), f"memory://{memory_path}", plain.as_uri()]
+        archives = [str(tmp_path / name) for name in ("in.csv.gz", "in.zip")]
+        sources = archives + [f"memory://{memory_path}", plain.as_uri()]
         results = [
             ingest(source, config(block_size=100), tmp_path / f"rejects{i}.csv", progress=False)
             for i, source in enumerate(sources)
@@ -269,5 +291,5 @@ def test_real_slice_ingests_as_it_is(tmp_path):
     assert read_rejects(report.rejects_path)[1][:2] == ["96169", "ts_outside_window"]
     assert np.all((events.ts >= T0) & (events.ts < T0 + 9 * SECONDS_PER_DAY))
     assert np.bincount(events.behavior, minlength=4).tolist() == [85773, 2144, 5292, 2959]
-    small_blocks, _ = ingest(str(SLICE), PrepareConfig(block_size_bytes=1 << 17), tmp_path / "r2.csv", progress=False)
+    small_blocks, _ = ingest(str(SLICE), PrepareConfig(block_size_bytes=1 << 17), tmp_path / "r", progress=False)
     assert_events_equal(small_blocks, events)

@@ -5,10 +5,12 @@ output arrays stays bounded. Each block is parsed by pyarrow's CSV reader with e
 types; value checks (negative ids, unknown behavior, timestamp outside the window) are vectorised
 on the parsed columns, so that scattered out-of-window timestamps (the real file has them) do not
 send whole blocks down the slow path.
-Only a block that pyarrow cannot parse (wrong field count, a non-integer, a blank line, a header)
-goes through the careful per-row path, which classifies every row of that block with the same
-rules. Nothing is dropped silently: every rejected line is counted by reason and written with its
-1-based line number and raw text to the rejects file.
+A block that pyarrow cannot parse (wrong field count, a non-integer, a blank line, a header) is
+halved at a newline and each half tried again, down to pieces of `_CAREFUL_BYTES`, which the
+careful per-row path classifies with the same rules: a few bad lines cost little more than a
+fast parse, while a file with bad lines in every piece is parsed row by row, an order of
+magnitude slower. Nothing is dropped silently: every rejected line is counted by reason and
+written with its 1-based line number and raw text to the rejects file.
 
 Inputs: plain `.csv`, `.csv.gz`, or `.zip` holding exactly one CSV (the official download), as a
 local path or any fsspec URI (`file://`, `memory://`, `s3://` with s3fs, ...). A UTF-8 byte-order
@@ -70,6 +72,7 @@ _CONVERT_OPTIONS = pacsv.ConvertOptions(
     strings_can_be_null=False,
 )
 _BEHAVIOR_SET = pa.array(BEHAVIORS)
+_CAREFUL_BYTES = 64 << 10
 _DTYPES = (np.int64, np.int64, np.int64, np.int8, np.int64)  # per column of COLUMNS
 
 
@@ -192,12 +195,11 @@ def ingest(
         )
         for block, last_without_newline in _blocks(stream, cfg.block_size_bytes):
             block_lines = block.count(b"\n") + last_without_newline
-            parsed = _parse_fast(block, block_lines, window) or _parse_careful(block, last_without_newline, window)
-            if len(parsed.reject_rows):
-                texts = _line_texts(block, parsed.reject_rows)
+            for first_line, piece, parsed in _parse(block, block_lines, last_without_newline, window, lines + 1):
+                texts = _line_texts(piece, parsed.reject_rows) if len(parsed.reject_rows) else []
                 for row, code, text in zip(parsed.reject_rows.tolist(), parsed.reject_codes.tolist(), texts):
-                    rejects.add(lines + 1 + row, REJECT_REASONS[code], text)
-            columns.append(parsed.columns, fraction_read=raw.tell() / size if size else None)
+                    rejects.add(first_line + row, REJECT_REASONS[code], text)
+                columns.append(parsed.columns, fraction_read=raw.tell() / size if size else None)
             lines += block_lines
             bar.update(raw.tell() - bar.n)
     events = columns.events()
@@ -242,7 +244,8 @@ def _open_source(source: str) -> Iterator[Tuple[IO[bytes], IO[bytes], Optional[i
         raise UserError(f"cannot read {source}: {e}") from None
     try:
         if not fs.isfile(path):
-            raise UserError(f"input not found: {source}" if not fs.exists(path) else f"input is not a file: {source}")
+            problem = "is not a file" if fs.exists(path) else "not found"
+            raise UserError(f"input {problem}: {source}")
         size = fs.size(path)
         with fs.open(path, "rb") as raw:
             name = path.lower()
@@ -262,7 +265,7 @@ def _single_csv_member(archive: zipfile.ZipFile, source: str) -> str:
     members = [
         info.filename
         for info in archive.infolist()
-        if not info.is_dir() and info.filename.lower().endswith(".csv") and not info.filename.startswith("__MACOSX/")
+        if info.filename.lower().endswith(".csv") and not info.filename.startswith("__MACOSX/")  # macOS metadata
     ]
     if len(members) != 1:
         found = ", ".join(members) if members else "none"
@@ -285,6 +288,25 @@ def _blocks(stream: IO[bytes], block_size: int) -> Iterator[Tuple[bytes, bool]]:
         yield block, False
     if carry:
         yield carry, not carry.endswith(b"\n")
+
+
+def _parse(
+    block: bytes, lines: int, last_without_newline: bool, window: Optional[Tuple[int, int]], first_line: int
+) -> Iterator[Tuple[int, bytes, _ParsedBlock]]:
+    """(first line number, piece, parsed piece) for consecutive pieces of `block`: the whole block
+    when pyarrow parses it, else its halves, recursively, down to pieces the per-row path takes."""
+    parsed = _parse_fast(block, lines, window)
+    if parsed is not None:
+        yield first_line, block, parsed
+        return
+    middle = block.rfind(b"\n", 0, len(block) // 2) + 1
+    if len(block) <= _CAREFUL_BYTES or middle == 0:
+        yield first_line, block, _parse_careful(block, last_without_newline, window)
+        return
+    head, tail = block[:middle], block[middle:]
+    head_lines = head.count(b"\n")
+    yield from _parse(head, head_lines, False, window, first_line)
+    yield from _parse(tail, lines - head_lines, last_without_newline, window, first_line + head_lines)
 
 
 def _parse_fast(block: bytes, lines: int, window: Optional[Tuple[int, int]]) -> Optional[_ParsedBlock]:
@@ -363,7 +385,7 @@ def _classify(
 
 def _integer(field: bytes) -> Optional[int]:
     """The field's int64 value under pyarrow's rules, or None."""
-    if not _INTEGER.fullmatch(field):
+    if not (field.isdigit() or _INTEGER.fullmatch(field)):
         return None
     value = int(field)
     return value if _INT64_MIN <= value <= _INT64_MAX else None

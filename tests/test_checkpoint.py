@@ -1,0 +1,90 @@
+"""Checkpoints: stop + resume equals an uninterrupted run; a save killed before its rename leaves
+the previous checkpoint loadable; a 2-rank checkpoint resumes and evaluates on 1 rank."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from mdaf_dist.dist import checkpoint as ckpt
+from mdaf_dist.dist.env import distributed
+from mdaf_dist.train.evaluate import evaluate_checkpoint
+from mdaf_dist.train.trainer import Trainer
+from tests.distributed import prepare_tiny_data, run_ranks, tiny_config
+
+STOP, TOTAL = 3, 6
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return prepare_tiny_data(tmp_path_factory.mktemp("tiny"))
+
+
+def _fit(cfg):
+    with distributed("cpu") as env:
+        trainer = Trainer(cfg, env)
+        trainer.fit()
+        params = {k: v.detach().clone() for k, v in trainer.model.state_dict().items() if isinstance(v, torch.Tensor)}
+        return trainer.step_losses, params, trainer.state.step
+
+
+def test_stop_and_resume_equals_uninterrupted(data_dir, tmp_path):
+    losses, params, _ = _fit(tiny_config(data_dir, tmp_path / "whole", f"train.max_steps={TOTAL}"))
+    first, _, _ = _fit(tiny_config(data_dir, tmp_path / "split", f"train.max_steps={STOP}"))
+    rest, resumed_params, step = _fit(tiny_config(data_dir, tmp_path / "split", f"train.max_steps={TOTAL}", "train.resume=auto"))
+    assert step == TOTAL
+    torch.testing.assert_close(torch.tensor(first + rest), torch.tensor(losses), rtol=0, atol=1e-6)
+    assert resumed_params.keys() == params.keys()
+    for name in params:
+        torch.testing.assert_close(resumed_params[name], params[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_save_killed_before_rename_leaves_previous_checkpoint_loadable(data_dir, tmp_path, monkeypatch):
+    cfg = tiny_config(data_dir, tmp_path / "run", "train.max_steps=2")
+    with distributed("cpu") as env:
+        trainer = Trainer(cfg, env)
+        trainer.fit()
+        saved = {k: v.clone() for k, v in trainer.model.state_dict().items() if isinstance(v, torch.Tensor)}
+        real_save = dcp.save
+
+        def killed_after_writing_shards(state, checkpoint_id):
+            real_save(state, checkpoint_id=checkpoint_id)
+            raise KeyboardInterrupt("killed mid-save")
+
+        monkeypatch.setattr(ckpt.dcp, "save", killed_after_writing_shards)
+        trainer.train_step(next(iter(trainer.train_loader)))
+        with pytest.raises(KeyboardInterrupt):
+            trainer.save_checkpoint(None)
+        monkeypatch.undo()
+        root = trainer.checkpointer.root
+        assert [p.name for p in ckpt.checkpoints(root)] == ["step_00000002"]
+        assert [p.name for p in root.glob(".tmp-*")] == ["step_00000003".join([".tmp-", ""])]
+
+        fresh = Trainer(tiny_config(data_dir, tmp_path / "run", "train.resume=auto"), env)
+        fresh.restore(ckpt.resolve("auto", root))
+        assert fresh.state.step == 2
+        for name, value in fresh.model.state_dict().items():
+            if isinstance(value, torch.Tensor):
+                torch.testing.assert_close(value, saved[name], rtol=0, atol=0, msg=name)
+
+
+def _two_rank_run(cfg):
+    with distributed("cpu") as env:
+        return Trainer(cfg, env).fit()
+
+
+def test_two_rank_checkpoint_resumes_and_evaluates_on_one_rank(data_dir, tmp_path):
+    cfg = tiny_config(data_dir, tmp_path / "run", f"train.max_steps={STOP}")
+    two_rank = run_ranks(2, _two_rank_run, cfg)[0]
+    root = tmp_path / "run" / "checkpoints"
+    latest = ckpt.resolve("auto", root)
+    assert ckpt.read_trainer_state(latest)["world_size"] == 2
+
+    evaluated = evaluate_checkpoint(str(latest))
+    assert evaluated["metrics"]["num_samples"] == two_rank["num_samples"]
+    assert abs(evaluated["metrics"]["auc"] - two_rank["auc"]) <= 1e-6
+    assert abs(evaluated["metrics"]["logloss"] - evaluated["recorded"]["logloss"]) <= 1e-5
+
+    steps, _, step = _fit(tiny_config(data_dir, tmp_path / "run", f"train.max_steps={STOP + 2}", "train.resume=auto"))
+    assert step == STOP + 2 and len(steps) == 2
