@@ -38,6 +38,10 @@ class PrepareConfig:
     neg_sampling: str = "uniform"
     # a negative the user clicked in its window is redrawn; after this many draws it is dropped
     neg_max_draws: int = 10
+    # "filter": a negative's category is drawn from the history clicks the category filter looks
+    # at, so negatives pass it like positives must and the kept samples stay about 40 %
+    # positive (the paper's Table 1); "any": any item of the window (most then fail the filter)
+    neg_category: str = "filter"
     history_length: int = 50
     drop_empty_history: bool = True
     # "last_l": target category appears in the history the model sees (last history_length

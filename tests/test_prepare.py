@@ -62,7 +62,7 @@ def test_written_samples_match_meta_and_row_groups(prepared):
         files = sample_files(out, split)
         assert len(files) == meta["splits"][split]["files"] > 1
         groups = [pq.ParquetFile(f).metadata.row_group(i).num_rows for f in files for i in range(pq.ParquetFile(f).metadata.num_row_groups)]
-        assert sum(groups) == meta["splits"][split]["rows"] and max(groups) == 1000
+        assert sum(groups) == meta["splits"][split]["rows"] and groups[:-1] == [1000] * (len(groups) - 1)
         data = read_split(out, split)
         assert sum(data["label"]) == meta["splits"][split]["positives"]
         is_valid = np.array(data["ts"]) >= meta["valid_start_ts"]
@@ -89,6 +89,25 @@ def test_same_seed_same_output(prepared, synthetic_csv, tmp_path):
     again = prepare(PrepareConfig(input=str(synthetic_csv), out=str(tmp_path), samples_row_group=1000, samples_part_row_groups=3), progress=False)
     assert again["stages"] == meta["stages"]
     assert read_split(tmp_path, "valid") == read_split(out, "valid")
+
+
+def test_filter_consistent_negatives_keep_the_papers_positive_share(tmp_path):
+    # 200 categories, so that the category filter drops many samples (few categories pass all)
+    csv = tmp_path / "events.csv"
+    generate(str(csv), 30_000, seed=1, categories=200, progress=False)
+    shares = {}
+    for neg_category in ("filter", "any"):
+        meta = prepare(PrepareConfig(input=str(csv), out=str(tmp_path / neg_category), neg_category=neg_category), progress=False)
+        assert meta["negatives"]["category"] == meta["settings"]["neg_category"] == neg_category
+        shares[neg_category] = [meta["splits"][split]["positive_share"] for split in ("train", "valid")]
+    # Table 1 of the paper: about 40 % positives after the filter; uniform negatives mostly fail it
+    assert shares["filter"] == pytest.approx([0.39, 0.39], abs=0.03)
+    assert min(shares["any"]) > 0.7
+
+
+def test_unknown_negative_category_is_a_user_error(synthetic_csv, tmp_path):
+    with pytest.raises(UserError, match=r"prepare.neg_category must be one of \('filter', 'any'\), got 'some'"):
+        prepare(PrepareConfig(input=str(synthetic_csv), out=str(tmp_path), neg_category="some"), progress=False)
 
 
 def test_user_fraction_keeps_about_that_share_of_users(synthetic_csv, tmp_path):

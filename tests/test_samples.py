@@ -86,7 +86,7 @@ def test_negatives_share_the_positive_user_pos_ts_and_take_the_item_category():
     draw = S.draw_negatives(clicks, counts, window_start=START, window_seconds=SECONDS_PER_DAY, sampling="uniform", max_draws=10, seed=0)
     samples = S.with_negatives(clicks, draw)
     assert len(samples) == len(clicks.user) + len(draw.owner)
-    item_category = dict(zip(clicks.item.tolist(), clicks.category.tolist()))
+    item_category = dict(zip(clicks.item.tolist(), clicks.category.tolist()))  # one category per item here
     positive = np.flatnonzero(samples.label == 1)
     assert positive.tolist() == (np.arange(len(clicks.user)) + np.concatenate([[0], np.cumsum(np.bincount(draw.owner, minlength=len(clicks.user)))[:-1]])).tolist()
     # each negative follows its positive: same user, pos, ts as the last positive before it
@@ -137,16 +137,90 @@ def test_category_filter_matches_brute_force(mode):
     clicks = random_clicks(seed=5, n=2500, users=15, categories=40)
     draw = S.draw_negatives(clicks, S.negative_counts(len(clicks.user), 1.5, 5), window_start=START, window_seconds=SECONDS_PER_DAY, sampling="uniform", max_draws=10, seed=5)
     samples = S.with_negatives(clicks, draw)
-    got = S.category_filter(clicks, samples, mode, history_length=20, last_k=4)
+    got = S.category_filter(S.CategoryHistory(clicks), samples, mode, history_length=20, last_k=4)
     expected = reference_keep(clicks, samples, mode, history_length=20, last_k=4)
     assert np.array_equal(got, expected)
     assert 0 < got.sum() < len(samples) or mode == "none"
 
 
+def test_samples_built_by_click_ranges_equal_the_whole():
+    clicks = random_clicks(seed=8, n=500)
+    draw = S.draw_negatives(clicks, S.negative_counts(len(clicks.user), 1.5, 8), window_start=START, window_seconds=SECONDS_PER_DAY, sampling="uniform", max_draws=10, seed=8)
+    whole = S.with_negatives(clicks, draw)
+    parts = [S.with_negatives(clicks, draw, start, min(start + 77, 500)) for start in range(0, 500, 77)]
+    for name in ("user", "pos", "item", "category", "label", "ts"):
+        assert np.array_equal(np.concatenate([getattr(p, name) for p in parts]), getattr(whole, name))
+
+
+def reference_filter_span_categories(clicks: S.Clicks, span: int) -> dict:
+    """Click index -> categories of the last `span` clicks of its user before it, walking the clicks."""
+    seen: dict = {}
+    categories = {}
+    for i, (user, category) in enumerate(zip(clicks.user.tolist(), clicks.category.tolist())):
+        history = seen.setdefault(user, [])
+        categories[i] = set(history[-span:])
+        history.append(category)
+    return categories
+
+
+@pytest.mark.parametrize("sampling", S.NEG_SAMPLING)
+@pytest.mark.parametrize("mode", ["last_l", "last_k", "any"])
+def test_filter_consistent_negatives_match_brute_force(sampling, mode):
+    clicks = random_clicks(seed=10, n=1500, users=12, items=400, categories=30)
+    span = S.filter_span(mode, history_length=20, last_k=3)
+    counts = S.negative_counts(len(clicks.user), 1.5, seed=10)
+    draw = S.draw_negatives(
+        clicks, counts, window_start=START, window_seconds=SECONDS_PER_DAY, sampling=sampling, max_draws=10, seed=10, category_span=span
+    )
+    day = (clicks.ts.astype(np.int64) - START) // SECONDS_PER_DAY
+    window_pairs = set(zip(day.tolist(), clicks.item.tolist(), clicks.category.tolist()))
+    user_window_items = set(zip(clicks.user.tolist(), day.tolist(), clicks.item.tolist()))
+    span_categories = reference_filter_span_categories(clicks, span)
+    assert draw.requested == counts.sum() and len(draw.owner) == draw.requested - draw.unavailable
+    assert draw.unavailable < 0.05 * draw.requested
+    for owner, item, category in zip(draw.owner.tolist(), draw.item.tolist(), draw.category.tolist()):
+        u, d = int(clicks.user[owner]), int(day[owner])
+        assert (d, item, category) in window_pairs  # an item clicked under that category in the window
+        assert (u, d, item) not in user_window_items
+        if span_categories[owner]:
+            assert category in span_categories[owner]
+    # hence every negative with a history passes the filter, as the paper's negatives do
+    samples = S.with_negatives(clicks, draw)
+    negative = (samples.label == 0) & (samples.pos > 0)
+    assert S.category_filter(S.CategoryHistory(clicks), samples, mode, history_length=20, last_k=3)[negative].all()
+
+
+def test_filter_consistent_negatives_fall_back_to_the_window_without_history():
+    # user 1's first click has no history; its negative can only be user 2's item of day 0
+    clicks = clicks_from_raw([1, 2, 1], [5, 6, 7], [1, 2, 3], [START, START + 1, START + 2])
+    draw = S.draw_negatives(
+        clicks, np.array([1, 0, 0]), window_start=START, window_seconds=SECONDS_PER_DAY, sampling="uniform", max_draws=5, seed=0, category_span=50
+    )
+    assert draw.owner.tolist() == [0] and (draw.item.tolist(), draw.category.tolist()) == ([2], [2])
+
+
+def test_filter_consistent_negatives_drawn_from_the_history_category_only():
+    # user 1's history is category 1 only; day 0 offers items of categories 1 and 2: the
+    # negative must be item 8, the one category-1 item user 1 did not click
+    clicks = clicks_from_raw(
+        [1, 1, 2, 2, 2], [5, 6, 7, 8, 9], [1, 1, 2, 1, 2], [START, START + 9, START + 1, START + 2, START + 3]
+    )
+    second_click_of_user_1 = 1
+    counts = np.zeros(len(clicks.user), dtype=np.int64)
+    counts[second_click_of_user_1] = 20
+    draw = S.draw_negatives(clicks, counts, window_start=START, window_seconds=SECONDS_PER_DAY, sampling="uniform", max_draws=60, seed=0, category_span=50)
+    assert set(draw.item.tolist()) == {4} and set(draw.category.tolist()) == {1}  # dense ids of raw item 8, category 1
+    assert draw.unavailable == 0
+    # history category absent from the window: every draw fails, and the negatives are counted
+    clicks = clicks_from_raw([1, 1, 2], [5, 6, 7], [1, 2, 2], [START - SECONDS_PER_DAY, START, START + 1])
+    draw = S.draw_negatives(clicks, np.array([0, 3, 0]), window_start=START - SECONDS_PER_DAY, window_seconds=SECONDS_PER_DAY, sampling="uniform", max_draws=4, seed=0, category_span=1)
+    assert (draw.requested, draw.unavailable, len(draw.owner)) == (3, 3, 0)
+
+
 def test_category_gap_counts_back_from_the_target():
     clicks = clicks_from_raw([1] * 5, [1, 2, 3, 4, 5], [7, 8, 8, 9, 7], [1, 2, 3, 4, 5])
     samples = S.positives(clicks)
-    assert S.category_gap(clicks, samples).tolist() == [S.NO_PREVIOUS, S.NO_PREVIOUS, 1, S.NO_PREVIOUS, 4]
+    assert S.CategoryHistory(clicks).gap(samples).tolist() == [S.NO_PREVIOUS, S.NO_PREVIOUS, 1, S.NO_PREVIOUS, 4]
 
 
 def test_empty_history_mask():
@@ -179,6 +253,6 @@ def test_user_subsampling_is_deterministic_proportional_and_nested():
 def test_unknown_filter_and_sampling_are_user_errors():
     clicks = random_clicks(seed=6, n=10)
     with pytest.raises(UserError, match="prepare.category_filter must be one of"):
-        S.category_filter(clicks, S.positives(clicks), "last", 50, 10)
+        S.category_filter(S.CategoryHistory(clicks), S.positives(clicks), "last", 50, 10)
     with pytest.raises(UserError, match="prepare.neg_sampling must be one of"):
         S.draw_negatives(clicks, np.ones(10, np.int64), window_start=START, window_seconds=1, sampling="zipf", max_draws=1, seed=0)

@@ -42,12 +42,19 @@ def build_data(cfg: Config, scratch: Path, rows: int, seed: int) -> Path:
     return Path(cfg.prepare.out)
 
 
+def threads_per_rank(world_size: int) -> int:
+    """The machine's cores split between the ranks (torchrun itself sets 1 thread for 2+ ranks
+    and leaves 1 rank at all cores, which would compare unequal shares)."""
+    return max(1, (os.cpu_count() or 1) // world_size)
+
+
 def train(config: str, overrides: List[str], world_size: int) -> float:
     """Run the trainer under torchrun; its wall time in seconds."""
     torchrun = Path(sys.executable).parent / "torchrun"
     command = [str(torchrun), "--standalone", "--nproc_per_node", str(world_size), "-m", "mdaf_dist.train", "--config", config, *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_rank(world_size))}
     start = time.perf_counter()
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"training with {world_size} ranks failed:\n{done.stderr[-4000:]}")
     return time.perf_counter() - start
@@ -81,6 +88,7 @@ def measure(cfg: Config, config: str, data_dir: Path, out: Path, world_size: int
     loader_s = loader_seconds_per_batch(cfg, data_dir, world_size, first.step, last.step)
     return {
         "world_size": world_size,
+        "threads_per_rank": threads_per_rank(world_size),
         "samples_per_s": round(samples_per_step / step_s, 1),
         "step_ms": round(step_s * 1e3, 2),
         "loader_ms_per_step": round(loader_s * 1e3, 2),

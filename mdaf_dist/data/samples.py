@@ -10,7 +10,7 @@ local position `pos` (see `mdaf_dist.data.layout`), so histories are never mater
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -19,8 +19,12 @@ from mdaf_dist.errors import UserError
 
 CATEGORY_FILTERS = ("last_l", "any", "last_k", "none")
 NEG_SAMPLING = ("uniform", "popularity")
-# `category_gap` of a sample whose category is not among the user's earlier clicks
+# `CategoryHistory.gap` of a sample whose category is not among the user's earlier clicks
 NO_PREVIOUS = np.iinfo(np.int32).max
+# `filter_span` of the "any" filter: every earlier click
+WHOLE_HISTORY = NO_PREVIOUS - 1
+# negatives' categories: from the history span the category filter looks at, or any (`draw_negatives`)
+NEG_CATEGORIES = ("filter", "any")
 # rows per slice in the passes that build large int64 temporaries
 CHUNK = 1 << 23
 
@@ -41,7 +45,11 @@ class Clicks:
     @property
     def pos(self) -> np.ndarray:
         """Index of each click within its user's clicks = the length of its history."""
-        return (np.arange(len(self.user), dtype=np.int64) - self.user_offsets[self.user]).astype(np.int32)
+        return self.positions(0, len(self.user))
+
+    def positions(self, start: int, stop: int) -> np.ndarray:
+        """`pos` of clicks [start, stop) only."""
+        return (np.arange(start, stop, dtype=np.int64) - self.user_offsets[self.user[start:stop]]).astype(np.int32)
 
 
 @dataclass
@@ -86,9 +94,19 @@ def keep_users(raw_user: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     return uniform < fraction
 
 
-def click_order(raw_user: np.ndarray, ts: np.ndarray) -> np.ndarray:
-    """Indices sorting events by (user, ts), ties kept in file order (`np.lexsort` is stable)."""
-    return np.lexsort((ts, raw_user))
+def click_order(user: np.ndarray, ts: np.ndarray) -> np.ndarray:
+    """Indices sorting events by (user, ts), ties kept in file order.
+
+    `user` must be small non-negative ids (dense ones) and `ts` int32-range: both are packed into
+    one int64 key for a stable argsort, which on the file's user-grouped, mostly time-ordered
+    rows is several times faster than `np.lexsort` over the two columns.
+    """
+    ts64 = ts.astype(np.int64)
+    ts64 -= ts64.min(initial=0)
+    if int(ts64.max(initial=0)) >> 32 or int(user.max(initial=0)) >> 31:
+        raise UserError("timestamps span more than 2**32 seconds or user ids exceed 2**31")
+    ts64 |= user.astype(np.int64) << 32
+    return np.argsort(ts64, kind="stable")
 
 
 def make_clicks(user: np.ndarray, item: np.ndarray, category: np.ndarray, ts: np.ndarray, num_users: int) -> Clicks:
@@ -111,25 +129,22 @@ def positives(clicks: Clicks) -> Samples:
     )
 
 
-def _lookup(sorted_keys: np.ndarray, queries: np.ndarray) -> np.ndarray:
-    """`np.searchsorted(sorted_keys, queries)` (side left), sorting the queries first.
-
-    Binary searches for sorted queries walk memory in order and run several times faster than
-    for scattered ones, which more than pays for the sort.
-    """
-    order = np.argsort(queries)
-    index = np.empty(len(queries), dtype=np.int64)
-    index[order] = np.searchsorted(sorted_keys, queries[order])
-    return index
-
-
 def _contains(sorted_keys: np.ndarray, queries: np.ndarray) -> np.ndarray:
-    index = np.minimum(_lookup(sorted_keys, queries), len(sorted_keys) - 1)
-    return sorted_keys[index] == queries if len(sorted_keys) else np.zeros(len(queries), dtype=bool)
+    """Membership of `queries` in `sorted_keys`.
+
+    Callers pass queries in user order (keys lead with the user): consecutive binary searches
+    then end in the same cached region of `sorted_keys`, several times faster than scattered
+    queries and than sorting the queries first (an argsort costs more than the searches).
+    """
+    if not len(sorted_keys):
+        return np.zeros(len(queries), dtype=bool)
+    index = np.searchsorted(sorted_keys, queries)
+    np.minimum(index, len(sorted_keys) - 1, out=index)
+    return sorted_keys[index] == queries
 
 
 def _chunks(n: int) -> range:
-    """Starts of CHUNK-row slices: per-sample temporaries stay bounded on 100M+ rows."""
+    """Starts of CHUNK-row slices: per-row temporaries stay bounded on 100M+ rows."""
     return range(0, n, CHUNK)
 
 
@@ -151,21 +166,29 @@ def _check_key_space(what: str, *radices: int) -> None:
         raise UserError(f"too many distinct values to pack {what} into 64-bit keys ({size})")
 
 
+def filter_span(mode: str, history_length: int, last_k: int) -> Optional[int]:
+    """How many of the last history clicks `category_filter(mode)` looks at; None: no filter."""
+    if mode not in CATEGORY_FILTERS:
+        raise UserError(f"prepare.category_filter must be one of {CATEGORY_FILTERS}, got {mode!r}")
+    return {"last_l": history_length, "last_k": last_k, "any": WHOLE_HISTORY, "none": None}[mode]
+
+
 def negative_counts(num_positives: int, ratio: float, seed: int) -> np.ndarray:
     """Negatives per positive: floor(ratio) plus one more with probability frac(ratio)."""
     if ratio < 0:
         raise UserError(f"prepare.neg_ratio must be >= 0, got {ratio}")
     whole = int(np.floor(ratio))
     rng = np.random.default_rng([seed, 1])
-    return (whole + (rng.random(num_positives) < ratio - whole)).astype(np.int64)
+    return (whole + (rng.random(num_positives) < ratio - whole)).astype(np.int32)
 
 
 @dataclass
 class NegativeDraw:
-    owner: np.ndarray  # int64: index of the positive (= click) each negative belongs to
+    owner: np.ndarray  # int64, non-decreasing: index of the positive (= click) each negative belongs to
     item: np.ndarray  # int32
+    category: np.ndarray  # int32: the category the item was clicked under in the window
     requested: int
-    unavailable: int  # negatives dropped because no item of the window was left for the user
+    unavailable: int  # negatives dropped because every draw was empty or clicked by the user
 
 
 def draw_negatives(
@@ -177,14 +200,27 @@ def draw_negatives(
     sampling: str,
     max_draws: int,
     seed: int,
+    category_span: Optional[int] = None,
 ) -> NegativeDraw:
     """Draw `counts[i]` negative items for the positive at click i.
 
-    Candidates are the items clicked by anyone in the positive's window
-    (`(ts - window_start) // window_seconds`): "uniform" over the window's distinct items (so
+    Candidates are the (item, category) pairs clicked by anyone in the positive's window
+    (`(ts - window_start) // window_seconds`): "uniform" over the window's distinct pairs (so
     an item's popularity stays a signal a static model can learn), or "popularity", in
-    proportion to its clicks. A candidate the user clicked in that window is redrawn up to
-    `max_draws` times in all; negatives still unresolved are dropped and counted.
+    proportion to their clicks.
+
+    `category_span` None: any candidate of the window. An int k: a random click among the last
+    k clicks of the positive's history names a category, and the candidate is drawn from the
+    window's items of that category, so the negative passes the category filter that looks at
+    those k clicks (`filter_span`), like its positive has to. Without that, nearly every negative
+    fails the filter and the kept samples are 75-95 % positive instead of the paper's 40 %. A
+    positive with an empty history falls back to any candidate of the window.
+
+    A draw that finds no item of the category in the window, or an item the user clicked in
+    that window, is redrawn (history click included) up to `max_draws` times in all; negatives
+    still unresolved are dropped and counted. Everything is vectorised over the negatives:
+    candidates are packed (window, category, item) keys in one sorted array, with the start of
+    each window and of each (window, category) run found by `searchsorted`.
     """
     if sampling not in NEG_SAMPLING:
         raise UserError(f"prepare.neg_sampling must be one of {NEG_SAMPLING}, got {sampling!r}")
@@ -196,55 +232,85 @@ def draw_negatives(
         window -= window.min()
     num_windows = int(window.max(initial=0)) + 1
     num_items = int(clicks.item.max(initial=0)) + 1
-    num_users = len(clicks.user_offsets)
-    _check_key_space("(user, window, item)", num_users, num_windows, num_items)
+    num_categories = int(clicks.category.max(initial=0)) + 1
+    _check_key_space("(user, window, item)", len(clicks.user_offsets), num_windows, num_items)
+    _check_key_space("(window, category, item)", num_windows, num_categories, num_items)
 
-    window_item = window * num_items + clicks.item
-    pool = _sorted_unique(window_item) if sampling == "uniform" else np.sort(window_item)
-    bounds = np.searchsorted(pool, np.arange(num_windows + 1, dtype=np.int64) * num_items)
-    clicked = _sorted_unique(clicks.user.astype(np.int64) * num_windows * num_items + window_item)
-    del window_item
+    group = window * num_categories + clicks.category  # (window, category) of each click
+    keys = group * num_items + clicks.item
+    pool = _sorted_unique(keys) if sampling == "uniform" else np.sort(keys)
+    del keys
+    groups = _sorted_unique(group)
+    del group
+    group_bounds = np.append(np.searchsorted(pool, groups * num_items), len(pool))
+    window_bounds = np.searchsorted(pool, np.arange(num_windows + 1, dtype=np.int64) * num_categories * num_items)
+    clicked = _sorted_unique((clicks.user.astype(np.int64) * num_windows + window) * num_items + clicks.item)
+    click_pos = clicks.pos
 
-    def _draw_items(owner: np.ndarray, item: np.ndarray) -> np.ndarray:
-        """Fill `item` for negatives of these owners; return the indices left unresolved."""
+    def candidate_ranges(owner: np.ndarray, w: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """[lo, hi) in `pool` to draw from for each owner: its window, or one of its history's
+        categories in its window (lo == hi where that category has no item in the window)."""
+        lo, hi = window_bounds[w], window_bounds[w + 1]
+        if category_span is None:
+            return lo, hi
+        span = np.minimum(click_pos[owner], category_span)
+        has = np.flatnonzero(span)
+        source = owner[has] - 1 - (rng.random(len(has)) * span[has]).astype(np.int64)
+        wanted = w[has] * num_categories + clicks.category[source]
+        at = np.minimum(np.searchsorted(groups, wanted), len(groups) - 1)
+        present = groups[at] == wanted
+        lo[has] = np.where(present, group_bounds[at], 0)
+        hi[has] = np.where(present, group_bounds[at + 1], 0)
+        return lo, hi
+
+    def fill(owner: np.ndarray, item: np.ndarray, category: np.ndarray) -> np.ndarray:
+        """Fill `item` and `category` for negatives of these owners; return the indices left unresolved."""
         pending = np.arange(len(owner), dtype=np.int64)
         for _ in range(max_draws):
             if not len(pending):
                 break
-            w = window[owner[pending]]
-            pick = bounds[w] + (rng.random(len(pending)) * (bounds[w + 1] - bounds[w])).astype(np.int64)
-            candidate = pool[pick] - w * num_items
-            user = clicks.user[owner[pending]].astype(np.int64)
-            taken = _contains(clicked, (user * num_windows + w) * num_items + candidate)
-            item[pending[~taken]] = candidate[~taken]
+            o = owner[pending]
+            w = window[o]
+            lo, hi = candidate_ranges(o, w)
+            pick = lo + (rng.random(len(pending)) * (hi - lo)).astype(np.int64)
+            key = pool[np.minimum(pick, len(pool) - 1)]
+            candidate = key % num_items
+            taken = (hi == lo) | _contains(clicked, (clicks.user[o].astype(np.int64) * num_windows + w) * num_items + candidate)
+            free = ~taken
+            item[pending[free]] = candidate[free]
+            category[pending[free]] = key[free] // num_items % num_categories
             pending = pending[taken]
         return pending
 
-
     owner = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
     item = np.zeros(len(owner), dtype=np.int32)
+    category = np.zeros(len(owner), dtype=np.int32)
     unresolved = [
-        start + _draw_items(owner[start : start + CHUNK], item[start : start + CHUNK])
+        start + fill(owner[start : start + CHUNK], item[start : start + CHUNK], category[start : start + CHUNK])
         for start in _chunks(len(owner))
     ]
-    ok = np.ones(len(owner), dtype=bool)
-    ok[np.concatenate(unresolved) if unresolved else []] = False
-    return NegativeDraw(owner=owner[ok], item=item[ok], requested=len(owner), unavailable=int((~ok).sum()))
+    requested = len(owner)
+    if unresolved and sum(map(len, unresolved)):
+        ok = np.ones(requested, dtype=bool)
+        ok[np.concatenate(unresolved)] = False
+        owner, item, category = owner[ok], item[ok], category[ok]
+    return NegativeDraw(owner=owner, item=item, category=category, requested=requested, unavailable=requested - len(owner))
 
 
-def with_negatives(clicks: Clicks, draw: NegativeDraw) -> Samples:
-    """Positives interleaved with their negatives: click i, then its negatives, then click i + 1.
+def with_negatives(clicks: Clicks, draw: NegativeDraw, start: int = 0, stop: Optional[int] = None) -> Samples:
+    """Samples of clicks [start, stop), each positive followed by its negatives.
 
-    A negative copies its positive's user, pos and ts (same moment, same history) and takes
-    the category of its item (the category of the item's last click in click order).
+    A negative copies its positive's user, pos and ts (same moment, same history). Taking a
+    range of clicks lets the caller go through all samples in bounded memory.
     """
-    n, m = len(clicks.user), len(draw.owner)
-    item_category = np.zeros(int(clicks.item.max(initial=0)) + 1, dtype=np.int32)
-    item_category[clicks.item] = clicks.category
-    per_click = np.bincount(draw.owner, minlength=n)
+    stop = len(clicks.user) if stop is None else stop
+    first, last = np.searchsorted(draw.owner, [start, stop])
+    owner = draw.owner[first:last] - start
+    n, m = stop - start, len(owner)
+    per_click = np.bincount(owner, minlength=n)
     before = np.cumsum(per_click) - per_click  # negatives of the clicks before click i
     pos_dest = np.arange(n, dtype=np.int64) + before
-    neg_dest = draw.owner + 1 + np.arange(m, dtype=np.int64)
+    neg_dest = owner + 1 + np.arange(m, dtype=np.int64)
 
     def interleave(pos_values: np.ndarray, neg_values: np.ndarray) -> np.ndarray:
         out = np.empty(n + m, dtype=pos_values.dtype)
@@ -252,14 +318,19 @@ def with_negatives(clicks: Clicks, draw: NegativeDraw) -> Samples:
         out[neg_dest] = neg_values
         return out
 
-    click_pos = clicks.pos
+    def spread(column: np.ndarray) -> np.ndarray:
+        values = column[start:stop]
+        return interleave(values, values[owner])
+
+    click_pos = clicks.positions(start, stop)
+
     return Samples(
-        user=interleave(clicks.user, clicks.user[draw.owner]),
-        pos=interleave(click_pos, click_pos[draw.owner]),
-        item=interleave(clicks.item, draw.item),
-        category=interleave(clicks.category, item_category[draw.item]),
+        user=spread(clicks.user),
+        pos=interleave(click_pos, click_pos[owner]),
+        item=interleave(clicks.item[start:stop], draw.item[first:last]),
+        category=interleave(clicks.category[start:stop], draw.category[first:last]),
         label=interleave(np.ones(n, dtype=np.int8), np.zeros(m, dtype=np.int8)),
-        ts=interleave(clicks.ts, clicks.ts[draw.owner]),
+        ts=spread(clicks.ts),
     )
 
 
@@ -268,46 +339,46 @@ def has_history(samples: Samples) -> np.ndarray:
     return samples.pos > 0
 
 
-def category_gap(clicks: Clicks, samples: Samples) -> np.ndarray:
-    """For each sample, pos minus the position of the user's latest earlier click of the sample's
-    category (1 = the last click of the history), or NO_PREVIOUS where there is none.
+class CategoryHistory:
+    """The clicks as sorted (user, category, pos) keys: built once, then it tells for any
+    samples where their user last clicked their category before `pos`."""
 
-    Clicks sorted by the packed key (user, category, pos); a sample's own key, searched on
-    the left, lands just after every strictly earlier same-category click of its user.
-    """
-    num_categories = int(max(clicks.category.max(initial=0), samples.category.max(initial=0))) + 1
-    span = int(np.diff(clicks.user_offsets).max(initial=0)) + 1
-    _check_key_space("(user, category, pos)", len(clicks.user_offsets), num_categories, span)
+    def __init__(self, clicks: Clicks) -> None:
+        self.num_categories = int(clicks.category.max(initial=0)) + 1
+        self.span = int(np.diff(clicks.user_offsets).max(initial=0)) + 1
+        _check_key_space("(user, category, pos)", len(clicks.user_offsets), self.num_categories, self.span)
+        self.keys = np.sort(self._pack(clicks.user, clicks.category, clicks.pos))
 
-    def pack(user: np.ndarray, category: np.ndarray, pos: np.ndarray) -> np.ndarray:
-        return (user.astype(np.int64) * num_categories + category) * span + pos
+    def _pack(self, user: np.ndarray, category: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        return (user.astype(np.int64) * self.num_categories + category) * self.span + pos
 
-    click_keys = np.sort(pack(clicks.user, clicks.category, clicks.pos))
-    gap = np.full(len(samples), NO_PREVIOUS, dtype=np.int32)
-    for start in _chunks(len(samples)):
-        part = slice(start, start + CHUNK)
-        queries = pack(samples.user[part], samples.category[part], samples.pos[part])
-        previous = _lookup(click_keys, queries) - 1
+    def gap(self, samples: Samples) -> np.ndarray:
+        """pos minus the position of the user's latest earlier click of the sample's category
+        (1 = the last click of the history), or NO_PREVIOUS where there is none.
+
+        A sample's own key, searched on the left, lands just after every strictly earlier
+        same-category click of its user. Sample categories must be click categories.
+        """
+        queries = self._pack(samples.user, samples.category, samples.pos)
+        previous = np.searchsorted(self.keys, queries) - 1
         found = previous >= 0
-        found[found] = click_keys[previous[found]] // span == queries[found] // span
-        gap[part][found] = queries[found] - click_keys[previous[found]]
-    return gap
+        found[found] = self.keys[previous[found]] // self.span == queries[found] // self.span
+        gap = np.full(len(samples), NO_PREVIOUS, dtype=np.int32)
+        gap[found] = queries[found] - self.keys[previous[found]]
+        return gap
 
 
-def category_filter(clicks: Clicks, samples: Samples, mode: str, history_length: int, last_k: int) -> np.ndarray:
+def category_filter(history: CategoryHistory, samples: Samples, mode: str, history_length: int, last_k: int) -> np.ndarray:
     """Mask of samples whose target category is in the history:
 
     "last_l": among the last `history_length` clicks, the history the model sees (the paper's
     filter); "any": anywhere among the user's earlier clicks; "last_k": among the last
     `last_k` clicks; "none": keep all.
     """
-    if mode not in CATEGORY_FILTERS:
-        raise UserError(f"prepare.category_filter must be one of {CATEGORY_FILTERS}, got {mode!r}")
-    if mode == "none":
+    span = filter_span(mode, history_length, last_k)
+    if span is None:
         return np.ones(len(samples), dtype=bool)
-    gap = category_gap(clicks, samples)
-    limit = {"last_l": history_length, "last_k": last_k, "any": NO_PREVIOUS - 1}[mode]
-    return gap <= limit
+    return history.gap(samples) <= span
 
 
 def valid_start(window_start: int, window_days: int, valid_days: int) -> int:

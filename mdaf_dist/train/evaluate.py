@@ -30,8 +30,9 @@ def evaluate_checkpoint(checkpoint: str, overrides: List[str] = (), best: bool =
     path = ckpt.best_checkpoint(Path(checkpoint)) if best else ckpt.resolve(checkpoint, Path(checkpoint))
     if path is None:
         raise UserError(f"no checkpoint with a validation AUC under {checkpoint}")
-    # logging off: this is not a training run; output_dir only hosts the rebuilt plan
-    cfg = load_config(str(path / ckpt.CONFIG_FILE), ["train.resume=", "logging.tensorboard=false", *overrides])
+    cfg = load_config(str(path / ckpt.CONFIG_FILE), overrides)
+    # this is not a training run: nothing to resume, no TensorBoard events
+    cfg.train.resume, cfg.logging.tensorboard = "", False
     with distributed(cfg.train.device) as env:
         trainer = Trainer(cfg, env)
         ckpt.Checkpointer.load(path, trainer.model)
