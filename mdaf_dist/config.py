@@ -56,9 +56,11 @@ class PrepareConfig:
     # fail once more than this fraction of rows is malformed
     max_bad_fraction: float = 0.001
     block_size_bytes: int = 64 << 20
-    samples_row_group: int = 1 << 17
+    # samples are written in (user, time) order; small row groups let the loader's shuffle mix
+    # many users and days (it permutes row groups, then shuffles windows of loader.shuffle_buffer)
+    samples_row_group: int = 1 << 14
     # row groups per samples/<split>/part-*.parquet file
-    samples_part_row_groups: int = 16
+    samples_part_row_groups: int = 128
 
 
 @dataclass
@@ -67,7 +69,7 @@ class LoaderConfig:
 
     batch_size: int = 2048
     eval_batch_size: int = 4096
-    # rows shuffled together; at least one Parquet row group of `mdaf prepare` (prepare.samples_row_group)
+    # rows shuffled together; many Parquet row groups of `mdaf prepare` (prepare.samples_row_group)
     shuffle_buffer: int = 1 << 18
     num_workers: int = 1
     seed: int = 42

@@ -72,19 +72,21 @@ def measure(args: argparse.Namespace) -> dict:
     return {"seconds_per_iter": seconds, "peak_memory_mb": (peak_bytes(device) - baseline) / 2**20}
 
 
-def run_worker(args: argparse.Namespace, backend: str) -> dict:
-    argv = [a for a in sys.argv[1:]] + ["--worker", backend]
-    done = subprocess.run([sys.executable, __file__, *argv], check=True, capture_output=True, text=True)
+def run_worker(argv: list, backend: str) -> dict:
+    """``measure`` for one backend in a fresh process; its JSON line back."""
+    command = [sys.executable, __file__, *argv, "--worker", backend]
+    done = subprocess.run(command, check=True, capture_output=True, text=True)
     return json.loads(done.stdout)
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.worker:
         print(json.dumps(measure(args)))
         return 0
     backends = args.backends.split(",")
-    results = {name: run_worker(args, name) for name in backends}
+    results = {name: run_worker(argv, name) for name in backends}
     base = results[backends[0]]
     for name in backends[1:]:
         results[name]["speedup_vs_" + backends[0]] = base["seconds_per_iter"] / results[name]["seconds_per_iter"]

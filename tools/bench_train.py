@@ -14,6 +14,7 @@ busy machine the share is a lower bound.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -38,7 +39,8 @@ def build_data(cfg: Config, scratch: Path, rows: int, seed: int) -> Path:
     """Synthetic UserBehavior rows, prepared with the config's settings."""
     cfg.prepare.input, cfg.prepare.out = str(scratch / "raw.csv"), str(scratch / "data")
     generate(cfg.prepare.input, rows, seed=seed, progress=False)
-    prepare(cfg.prepare, progress=False)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the result
+        prepare(cfg.prepare, progress=False)
     return Path(cfg.prepare.out)
 
 

@@ -21,8 +21,9 @@ Backends:
 
 from __future__ import annotations
 
+import functools
 import importlib.util
-from typing import Callable, Dict, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,9 @@ def selective_scan(
     if name == "reference":
         return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     if name == "mamba_ssm":
+        if u.device.type != "cuda" or not mamba_ssm_available():
+            raise ValueError(f"selective-scan backend 'mamba_ssm' needs the mamba_ssm package and CUDA tensors "
+                             f"(installed: {mamba_ssm_available()}, device: {u.device})")
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 
         return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
@@ -153,14 +157,12 @@ class _Kernels(NamedTuple):
 
 
 _EAGER_KERNELS = _Kernels(_block_states, _block_grads)
-_COMPILED: Dict[str, _Kernels] = {}
 
 
+@functools.cache
 def _compiled_kernels() -> _Kernels:
-    """The two block kernels through ``torch.compile``, compiled once per process."""
-    if not _COMPILED:
-        _COMPILED["kernels"] = _Kernels(torch.compile(_block_states), torch.compile(_block_grads))
-    return _COMPILED["kernels"]
+    """The two block kernels through ``torch.compile``, wrapped once per process."""
+    return _Kernels(torch.compile(_block_states), torch.compile(_block_grads))
 
 
 def _block_size(L: int, d: int, n: int, device: torch.device) -> int:
@@ -202,6 +204,7 @@ class _ChunkedScan(torch.autograd.Function):
         out = y if z is None else y * F.silu(z.float())
         ctx.save_for_backward(u, delta_raw, A, B, C, D, z, delta_bias, y)
         ctx.delta_softplus = delta_softplus
+        ctx.delta_dtype = delta.dtype
         ctx.kernels = kernels
         return out.to(u.dtype)
 
@@ -248,5 +251,5 @@ class _ChunkedScan(torch.autograd.Function):
         if ctx.delta_softplus:
             grad_delta.mul_(torch.sigmoid(delta_raw))
         grad_bias = None if delta_bias is None else grad_delta.sum(dim=(0, 2)).to(delta_bias.dtype)
-        return (grad_u.to(u.dtype), grad_delta.to(delta_raw.dtype), grad_A.to(A.dtype),
+        return (grad_u.to(u.dtype), grad_delta.to(ctx.delta_dtype), grad_A.to(A.dtype),
                 grad_B.to(B.dtype), grad_C.to(C.dtype), grad_D, grad_z, grad_bias, None, None)
