@@ -38,7 +38,8 @@ def assert_matches_reference(backend, inputs, delta_softplus):
     y, grads = run_scan(inputs, backend, delta_softplus)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     for name in INPUT_NAMES:
-        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-5, atol=1e-5, msg=lambda m: f"grad {name}: {m}")
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-5, atol=1e-5,
+                                   msg=lambda message: f"grad of {name}: {message}")
 
 
 @pytest.mark.parametrize("delta_softplus", [True, False])
@@ -76,7 +77,7 @@ def test_zero_delta_steps_leave_the_state_unchanged():
 
 
 def test_compiled_backend_matches_reference_on_cpu():
-    inputs = random_inputs(seed=6)
+    inputs = random_inputs(length=4, padded_steps=2, seed=6)  # few steps: compile time grows with L
     try:
         selective_scan(**inputs, backend="compiled")
     except torch._dynamo.exc.BackendCompilerFailed as error:

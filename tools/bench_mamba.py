@@ -27,7 +27,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--expand", type=int, default=2)
     parser.add_argument("--d-conv", type=int, default=4)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads (default: all cores)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="torch.set_num_threads (default: all cores)")
     parser.add_argument("--iters", type=int, default=3, help="timed iterations after one warm-up")
     parser.add_argument("--backends", default="reference,cpu", help="comma-separated; the first is the baseline")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # run one backend in this process

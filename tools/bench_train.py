@@ -25,6 +25,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Dict, List
 
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mdaf_dist.config import Config, load_config
@@ -44,17 +45,13 @@ def build_data(cfg: Config, scratch: Path, rows: int, seed: int) -> Path:
     return Path(cfg.prepare.out)
 
 
-def threads_per_rank(world_size: int) -> int:
-    """The machine's cores split between the ranks (torchrun itself sets 1 thread for 2+ ranks
-    and leaves 1 rank at all cores, which would compare unequal shares)."""
-    return max(1, (os.cpu_count() or 1) // world_size)
-
-
-def train(config: str, overrides: List[str], world_size: int) -> float:
-    """Run the trainer under torchrun; its wall time in seconds."""
+def train(config: str, overrides: List[str], world_size: int, threads: int) -> float:
+    """Run the trainer under torchrun with `threads` intra-op threads per rank; its wall time in
+    seconds. torchrun sets 1 thread per rank for 2+ ranks but leaves a single rank at every core,
+    so the bench sets it for all world sizes alike."""
     torchrun = Path(sys.executable).parent / "torchrun"
     command = [str(torchrun), "--standalone", "--nproc_per_node", str(world_size), "-m", "mdaf_dist.train", "--config", config, *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_rank(world_size))}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     start = time.perf_counter()
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -73,13 +70,13 @@ def loader_seconds_per_batch(cfg: Config, data_dir: Path, world_size: int, first
     return (time.perf_counter() - start) / count
 
 
-def measure(cfg: Config, config: str, data_dir: Path, out: Path, world_size: int, steps: int, log_every: int) -> Dict[str, float]:
+def measure(cfg: Config, config: str, data_dir: Path, out: Path, world_size: int, threads: int, steps: int, log_every: int) -> Dict[str, float]:
     overrides = [
         f"data_dir={data_dir}", f"output_dir={out}", f"loader.batch_size={cfg.loader.batch_size}",
         f"train.max_steps={steps}", "train.patience=0", "checkpoint.every_steps=0",
         f"logging.log_every={log_every}", "logging.progress_bar=false", "logging.tensorboard=true",
     ]  # fmt: skip
-    wall = train(config, overrides, world_size)
+    wall = train(config, overrides, world_size, threads)
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     # from the first report on: the steps before it include warm-up (first batches, allocations)
@@ -90,7 +87,7 @@ def measure(cfg: Config, config: str, data_dir: Path, out: Path, world_size: int
     loader_s = loader_seconds_per_batch(cfg, data_dir, world_size, first.step, last.step)
     return {
         "world_size": world_size,
-        "threads_per_rank": threads_per_rank(world_size),
+        "threads_per_rank": threads,
         "samples_per_s": round(samples_per_step / step_s, 1),
         "step_ms": round(step_s * 1e3, 2),
         "loader_ms_per_step": round(loader_s * 1e3, 2),
@@ -109,10 +106,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
     parser.add_argument("--log-every", type=int, default=5, help="steps between timing reports")
     parser.add_argument("--batch-size", type=int, help="per-rank batch size (default: the config's)")
+    # more threads than free cores makes OpenMP spin-wait: on a shared 2-core machine a single rank
+    # with 2 threads ran 10x slower than with 1
+    parser.add_argument("--threads-per-rank", type=int, default=1, help="OMP_NUM_THREADS of every rank")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.steps < 2 * args.log_every:
         parser.error("--steps must be at least twice --log-every: throughput is timed between reports")
+    torch.set_num_threads(args.threads_per_rank)  # the loader timed here runs like one rank's
     cfg = load_config(str(REPO / args.config))
     if args.batch_size:
         cfg.loader.batch_size = args.batch_size
@@ -123,7 +124,7 @@ def main() -> None:
             # an epoch boundary inside the timed steps would time a validation pass too
             if -(-train_samples // (cfg.loader.batch_size * world_size)) < args.steps:
                 sys.exit(f"{train_samples} training samples make fewer than {args.steps} steps with {world_size} ranks: use more --rows or fewer --steps")
-        runs = [measure(cfg, args.config, data_dir, Path(scratch) / f"run-{w}", w, args.steps, args.log_every) for w in args.ranks]
+        runs = [measure(cfg, args.config, data_dir, Path(scratch) / f"run-{w}", w, args.threads_per_rank, args.steps, args.log_every) for w in args.ranks]
     result = {
         "config": args.config,
         "data_dir": str(args.data_dir or f"synthetic ({args.rows} rows)"),

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.model_parallel import DefaultDataParallelWrapper
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
 
@@ -107,5 +108,9 @@ def shard_model(model: nn.Module, cfg: ShardingConfig, env: DistEnv, out_dir: Op
         if out_dir is not None:
             save_plan(plan, out_dir)
     return DistributedModelParallel(
-        model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD), plan=plan, device=env.device
+        model,
+        env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
+        plan=plan,
+        device=env.device,
+        data_parallel_wrapper=DefaultDataParallelWrapper(static_graph=False),
     )

@@ -202,7 +202,7 @@ class _ChunkedScan(torch.autograd.Function):
         if D is not None:
             y.addcmul_(u.float(), D.float()[:, None])
         out = y if z is None else y * F.silu(z.float())
-        ctx.save_for_backward(u, delta_raw, A, B, C, D, z, delta_bias, y)
+        ctx.save_for_backward(u, delta_raw, A, B, C, D, z, delta_bias, None if z is None else y)
         ctx.delta_softplus = delta_softplus
         ctx.delta_dtype = delta.dtype
         ctx.kernels = kernels
