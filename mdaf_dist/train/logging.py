@@ -77,10 +77,11 @@ class RunLogger:
                 self._writer.add_scalar(tag, float(value), step)
 
     def histogram(self, step: int, name: str, values) -> None:
-        values = np.asarray(values, dtype=np.float64).ravel()
-        if self._writer is None or values.size == 0:
+        if self._writer is None:
             return
-        self._writer.add_histogram(name, values, step)
+        values = np.asarray(values, dtype=np.float64).ravel()
+        if values.size:  # TensorBoard cannot bin an empty array
+            self._writer.add_histogram(name, values, step)
 
     def info(self, msg: str) -> None:
         """One time-stamped line on stderr, written above the progress bar, not through it."""
