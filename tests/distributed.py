@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, List
 
+import torch
 import torch.distributed as dist
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -23,6 +24,9 @@ COLLECTIVE_TIMEOUT_S = 60
 
 
 def _in_process_group(fn: Callable[..., Any], timeout_s: float, *args: Any) -> Any:
+    # one intra-op thread per rank, as torchrun sets for several processes per node: ranks that
+    # share a few cores with busy-waiting OpenMP threads slow down by an order of magnitude
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
     try:
         return fn(*args)

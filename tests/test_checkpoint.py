@@ -92,8 +92,8 @@ def test_two_rank_checkpoint_resumes_and_evaluates_on_one_rank(data_dir, tmp_pat
     assert ckpt.read_trainer_state(latest)["world_size"] == 2
 
     evaluated = evaluate_checkpoint(str(latest))
-    assert evaluated["metrics"]["num_samples"] == two_rank["num_samples"]
-    assert abs(evaluated["metrics"]["auc"] - two_rank["auc"]) <= 1e-6
+    assert evaluated["metrics"]["num_samples"] == two_rank["valid"]["num_samples"]
+    assert abs(evaluated["metrics"]["auc"] - two_rank["valid"]["auc"]) <= 1e-6
     assert abs(evaluated["metrics"]["logloss"] - evaluated["recorded"]["logloss"]) <= 1e-5
 
     steps, _, step = _fit(tiny_config(data_dir, tmp_path / "run", f"train.max_steps={STOP + 2}", "train.resume=auto"))

@@ -4,7 +4,8 @@ Both start from the same weights and see the same global batches: batch k of 32 
 trained whole by the reference and split in halves of 16 across the two ranks. The tables use
 row-wise Adagrad in both (fused into the backward when sharded, an ordinary optimizer in the
 reference); the only difference is that sharded table gradients are summed over ranks rather
-than averaged, which row-wise Adagrad's update is invariant to up to eps (1e-8).
+than averaged, which row-wise Adagrad's update is invariant to up to eps (1e-14 here). The dense
+weights must stay identical replicas on every rank (DDP all-reduces their gradients).
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def _train(trainer: Trainer, data_dir: Path, rank: int, world_size: int) -> Dict
         mean = torch.tensor([float(loss)], dtype=torch.float64)
         dist.all_reduce(mean)
         losses.append(float(mean) / world_size)
-    return {"losses": losses, "auc": trainer.evaluate()["auc"]}
+    dense = torch.cat([p.detach().flatten() for p in trainer.dense_params])
+    return {"losses": losses, "auc": trainer.evaluate()["auc"], "dense": dense}
 
 
 def _sharded_runs(data_dir: Path, out: Path, init: Path) -> Dict[str, Dict[str, object]]:
@@ -70,9 +72,11 @@ def test_two_rank_sharded_training_equals_unsharded_reference(tmp_path):
         reference = _train(reference_trainer, data_dir, rank=0, world_size=1)
     assert reference["losses"][-1] < reference["losses"][0]
 
-    sharded = run_ranks(2, _sharded_runs, data_dir, tmp_path / "sharded", tmp_path / "init")[0]
+    ranks = run_ranks(2, _sharded_runs, data_dir, tmp_path / "sharded", tmp_path / "init")
+    sharded = ranks[0]
     assert list(sharded) == CPU_TYPES
     for kind, result in sharded.items():
+        torch.testing.assert_close(ranks[1][kind]["dense"], result["dense"], rtol=0, atol=0, msg=kind)
         np.testing.assert_allclose(result["losses"], reference["losses"], atol=LOSS_ATOL, rtol=0, err_msg=kind)
         assert abs(result["auc"] - reference["auc"]) <= AUC_ATOL, kind
 

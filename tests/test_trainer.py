@@ -1,16 +1,26 @@
-"""The training loop with uneven data: a rank that runs out first joins the others' steps with
-a weight-0 padding batch, so nothing hangs (collectives time out after 60 s in the harness) and
-every sample of the longer rank is still trained on."""
+"""The training loop and its entry point. Uneven data: a rank that runs out first joins the
+others' steps with a weight-0 padding batch, so nothing hangs (collectives time out after 60 s in
+the harness) and every sample of the longer rank is still trained on. The entry point with the
+shipped smoke config trains, evaluates after every epoch and writes <output_dir>/results.json with
+the numbers `mdaf demo` and the reproduction tools read."""
 
 from __future__ import annotations
 
 import itertools
+import json
+from pathlib import Path
 
+import pyarrow.parquet as pq
+import pytest
+
+from mdaf_dist.data.layout import sample_files
 from mdaf_dist.dist.env import distributed
-from mdaf_dist.train.trainer import Trainer, padding_batch
+from mdaf_dist.train.main import main
+from mdaf_dist.train.trainer import RESULTS_FILE, Trainer, padding_batch
 from tests.distributed import prepare_tiny_data, run_ranks, tiny_config
 
 BATCHES = {0: 3, 1: 2}
+SMOKE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
 
 
 class FewerBatches:
@@ -26,6 +36,11 @@ class FewerBatches:
         return getattr(self.loader, name)
 
 
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return prepare_tiny_data(tmp_path_factory.mktemp("tiny"))
+
+
 def _uneven_epoch(cfg):
     with distributed("cpu") as env:
         trainer = Trainer(cfg, env)
@@ -34,8 +49,7 @@ def _uneven_epoch(cfg):
         return trainer.state.step, trainer.state.samples_trained, trainer.step_losses
 
 
-def test_rank_with_fewer_batches_does_not_hang_and_drops_nothing(tmp_path):
-    data_dir = prepare_tiny_data(tmp_path / "tiny")
+def test_rank_with_fewer_batches_does_not_hang_and_drops_nothing(data_dir, tmp_path):
     cfg = tiny_config(data_dir, tmp_path / "run", "logging.log_every=1000")
     results = run_ranks(2, _uneven_epoch, cfg)
     batch = cfg.loader.batch_size
@@ -50,3 +64,36 @@ def test_padding_batch_uses_the_padding_id_of_every_feature():
     assert batch.features.keys() == ["user", "item", "category", "hist_item", "hist_category"]
     assert batch.features.values().tolist() == [0, 0, 0, 0, 0]
     assert batch.batch_size == 1
+
+
+def test_smoke_config_run_writes_results_json(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    quiet = ["logging.tensorboard=false", "logging.progress_bar=false", "train.patience=0"]
+    assert main(["--config", str(SMOKE_CONFIG), f"data_dir={data_dir}", f"output_dir={out}", *quiet]) == 0
+
+    results = json.loads((out / RESULTS_FILE).read_text())
+    valid = results["valid"]
+    assert valid["num_samples"] == sum(pq.read_metadata(part).num_rows for part in sample_files(data_dir, "valid"))
+    assert 0.0 <= valid["auc"] <= 1.0 and valid["logloss"] > 0.0
+    assert 0.0 <= valid["gate_mean"] <= 1.0 and valid["gate_by_hist_len"]
+
+    assert results["epochs"] == 2 and [e["epoch"] for e in results["evaluations"]] == [1, 2]
+    assert results["evaluations"][-1]["auc"] == valid["auc"]
+    best = max(results["evaluations"], key=lambda e: e["auc"])
+    assert (results["best_epoch"], results["best_step"], results["best_auc"]) == (best["epoch"], best["step"], best["auc"])
+    assert results["steps"] == results["evaluations"][-1]["step"] and results["samples_trained"] > 0
+
+    printed = json.loads(capsys.readouterr().out.splitlines()[-2])
+    assert printed["auc"] == valid["auc"] and printed["num_samples"] == valid["num_samples"]
+
+
+def test_resumed_finished_run_still_reports_the_final_model(data_dir, tmp_path):
+    out = tmp_path / "run"
+    base = [f"data_dir={data_dir}", f"output_dir={out}", "logging.tensorboard=false", "logging.progress_bar=false"]
+    assert main(["--config", str(SMOKE_CONFIG), *base, "train.max_epochs=1"]) == 0
+    first = json.loads((out / RESULTS_FILE).read_text())
+
+    assert main(["--config", str(SMOKE_CONFIG), *base, "train.max_epochs=1", "train.resume=auto"]) == 0
+    again = json.loads((out / RESULTS_FILE).read_text())
+    assert again["steps"] == first["steps"] and again["evaluations"] == first["evaluations"]
+    assert again["valid"]["auc"] == pytest.approx(first["valid"]["auc"], abs=1e-9)

@@ -6,6 +6,14 @@ over ranks), column_wise (embedding dimensions split over ranks), data_parallel 
 the table on every rank, gradients all-reduced). On CPU/gloo with torchrec 1.8, data_parallel
 fails at the first lookup of a non-pooled `EmbeddingCollection` whose table feeds two features
 (item + hist_item: the output split sizes disagree), so it is refused up front on CPU.
+
+Dense modules: DMP's default DDP wrapper uses `static_graph=True`, whose gradient all-reduce is
+started through the model's output tensors as `torch.utils._pytree` flattens them. Our models
+return a `ModelOutput` dataclass, which pytree treats as one opaque leaf, so under a static graph
+DDP never all-reduces a dense gradient and every rank silently trains its own dense weights. The
+dense modules are therefore wrapped in an ordinary (dynamic-graph) DDP, which all-reduces from
+the gradient hooks whatever the output type. Every dense parameter of every model is used in
+every step (an out-of-data rank's padding batch included), so `find_unused_parameters` stays off.
 """
 
 from __future__ import annotations

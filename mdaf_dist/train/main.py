@@ -1,18 +1,20 @@
 """`mdaf train` and `python -m mdaf_dist.train`: one `main` for both, so torchrun/TorchX and the
 console script run the same code. Each rank is one process; the launcher's environment says
-which (see mdaf_dist/dist/env.py)."""
+which (see mdaf_dist/dist/env.py). Rank 0 writes the run's summary to <output_dir>/results.json
+(see `Trainer.results`) and prints its headline numbers."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 from mdaf_dist.config import load_config
 from mdaf_dist.dist.env import distributed
 from mdaf_dist.errors import UserError
-from mdaf_dist.train.trainer import EMBEDDING_BACKENDS, Trainer
+from mdaf_dist.train.trainer import EMBEDDING_BACKENDS, RESULTS_FILE, Trainer
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -26,9 +28,12 @@ def run(args: argparse.Namespace) -> int:
     if not cfg.data_dir:
         raise UserError("data_dir is not set (give it in the config or as data_dir=PATH)")
     with distributed(cfg.train.device) as env:
-        result = Trainer(cfg, env, embedding_backend=args.embedding_backend).fit()
+        results = Trainer(cfg, env, embedding_backend=args.embedding_backend).fit()
         if env.is_main:
-            print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}, default=float))
+            summary = {key: results["valid"].get(key) for key in ("auc", "logloss", "num_samples")}
+            summary.update({key: results[key] for key in ("best_auc", "best_epoch", "epochs", "steps")})
+            print(json.dumps(summary, default=float))
+            print(f"results: {Path(cfg.output_dir) / RESULTS_FILE}")
     return 0
 
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -46,6 +47,7 @@ from mdaf_dist.train.optim import (
 )
 
 EMBEDDING_BACKENDS = ("torchrec", "plain")
+RESULTS_FILE = "results.json"
 
 
 def build_training_model(cfg: Config, vocab: Dict[str, int], env: DistEnv, backend: str, embedding_optimizer: str, out_dir: Optional[Path]) -> nn.Module:
@@ -76,8 +78,12 @@ class TrainState:
     step: int = 0
     best_auc: float = -math.inf
     best_step: int = -1
+    # epochs completed when the best evaluation was taken (1 = after the first epoch)
+    best_epoch: int = -1
     epochs_without_improvement: int = 0
     samples_trained: int = 0
+    # one {"epoch", "step", "auc", "logloss"} per validation pass, for the training curves
+    evaluations: List[Dict[str, float]] = field(default_factory=list)
 
 
 class Trainer:
@@ -177,9 +183,13 @@ class Trainer:
         logger.scalars(self.state.step, {k: v for k, v in metrics.items() if isinstance(v, (int, float, dict))}, prefix="valid")
         if self.evaluator.gates is not None:
             logger.histogram(self.state.step, "valid/gate", self.evaluator.gates)
-        logger.info(f"epoch={self.train_loader.epoch} step={self.state.step} auc={metrics['auc']:.6f} logloss={metrics['logloss']:.6f}")
+        epoch = self.train_loader.epoch
+        logger.info(f"epoch={epoch} step={self.state.step} auc={metrics['auc']:.6f} logloss={metrics['logloss']:.6f}")
+        self.state.evaluations.append(
+            {"epoch": epoch, "step": self.state.step, "auc": float(metrics["auc"]), "logloss": float(metrics["logloss"])}
+        )
         if metrics["auc"] > self.state.best_auc:
-            self.state.best_auc, self.state.best_step = float(metrics["auc"]), self.state.step
+            self.state.best_auc, self.state.best_step, self.state.best_epoch = float(metrics["auc"]), self.state.step, epoch
             self.state.epochs_without_improvement = 0
         else:
             self.state.epochs_without_improvement += 1
@@ -188,7 +198,8 @@ class Trainer:
 
     def fit(self) -> Dict[str, Any]:
         """Train until max_epochs, max_steps or early stopping; evaluate after every epoch (and
-        after a max_steps stop) and checkpoint each time. Returns the last metrics + the best."""
+        after a max_steps stop) and checkpoint each time. Returns `results` of the final model,
+        which rank 0 also writes to <output_dir>/results.json."""
         resume_from = ckpt.resolve(self.cfg.train.resume, self.checkpointer.root)
         if resume_from is not None:
             self.restore(resume_from)
@@ -208,6 +219,7 @@ class Trainer:
             f"steps_per_epoch={self.steps_per_epoch} warmup_steps={warmup_steps(self.cfg.train, self.steps_per_epoch)}"
         )
         metrics: Dict[str, Any] = {}
+        started, samples_before = time.perf_counter(), self.state.samples_trained
         try:
             while self.train_loader.epoch < self.cfg.train.max_epochs and not self._reached_max_steps():
                 self._train_epoch(logger)
@@ -219,7 +231,35 @@ class Trainer:
                     break
         finally:
             logger.close()
-        return {**metrics, "step": self.state.step, "best_auc": self.state.best_auc, "best_step": self.state.best_step}
+        wall_seconds = time.perf_counter() - started
+        if not metrics:
+            # nothing left to train (a resumed, finished run): still report the model's metrics
+            metrics = self.evaluate()
+        results = self.results(metrics, self.state.samples_trained - samples_before, wall_seconds)
+        if self.env.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=float) + "\n")
+        return results
+
+    def results(self, metrics: Dict[str, Any], samples: int, seconds: float) -> Dict[str, Any]:
+        """The run's summary: "valid" = metrics of the final model (auc, logloss, num_samples,
+        positive_rate, gate statistics), the best evaluation, every evaluation, and the throughput
+        of this process's part of the run: `samples` trained in `seconds` of wall time, evaluation
+        and checkpoints included (a resumed run counts from its resume)."""
+        return {
+            "valid": metrics,
+            "best_auc": self.state.best_auc,
+            "best_step": self.state.best_step,
+            "best_epoch": self.state.best_epoch,
+            "epochs": self.train_loader.epoch,
+            "steps": self.state.step,
+            "samples_trained": self.state.samples_trained,
+            "evaluations": self.state.evaluations,
+            "wall_seconds": seconds,
+            "samples_per_sec": samples / seconds if seconds > 0 else float("nan"),
+            "world_size": self.env.world_size,
+            "embedding_optimizer": self.embedding_optimizer,
+        }
 
     # -- checkpoints ------------------------------------------------------------------------
     def save_checkpoint(self, metrics: Optional[Dict[str, Any]]) -> Path:
@@ -246,7 +286,8 @@ class Trainer:
                 optimizer.init_state()
         ckpt.Checkpointer.load(path, self.model, self.optimizer)
         saved = ckpt.read_trainer_state(path)
-        self.state = TrainState(**{k: saved[k] for k in asdict(TrainState())})
+        # fields a checkpoint predates keep their defaults
+        self.state = TrainState(**{k: saved[k] for k in asdict(TrainState()) if k in saved})
         local = ckpt.Checkpointer.load_local(path, self.env.rank, self.env.world_size)
         if local is not None:
             self.train_loader.load_state_dict(local["loader"])
