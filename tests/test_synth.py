@@ -134,7 +134,7 @@ def test_sequence_signal_next_click_follows_recent_clicks(rich_rows):
 
 
 def test_cli_writes_file_and_reports_sizes(tmp_path, capsys):
-    out = tmp_path / "cli.csv.gz"
+    out = tmp_path / "new" / "dir" / "cli.csv.gz"
     argv = ["synth", "--out", str(out), "--rows", "1000", "--seed", "1", "--users", "10", "--no-progress"]
     assert cli.main(argv) == 0
     summary = json.loads(capsys.readouterr().out)

@@ -279,6 +279,9 @@ def _block_table(world: _World, first_user: int, last_user: int, rng: np.random.
 
 def _open_output(path: str) -> pa.NativeFile:
     filesystem, fs_path = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
+    parent = fs_path.rsplit("/", 1)[0] if "/" in fs_path else ""
+    if parent:
+        filesystem.create_dir(parent, recursive=True)
     return filesystem.open_output_stream(fs_path, compression="gzip" if path.endswith(".gz") else None)
 
 
