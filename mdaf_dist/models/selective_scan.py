@@ -103,50 +103,57 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 
 
 # --------------------------------------------------------------------------------------------
-# The blocked scan: batch blocks, time-major [L, block, ...] tensors, recomputation in backward.
+# The blocked scan: batch blocks cut into time chunks, time-major [T, block, ...] tensors.
 #
-# The batch is cut into blocks so that the per-block [L, block, d_inner, N] buffers stay small
-# (a few tens of MB) however large the batch is; the forward keeps no state at all and the
-# backward recomputes each block's states before its reverse-time scan. Nothing ever holds the
-# [batch, L, d_inner, N] tensors the reference materialises several times over.
+# The per-element work (exp, the two scans, the products for the gradients) is memory-bound, so
+# every [T, block, d_inner, N] buffer is kept small enough to stay in the CPU's cache: the batch
+# is cut into blocks and time into chunks of T steps. The forward keeps only the state at each
+# chunk boundary ([chunks - 1, batch, d_inner, N], a fraction 1/T of all states); the backward
+# recomputes one chunk's states from its boundary, then runs the gradient of the state backwards
+# over that chunk and hands it to the chunk before. Nothing ever holds all [batch, L, d_inner, N]
+# states, as the reference does several times over.
 # --------------------------------------------------------------------------------------------
 
-_BLOCK_BYTES = {"cpu": 32 << 20, "cuda": 1 << 30}  # per [L, block, d_inner, N] fp32 buffer
+_BLOCK_BYTES = {"cpu": 1 << 20, "cuda": 1 << 30}  # per [T, block, d_inner, N] fp32 buffer
+_CHUNK_STEPS = {"cpu": 8, "cuda": None}  # T; None: the whole sequence in one chunk
 
 
-def _block_states(delta, u, A, B, C, dA, h):
-    """Fill dA[t] = exp(delta_t A) and h[t] (the state after step t); return y_t = C_t . h_t.
+def _chunk_states(delta, delta_u, A, B, C, dA, h):
+    """Advance the state over one chunk of T steps; return y_t = C_t . h_t [T, b, d].
 
-    delta, u: [L, b, d]; B, C: [L, b, N]; dA, h: [L, b, d, N] buffers, overwritten.
+    delta, delta_u = delta * u: [T, b, d]; B, C: [T, b, N]. Buffers: dA [T, b, d, N] is filled with
+    exp(delta_t A); h [T + 1, b, d, N] holds the state before the chunk in h[0] and gets the state
+    after step t in h[t + 1].
     """
-    L, b, d, n = h.shape
+    T, b, d, n = dA.shape
     torch.mul(delta.unsqueeze(-1), A, out=dA).exp_()
-    torch.mul((delta * u).unsqueeze(-1), B.unsqueeze(2), out=h)  # delta_t B_t u_t
-    for t in range(1, L):
-        h[t].addcmul_(dA[t], h[t - 1])
-    return torch.bmm(h.view(L * b, d, n), C.reshape(L * b, n, 1)).view(L, b, d)
+    torch.mul(delta_u.unsqueeze(-1), B.unsqueeze(2), out=h[1:])  # delta_t B_t u_t
+    for t in range(T):
+        h[t + 1].addcmul_(dA[t], h[t])
+    return torch.bmm(h[1:].view(T * b, d, n), C.reshape(T * b, n, 1)).view(T, b, d)
 
 
-def _block_grads(delta, u, A, B, C, dA, h, grad_y, grad_h):
-    """Reverse-time scan of one block: grads of delta, u (scan part), A, B, C.
+def _chunk_grads(delta, delta_u, u, A, B, C, dA, h, grad_y, grad_h, carry):
+    """Reverse-time scan over one chunk: grads of delta, u (scan part), A, B, C.
 
-    grad_y: [L, b, d] is the gradient of C_t . h_t. dA and h come from ``_block_states``; dA and
-    grad_h (a buffer like h) are overwritten.
+    grad_y [T, b, d] is the gradient of C_t . h_t; dA and h come from ``_chunk_states``. carry
+    [b, d, N] holds, on entry, the gradient reaching the chunk's last state from later steps and,
+    on return, the gradient reaching h[0]. dA and grad_h (a [T, b, d, N] buffer) are overwritten.
     """
-    L, b, d, n = h.shape
+    T, b, d, n = dA.shape
     # grad_h[t] = C_t grad_y_t + exp(delta_{t+1} A) grad_h[t+1]
     torch.mul(grad_y.unsqueeze(-1), C.unsqueeze(2), out=grad_h)
-    for t in range(L - 2, -1, -1):
+    grad_h[T - 1].add_(carry)
+    for t in range(T - 2, -1, -1):
         grad_h[t].addcmul_(dA[t + 1], grad_h[t + 1])
-    flat_h, flat_gh = h.view(L * b, d, n), grad_h.view(L * b, d, n)
-    grad_C = torch.bmm(grad_y.reshape(L * b, 1, d), flat_h).view(L, b, n)
-    grad_B = torch.bmm((delta * u).view(L * b, 1, d), flat_gh).view(L, b, n)
-    grad_Bu = torch.bmm(flat_gh, B.reshape(L * b, n, 1)).view(L, b, d)  # sum_n grad_h B_t
+    torch.mul(dA[0], grad_h[0], out=carry)
+    flat_gh = grad_h.view(T * b, d, n)
+    grad_C = torch.bmm(grad_y.reshape(T * b, 1, d), h[1:].view(T * b, d, n)).view(T, b, n)
+    grad_B = torch.bmm(delta_u.reshape(T * b, 1, d), flat_gh).view(T, b, n)
+    grad_Bu = torch.bmm(flat_gh, B.reshape(T * b, n, 1)).view(T, b, d)  # sum_n grad_h B_t
     # Through exp(delta_t A) h_{t-1}: w = grad_h[t] * dA[t] * h[t-1], computed in place in dA.
-    w = dA.mul_(grad_h)
-    w[1:].mul_(h[:-1])
-    w[0].zero_()  # h_{-1} = 0
-    grad_A = torch.einsum("xd,xdn->dn", delta.reshape(L * b, d), w.view(L * b, d, n))
+    w = dA.mul_(grad_h).mul_(h[:-1])
+    grad_A = torch.einsum("xd,xdn->dn", delta.reshape(T * b, d), w.view(T * b, d, n))
     grad_delta = w.mul_(A).sum(-1).addcmul_(u, grad_Bu)
     return grad_delta, delta * grad_Bu, grad_A, grad_B, grad_C
 
@@ -156,18 +163,24 @@ class _Kernels(NamedTuple):
     grads: Callable
 
 
-_EAGER_KERNELS = _Kernels(_block_states, _block_grads)
+_EAGER_KERNELS = _Kernels(_chunk_states, _chunk_grads)
 
 
 @functools.cache
 def _compiled_kernels() -> _Kernels:
-    """The two block kernels through ``torch.compile``, wrapped once per process."""
-    return _Kernels(torch.compile(_block_states), torch.compile(_block_grads))
+    """The two chunk kernels through ``torch.compile``, wrapped once per process."""
+    return _Kernels(torch.compile(_chunk_states), torch.compile(_chunk_grads))
 
 
-def _block_size(L: int, d: int, n: int, device: torch.device) -> int:
-    budget = _BLOCK_BYTES["cuda" if device.type == "cuda" else "cpu"]
-    return max(1, budget // (4 * L * d * n))
+class _Tiling(NamedTuple):
+    block: int  # batch samples per block
+    steps: int  # time steps per chunk
+
+    @staticmethod
+    def of(L: int, d: int, n: int, device: torch.device) -> "_Tiling":
+        kind = "cuda" if device.type == "cuda" else "cpu"
+        steps = min(L, _CHUNK_STEPS[kind] or L)
+        return _Tiling(max(1, _BLOCK_BYTES[kind] // (4 * steps * d * n)), steps)
 
 
 def _time_major(x: Tensor) -> Tensor:
@@ -175,9 +188,27 @@ def _time_major(x: Tensor) -> Tensor:
     return x.permute(2, 0, 1).float().contiguous()
 
 
+class _Buffers:
+    """The per-chunk [T, block, d_inner, N] work buffers, reallocated only for a ragged last block."""
+
+    def __init__(self, like: Tensor, tiling: _Tiling, d: int, n: int):
+        self.like, self.steps, self.d, self.n = like, tiling.steps, d, n
+        self.block = -1
+
+    def get(self, block: int, steps: int):
+        """dA [steps, block, d, N], h [steps + 1, ...], grad_h [steps, ...], carry [block, d, N]."""
+        if block != self.block:
+            self.block = block
+            shape = (self.steps + 1, block, self.d, self.n)
+            self.dA, self.h, self.grad_h = (self.like.new_empty(shape, dtype=torch.float32) for _ in range(3))
+            self.carry = self.like.new_empty(shape[1:], dtype=torch.float32)
+        return self.dA[:steps], self.h[:steps + 1], self.grad_h[:steps], self.carry
+
+
 class _ChunkedScan(torch.autograd.Function):
-    """Selective scan with a hand-written backward: per batch block, recompute the states, then
-    run the gradient of the state backwards in time. No autograd graph over per-step states."""
+    """Selective scan with a hand-written backward: per batch block and time chunk, recompute the
+    states from the saved chunk boundary, then run the gradient of the state backwards in time.
+    No autograd graph over per-step states."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, kernels):
@@ -188,21 +219,34 @@ class _ChunkedScan(torch.autograd.Function):
         if delta_bias is not None:
             delta_raw = delta_raw + delta_bias.float()[:, None]
         dt = F.softplus(delta_raw) if delta_softplus else delta_raw
+        tiling = _Tiling.of(L, d, n, u.device)
+        starts = range(0, L, tiling.steps)
+        keep_boundaries = any(ctx.needs_input_grad[:8])
+        boundaries = u.new_empty(len(starts) - 1 if keep_boundaries else 0, batch, d, n, dtype=torch.float32)
         y = torch.empty(batch, d, L, device=u.device, dtype=torch.float32)
-        block = _block_size(L, d, n, u.device)
-        dA = h = None
-        for b0 in range(0, batch, block):
-            b1 = min(batch, b0 + block)
-            if dA is None or dA.shape[1] != b1 - b0:
-                dA = u.new_empty(L, b1 - b0, d, n, dtype=torch.float32)
-                h = torch.empty_like(dA)
-            yb = kernels.states(_time_major(dt[b0:b1]), _time_major(u[b0:b1]), A32,
-                                _time_major(B[b0:b1]), _time_major(C[b0:b1]), dA, h)
-            y[b0:b1] = yb.permute(1, 2, 0)
+        buffers = _Buffers(u, tiling, d, n)
+        for b0 in range(0, batch, tiling.block):
+            b1 = min(batch, b0 + tiling.block)
+            dt_b, u_b = _time_major(dt[b0:b1]), _time_major(u[b0:b1])
+            dtu_b, B_b, C_b = dt_b * u_b, _time_major(B[b0:b1]), _time_major(C[b0:b1])
+            y_b = torch.empty_like(dt_b)
+            last = None  # the state after the previous chunk
+            for c, t0 in enumerate(starts):
+                t1 = min(L, t0 + tiling.steps)
+                dA, h, _, _ = buffers.get(b1 - b0, t1 - t0)
+                if last is None:
+                    h[0].zero_()
+                else:
+                    h[0].copy_(last)
+                y_b[t0:t1] = kernels.states(dt_b[t0:t1], dtu_b[t0:t1], A32, B_b[t0:t1], C_b[t0:t1], dA, h)
+                last = h[-1]
+                if keep_boundaries and c < len(boundaries):
+                    boundaries[c, b0:b1] = last
+            y[b0:b1] = y_b.permute(1, 2, 0)
         if D is not None:
             y.addcmul_(u.float(), D.float()[:, None])
         out = y if z is None else y * F.silu(z.float())
-        ctx.save_for_backward(u, delta_raw, A, B, C, D, z, delta_bias, None if z is None else y)
+        ctx.save_for_backward(u, delta_raw, A, B, C, D, z, delta_bias, None if z is None else y, boundaries)
         ctx.delta_softplus = delta_softplus
         ctx.delta_dtype = delta.dtype
         ctx.kernels = kernels
@@ -210,7 +254,7 @@ class _ChunkedScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        u, delta_raw, A, B, C, D, z, delta_bias, y = ctx.saved_tensors
+        u, delta_raw, A, B, C, D, z, delta_bias, y, boundaries = ctx.saved_tensors
         batch, d, L = u.shape
         n = A.shape[1]
         A32, u32, grad_out = A.float(), u.float(), grad_out.float()
@@ -227,23 +271,35 @@ class _ChunkedScan(torch.autograd.Function):
         grad_B = torch.empty(batch, n, L, device=u.device, dtype=torch.float32)
         grad_C = torch.empty_like(grad_B)
         grad_A = torch.zeros_like(A32)
-        block = _block_size(L, d, n, u.device)
-        dA = h = grad_h = None
-        for b0 in range(0, batch, block):
-            b1 = min(batch, b0 + block)
-            if dA is None or dA.shape[1] != b1 - b0:
-                dA = u32.new_empty(L, b1 - b0, d, n)
-                h, grad_h = torch.empty_like(dA), torch.empty_like(dA)
+        tiling = _Tiling.of(L, d, n, u.device)
+        starts = range(0, L, tiling.steps)
+        buffers = _Buffers(u, tiling, d, n)
+        for b0 in range(0, batch, tiling.block):
+            b1 = min(batch, b0 + tiling.block)
             dt_b, u_b = _time_major(dt[b0:b1]), _time_major(u32[b0:b1])
-            B_b, C_b = _time_major(B[b0:b1]), _time_major(C[b0:b1])
-            ctx.kernels.states(dt_b, u_b, A32, B_b, C_b, dA, h)
-            g_dt, g_u, g_A, g_B, g_C = ctx.kernels.grads(
-                dt_b, u_b, A32, B_b, C_b, dA, h, _time_major(grad_y[b0:b1]), grad_h)
+            dtu_b, B_b, C_b = dt_b * u_b, _time_major(B[b0:b1]), _time_major(C[b0:b1])
+            grad_y_b = _time_major(grad_y[b0:b1])
+            g_dt, g_u = torch.empty_like(dt_b), torch.empty_like(dt_b)
+            g_B, g_C = torch.empty_like(B_b), torch.empty_like(C_b)
+            for c in range(len(starts) - 1, -1, -1):
+                t0, t1 = starts[c], min(L, starts[c] + tiling.steps)
+                dA, h, grad_h, carry = buffers.get(b1 - b0, t1 - t0)
+                if c == 0:
+                    h[0].zero_()
+                else:
+                    h[0].copy_(boundaries[c - 1, b0:b1])
+                if c == len(starts) - 1:
+                    carry.zero_()
+                chunk = slice(t0, t1)
+                ctx.kernels.states(dt_b[chunk], dtu_b[chunk], A32, B_b[chunk], C_b[chunk], dA, h)
+                g_dt[chunk], g_u[chunk], g_A, g_B[chunk], g_C[chunk] = ctx.kernels.grads(
+                    dt_b[chunk], dtu_b[chunk], u_b[chunk], A32, B_b[chunk], C_b[chunk], dA, h,
+                    grad_y_b[chunk], grad_h, carry)
+                grad_A += g_A
             grad_delta[b0:b1] = g_dt.permute(1, 2, 0)
             grad_u[b0:b1] = g_u.permute(1, 2, 0)
             grad_B[b0:b1] = g_B.permute(1, 2, 0)
             grad_C[b0:b1] = g_C.permute(1, 2, 0)
-            grad_A += g_A
         grad_D = None
         if D is not None:
             grad_u.addcmul_(grad_y, D.float()[:, None])

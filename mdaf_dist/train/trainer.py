@@ -91,6 +91,11 @@ class Trainer:
     calls them in the same order."""
 
     def __init__(self, cfg: Config, env: DistEnv, embedding_backend: str = "torchrec") -> None:
+        if cfg.loader.history_length != cfg.model.history_length:
+            raise UserError(
+                f"loader.history_length ({cfg.loader.history_length}) must equal model.history_length "
+                f"({cfg.model.history_length}): the loader gathers the histories the model reads"
+            )
         self.cfg, self.env = cfg, env
         self.out_dir = Path(cfg.output_dir)
         ckpt.seed_everything(cfg.train.seed)
