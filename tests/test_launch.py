@@ -119,11 +119,11 @@ def test_torchx_dist_ddp_trains_two_gloo_ranks(smoke_data, tmp_path):
 @pytest.mark.slow
 def test_torchrun_trains_two_gloo_ranks(smoke_data, tmp_path):
     output_dir = tmp_path / "run"
-    out = _run(
+    _run(
         str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "mdaf_dist.train",
         "--config", SMOKE, *_run_overrides(smoke_data, output_dir),
         timeout=300,
     )  # fmt: skip
     _assert_trained_and_evaluated(output_dir, smoke_data)
-    result = json.loads(out.strip().splitlines()[-1])
-    assert result["step"] == STEPS and result["num_samples"] == num_samples(smoke_data, "valid")
+    result = json.loads((output_dir / "results.json").read_text())
+    assert result["steps"] == STEPS and result["valid"]["num_samples"] == num_samples(smoke_data, "valid")
