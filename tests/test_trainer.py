@@ -15,6 +15,7 @@ import pytest
 
 from mdaf_dist.data.layout import sample_files
 from mdaf_dist.dist.env import distributed
+from mdaf_dist.errors import UserError
 from mdaf_dist.train.main import main
 from mdaf_dist.train.trainer import RESULTS_FILE, Trainer, padding_batch
 from tests.distributed import prepare_tiny_data, run_ranks, tiny_config
@@ -97,3 +98,9 @@ def test_resumed_finished_run_still_reports_the_final_model(data_dir, tmp_path):
     again = json.loads((out / RESULTS_FILE).read_text())
     assert again["steps"] == first["steps"] and again["evaluations"] == first["evaluations"]
     assert again["valid"]["auc"] == pytest.approx(first["valid"]["auc"], abs=1e-9)
+
+
+def test_loader_and_model_history_lengths_must_agree(data_dir, tmp_path):
+    cfg = tiny_config(data_dir, tmp_path / "run", "loader.history_length=5")
+    with distributed("cpu") as env, pytest.raises(UserError, match=r"loader.history_length \(5\) must equal model.history_length \(8\)"):
+        Trainer(cfg, env)
