@@ -7,6 +7,7 @@ Each step runs the same command a user would type, so the demo doubles as a smok
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -28,7 +29,9 @@ def configure_parser(parser) -> None:
 def _step(title: str, cmd: list[str]) -> None:
     print(f"\n== {title}\n$ {shlex.join(cmd)}", flush=True)
     start = time.time()
-    if subprocess.run(cmd).returncode != 0:
+    # TorchX's local scheduler starts `torchrun` from PATH: put this environment's first
+    env = dict(os.environ, PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    if subprocess.run(cmd, env=env).returncode != 0:
         raise UserError(f"step failed: {title} (command above)")
     print(f"-- {title}: {time.time() - start:.0f} s", flush=True)
 
