@@ -114,8 +114,8 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 # states, as the reference does several times over.
 # --------------------------------------------------------------------------------------------
 
-_BLOCK_BYTES = {"cpu": 1<<19, "cuda": 1 << 30}  # per [T, block, d_inner, N] fp32 buffer
-_CHUNK_STEPS = {"cpu": 4, "cuda": None}  # T; None: the whole sequence in one chunk
+_BLOCK_BYTES = {"cpu": 1<<21, "cuda": 1 << 30}  # per [T, block, d_inner, N] fp32 buffer
+_CHUNK_STEPS = {"cpu": 8, "cuda": None}  # T; None: the whole sequence in one chunk
 
 
 def _chunk_states(delta, delta_u, A, B, C, dA, h):
