@@ -53,6 +53,7 @@ def run(args) -> int:
          "-m", "mdaf_dist.train", "--", "--config", args.config, f"data_dir={data}", f"output_dir={train_dir}"],
     )
     results = json.loads((train_dir / "results.json").read_text())
-    print(f"\nfinal validation AUC {results['valid']['auc']:.4f}  logloss {results['valid']['logloss']:.4f}"
-          f"  ({results['valid']['num_samples']} samples)")
+    valid = results["valid"]
+    print(f"\nfinal validation AUC {valid['auc']:.4f}  logloss {valid['logloss']:.4f}  ({valid['num_samples']} samples);"
+          f" best AUC {results['best_auc']:.4f} after epoch {results['best_epoch']}; mean gate {valid.get('gate_mean', float('nan')):.3f}")
     return 0
