@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Sequence, Union
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -189,11 +189,12 @@ class ConfigError(UserError):
     """A configuration file or override that cannot be applied."""
 
 
-def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
-    """Defaults, then the YAML file at `path`, then `key.sub=value` overrides, in that order."""
+def load_config(paths: Union[str, Sequence[str], None] = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults, then each YAML file in `paths` in turn (a later file overlays an earlier one, e.g.
+    configs/paper.yaml then configs/ablations/concat.yaml), then `key.sub=value` overrides."""
     merged = OmegaConf.structured(Config)
     try:
-        if path:
+        for path in [paths] if isinstance(paths, str) else list(paths or ()):
             if not Path(path).is_file():
                 raise ConfigError(f"config file not found: {path}")
             merged = OmegaConf.merge(merged, OmegaConf.load(path))

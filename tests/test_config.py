@@ -37,3 +37,10 @@ def test_bad_overrides_are_one_line_errors(overrides, message):
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="config file not found: nope.yaml"):
         load_config("nope.yaml")
+
+
+def test_later_config_files_overlay_earlier_ones():
+    paper = next(p for p in CONFIGS if p.name == "paper.yaml")
+    concat = next(p for p in CONFIGS if p.parent.name == "ablations" and p.name == "concat.yaml")
+    cfg = load_config([str(paper), str(concat)], ["train.max_epochs=1"])
+    assert (cfg.model.fusion, cfg.model.embedding_dim, cfg.train.max_epochs) == ("concat", 64, 1)

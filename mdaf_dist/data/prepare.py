@@ -366,7 +366,7 @@ def stage_table(meta: Dict[str, Any]) -> str:
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", help="raw UserBehavior CSV (.csv, .csv.gz, .zip; local path or URI)")
     parser.add_argument("--out", help="output directory (prepared-data layout)")
-    parser.add_argument("--config", help="YAML config file; its prepare: section is used")
+    parser.add_argument("--config", action="append", help="YAML config file; its prepare: section is used; repeat to overlay files in order")
     parser.add_argument("--quiet", action="store_true", help="no progress output (the stage table is still printed)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. prepare.neg_ratio=2 prepare.user_fraction=0.01")
 

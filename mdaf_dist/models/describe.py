@@ -103,7 +103,7 @@ def describe(cfg: ModelConfig, vocab: Dict[str, int]) -> str:
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config; its model: section is described")
+    parser.add_argument("--config", action="append", help="YAML config; its model: section is described; repeat to overlay files in order")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.fusion=concat")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--vocab", help="table sizes user=N,item=N,category=N (default: full Taobao)")

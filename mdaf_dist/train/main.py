@@ -18,7 +18,7 @@ from mdaf_dist.train.trainer import EMBEDDING_BACKENDS, RESULTS_FILE, Trainer
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config (e.g. configs/smoke.yaml)")
+    parser.add_argument("--config", action="append", help="YAML config (e.g. configs/smoke.yaml); repeat to overlay files in order")
     parser.add_argument("--embedding-backend", choices=EMBEDDING_BACKENDS, default="torchrec", help="plain: unsharded reference, one process")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_epochs=1 sharding.tables.item=row_wise")
 
