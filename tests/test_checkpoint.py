@@ -11,7 +11,7 @@ from mdaf_dist.dist import checkpoint as ckpt
 from mdaf_dist.dist.env import distributed
 from mdaf_dist.train.evaluate import evaluate_checkpoint
 from mdaf_dist.train.trainer import Trainer
-from tests.distributed import prepare_tiny_data, run_ranks, tiny_config
+from tests.distributed import run_ranks, tiny_config
 
 STOP, TOTAL = 3, 6
 
@@ -27,11 +27,6 @@ def _local_tensors(model):
     return state
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return prepare_tiny_data(tmp_path_factory.mktemp("tiny"))
-
-
 def _fit(cfg):
     with distributed("cpu") as env:
         trainer = Trainer(cfg, env)
@@ -40,10 +35,10 @@ def _fit(cfg):
         return trainer.step_losses, params, trainer.state.step
 
 
-def test_stop_and_resume_equals_uninterrupted(data_dir, tmp_path):
-    losses, params, _ = _fit(tiny_config(data_dir, tmp_path / "whole", f"train.max_steps={TOTAL}"))
-    first, _, _ = _fit(tiny_config(data_dir, tmp_path / "split", f"train.max_steps={STOP}"))
-    rest, resumed_params, step = _fit(tiny_config(data_dir, tmp_path / "split", f"train.max_steps={TOTAL}", "train.resume=auto"))
+def test_stop_and_resume_equals_uninterrupted(tiny_data_dir, tmp_path):
+    losses, params, _ = _fit(tiny_config(tiny_data_dir, tmp_path / "whole", f"train.max_steps={TOTAL}"))
+    first, _, _ = _fit(tiny_config(tiny_data_dir, tmp_path / "split", f"train.max_steps={STOP}"))
+    rest, resumed_params, step = _fit(tiny_config(tiny_data_dir, tmp_path / "split", f"train.max_steps={TOTAL}", "train.resume=auto"))
     assert step == TOTAL
     torch.testing.assert_close(torch.tensor(first + rest), torch.tensor(losses), rtol=0, atol=1e-6)
     assert resumed_params.keys() == params.keys()
@@ -51,8 +46,8 @@ def test_stop_and_resume_equals_uninterrupted(data_dir, tmp_path):
         torch.testing.assert_close(resumed_params[name], params[name], rtol=0, atol=1e-6, msg=name)
 
 
-def test_save_killed_before_rename_leaves_previous_checkpoint_loadable(data_dir, tmp_path, monkeypatch):
-    cfg = tiny_config(data_dir, tmp_path / "run", "train.max_steps=2")
+def test_save_killed_before_rename_leaves_previous_checkpoint_loadable(tiny_data_dir, tmp_path, monkeypatch):
+    cfg = tiny_config(tiny_data_dir, tmp_path / "run", "train.max_steps=2")
     with distributed("cpu") as env:
         trainer = Trainer(cfg, env)
         trainer.fit()
@@ -72,7 +67,7 @@ def test_save_killed_before_rename_leaves_previous_checkpoint_loadable(data_dir,
         assert [p.name for p in ckpt.checkpoints(root)] == ["step_00000002"]
         assert [p.name for p in root.glob(".tmp-*")] == [".tmp-step_00000002"]
 
-        fresh = Trainer(tiny_config(data_dir, tmp_path / "run", "train.resume=auto"), env)
+        fresh = Trainer(tiny_config(tiny_data_dir, tmp_path / "run", "train.resume=auto"), env)
         fresh.restore(ckpt.resolve("auto", root))
         assert fresh.state.step == 2
         for name, value in _local_tensors(fresh.model).items():
@@ -84,8 +79,8 @@ def _two_rank_run(cfg):
         return Trainer(cfg, env).fit()
 
 
-def test_two_rank_checkpoint_resumes_and_evaluates_on_one_rank(data_dir, tmp_path):
-    cfg = tiny_config(data_dir, tmp_path / "run", f"train.max_steps={STOP}")
+def test_two_rank_checkpoint_resumes_and_evaluates_on_one_rank(tiny_data_dir, tmp_path):
+    cfg = tiny_config(tiny_data_dir, tmp_path / "run", f"train.max_steps={STOP}")
     two_rank = run_ranks(2, _two_rank_run, cfg)[0]
     root = tmp_path / "run" / "checkpoints"
     latest = ckpt.resolve("auto", root)
@@ -96,5 +91,5 @@ def test_two_rank_checkpoint_resumes_and_evaluates_on_one_rank(data_dir, tmp_pat
     assert abs(evaluated["metrics"]["auc"] - two_rank["valid"]["auc"]) <= 1e-6
     assert abs(evaluated["metrics"]["logloss"] - evaluated["recorded"]["logloss"]) <= 1e-5
 
-    steps, _, step = _fit(tiny_config(data_dir, tmp_path / "run", f"train.max_steps={STOP + 2}", "train.resume=auto"))
+    steps, _, step = _fit(tiny_config(tiny_data_dir, tmp_path / "run", f"train.max_steps={STOP + 2}", "train.resume=auto"))
     assert step == STOP + 2 and len(steps) == 2

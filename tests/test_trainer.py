@@ -18,7 +18,7 @@ from mdaf_dist.dist.env import distributed
 from mdaf_dist.errors import UserError
 from mdaf_dist.train.main import main
 from mdaf_dist.train.trainer import RESULTS_FILE, Trainer, padding_batch
-from tests.distributed import prepare_tiny_data, run_ranks, tiny_config
+from tests.distributed import run_ranks, tiny_config
 
 BATCHES = {0: 3, 1: 2}
 SMOKE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
@@ -37,11 +37,6 @@ class FewerBatches:
         return getattr(self.loader, name)
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return prepare_tiny_data(tmp_path_factory.mktemp("tiny"))
-
-
 def _uneven_epoch(cfg):
     with distributed("cpu") as env:
         trainer = Trainer(cfg, env)
@@ -50,8 +45,8 @@ def _uneven_epoch(cfg):
         return trainer.state.step, trainer.state.samples_trained, trainer.step_losses
 
 
-def test_rank_with_fewer_batches_does_not_hang_and_drops_nothing(data_dir, tmp_path):
-    cfg = tiny_config(data_dir, tmp_path / "run", "logging.log_every=1000")
+def test_rank_with_fewer_batches_does_not_hang_and_drops_nothing(tiny_data_dir, tmp_path):
+    cfg = tiny_config(tiny_data_dir, tmp_path / "run", "logging.log_every=1000")
     results = run_ranks(2, _uneven_epoch, cfg)
     batch = cfg.loader.batch_size
     for steps, samples, losses in results:
@@ -67,14 +62,14 @@ def test_padding_batch_uses_the_padding_id_of_every_feature():
     assert batch.batch_size == 1
 
 
-def test_smoke_config_run_writes_results_json(data_dir, tmp_path, capsys):
+def test_smoke_config_run_writes_results_json(tiny_data_dir, tmp_path, capsys):
     out = tmp_path / "run"
     quiet = ["logging.tensorboard=false", "logging.progress_bar=false", "train.patience=0"]
-    assert main(["--config", str(SMOKE_CONFIG), f"data_dir={data_dir}", f"output_dir={out}", *quiet]) == 0
+    assert main(["--config", str(SMOKE_CONFIG), f"data_dir={tiny_data_dir}", f"output_dir={out}", *quiet]) == 0
 
     results = json.loads((out / RESULTS_FILE).read_text())
     valid = results["valid"]
-    assert valid["num_samples"] == sum(pq.read_metadata(part).num_rows for part in sample_files(data_dir, "valid"))
+    assert valid["num_samples"] == sum(pq.read_metadata(part).num_rows for part in sample_files(tiny_data_dir, "valid"))
     assert 0.0 <= valid["auc"] <= 1.0 and valid["logloss"] > 0.0
     assert 0.0 <= valid["gate_mean"] <= 1.0 and valid["gate_by_hist_len"]
 
@@ -88,9 +83,9 @@ def test_smoke_config_run_writes_results_json(data_dir, tmp_path, capsys):
     assert printed["auc"] == valid["auc"] and printed["num_samples"] == valid["num_samples"]
 
 
-def test_resumed_finished_run_still_reports_the_final_model(data_dir, tmp_path):
+def test_resumed_finished_run_still_reports_the_final_model(tiny_data_dir, tmp_path):
     out = tmp_path / "run"
-    base = [f"data_dir={data_dir}", f"output_dir={out}", "logging.tensorboard=false", "logging.progress_bar=false"]
+    base = [f"data_dir={tiny_data_dir}", f"output_dir={out}", "logging.tensorboard=false", "logging.progress_bar=false"]
     assert main(["--config", str(SMOKE_CONFIG), *base, "train.max_epochs=1"]) == 0
     first = json.loads((out / RESULTS_FILE).read_text())
 
@@ -100,7 +95,7 @@ def test_resumed_finished_run_still_reports_the_final_model(data_dir, tmp_path):
     assert again["valid"]["auc"] == pytest.approx(first["valid"]["auc"], abs=1e-9)
 
 
-def test_loader_and_model_history_lengths_must_agree(data_dir, tmp_path):
-    cfg = tiny_config(data_dir, tmp_path / "run", "loader.history_length=5")
+def test_loader_and_model_history_lengths_must_agree(tiny_data_dir, tmp_path):
+    cfg = tiny_config(tiny_data_dir, tmp_path / "run", "loader.history_length=5")
     with distributed("cpu") as env, pytest.raises(UserError, match=r"loader.history_length \(5\) must equal model.history_length \(8\)"):
         Trainer(cfg, env)
