@@ -27,7 +27,9 @@ setup(
     ],
     extras_require={
         "cpu": ["fbgemm-gpu-cpu==1.8.0"],
-        "cuda": ["fbgemm-gpu==1.8.0", "mamba-ssm"],
+        "cuda": ["fbgemm-gpu==1.8.0"],
+        # mamba_ssm's fused selective scan: optional, builds from source (needs nvcc)
+        "mamba": ["mamba-ssm"],
         "test": ["pytest>=8", "scikit-learn>=1.4"],
     },
     entry_points={"console_scripts": ["mdaf=mdaf_dist.cli:main"]},
