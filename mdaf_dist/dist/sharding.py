@@ -19,6 +19,7 @@ every step (an out-of-data rank's padding batch included), so `find_unused_param
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -28,6 +29,7 @@ from torch import nn
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.model_parallel import DefaultDataParallelWrapper
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
 from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
 
 from mdaf_dist.config import ShardingConfig
@@ -76,7 +78,11 @@ def plan_sharding(model: nn.Module, types: Dict[str, str], env: DistEnv) -> Shar
     gets the same plan (rank 0 plans, the others receive it)."""
     constraints = {table: ParameterConstraints(sharding_types=[SHARDING_TYPES[kind]]) for table, kind in types.items()}
     topology = Topology(world_size=env.world_size, local_world_size=env.local_world_size, compute_device=env.device.type)
-    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
+    # a fixed share of memory kept for dense modules and activations, as torchrec recommends over
+    # its default heuristic (which over-estimates dense sizes)
+    planner = EmbeddingShardingPlanner(
+        topology=topology, constraints=constraints, storage_reservation=FixedPercentageStorageReservation(0.15)
+    )
     return planner.collective_plan(model, None, dist.GroupMember.WORLD)
 
 
@@ -115,10 +121,13 @@ def shard_model(model: nn.Module, cfg: ShardingConfig, env: DistEnv, out_dir: Op
         print(f"sharding plan ({env.world_size} ranks):\n{plan}", flush=True)
         if out_dir is not None:
             save_plan(plan, out_dir)
-    return DistributedModelParallel(
-        model,
-        env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
-        plan=plan,
-        device=env.device,
-        data_parallel_wrapper=DefaultDataParallelWrapper(static_graph=False),
-    )
+    with warnings.catch_warnings():
+        # torchrec 1.8's own DDP wrapper passes the deprecated argument; nothing for a user to change
+        warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+        return DistributedModelParallel(
+            model,
+            env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
+            plan=plan,
+            device=env.device,
+            data_parallel_wrapper=DefaultDataParallelWrapper(static_graph=False),
+        )
