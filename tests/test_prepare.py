@@ -143,3 +143,9 @@ def test_cli_bad_override_is_one_line_error(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (
         "mdaf prepare: error: prepare.category_filter must be one of ('last_l', 'any', 'last_k', 'none'), got 'sometimes'"
     )
+
+
+def test_cli_missing_input_is_one_line_error(tmp_path, capsys):
+    missing = tmp_path / "nope.csv"
+    assert main(["prepare", "--input", str(missing), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip() == f"mdaf prepare: error: input not found: {missing}"

@@ -250,11 +250,11 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> Dict[str, Any]:
     _check_settings(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    fingerprint = source_fingerprint(cfg.input)
     stages = _Stages(progress)
 
     with stages.timed("ingest"):
         raw, report = ingest(cfg.input, cfg, out / REJECTS_FILE, progress=progress)
+    fingerprint = source_fingerprint(cfg.input)
     stages.add("raw lines", report.lines)
     stages.add("ingest: valid rows", report.valid, dropped=report.lines - report.valid)
 
