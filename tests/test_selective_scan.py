@@ -50,7 +50,7 @@ def test_cpu_backend_matches_reference(delta_softplus):
 def test_cpu_backend_matches_reference_across_batch_blocks(monkeypatch):
     """A batch larger than one block (and a ragged last block) gives the same result."""
     inputs = random_inputs(batch=7, seed=3)
-    d_inner, length, d_state = inputs["u"].shape[1], inputs["u"].shape[2], inputs["A"].shape[1]
+    d_inner, d_state = inputs["u"].shape[1], inputs["A"].shape[1]
     monkeypatch.setitem(scan_module._CHUNK_STEPS, "cpu", 4)  # 9 steps: chunks of 4, 4, 1
     # blocks of 3 samples: 3, 3, 1 (the CPU budget is per intra-op thread)
     monkeypatch.setitem(scan_module._BLOCK_BYTES, "cpu", 3 * 4 * 4 * d_inner * d_state // torch.get_num_threads())
