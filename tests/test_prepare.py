@@ -130,6 +130,8 @@ def test_cli_on_the_real_slice_prints_the_table_and_reports_the_ts_15_row(tmp_pa
     assert code == 0
     assert "ingest: valid rows" in printed and "- category filter (any)" in printed
     assert "rejected: ts_outside_window=1" in printed
+    # the slice is one hour of one day: nothing falls in the validation day
+    assert "warning: the valid split is empty" in printed and "warning: the train split" not in printed
     meta = read_meta(tmp_path)
     assert meta["ingest"]["rejected"] == {"ts_outside_window": 1}
     assert meta["stages"][1]["dropped"] == 1 and meta["settings"]["neg_ratio"] == 2.0

@@ -333,6 +333,9 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> Dict[str, Any]:
     if report.rejected:
         reasons = ", ".join(f"{reason}={count}" for reason, count in report.rejected.items())
         print(f"rejected: {reasons} (lines in {report.rejects_path})")
+    for split in (name for name, info in meta["splits"].items() if info["rows"] == 0):
+        print(f"warning: the {split} split is empty (validation is the last prepare.valid_days={cfg.valid_days} "
+              f"day(s) of the window; the input may cover less): training will report no {split} metrics")
     return meta
 
 

@@ -28,7 +28,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from mdaf_dist.config import Config, to_yaml
 from mdaf_dist.data.batch import CATEGORY, HIST_CATEGORY, HIST_ITEM, ITEM, USER, Batch
 from mdaf_dist.data.layout import read_meta
-from mdaf_dist.data.loader import make_loader
+from mdaf_dist.data.loader import make_loader, num_samples
 from mdaf_dist.dist import checkpoint as ckpt
 from mdaf_dist.dist.env import DistEnv
 from mdaf_dist.dist.sharding import PLAN_JSON, PLAN_TEXT, describe_plan, shard_model
@@ -223,6 +223,8 @@ class Trainer:
             f"embedding_optimizer={self.embedding_optimizer} (fused={self.sharded}) dense_optimizer=AdamW "
             f"steps_per_epoch={self.steps_per_epoch} warmup_steps={warmup_steps(self.cfg.train, self.steps_per_epoch)}"
         )
+        if num_samples(self.cfg.data_dir, "valid") == 0:
+            logger.info("warning: the validation split is empty: AUC and logloss will be NaN, and no epoch counts as an improvement for early stopping")
         metrics: Dict[str, Any] = {}
         started, samples_before = time.perf_counter(), self.state.samples_trained
         try:
