@@ -36,8 +36,7 @@ class BST(nn.Module):
 
     def forward(self, features: KeyedJaggedTensor) -> ModelOutput:
         e = embed(self.embeddings, features, self.history_length)
-        sequence = torch.cat([e.history, e.item.unsqueeze(1)], dim=1)  # [B, L + 1, D]
-        mask = torch.cat([e.history_mask, e.history_mask.new_ones(e.history_mask.shape[0], 1)], dim=1)
+        sequence, mask = e.history_with_target()  # [B, L + 1, D], [B, L + 1]
         length = sequence.shape[1]
         recency = torch.arange(length - 1, -1, -1, device=sequence.device).expand_as(mask)
         # padded steps get rank 0: they are masked out as keys, and the table needs no row for them

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -114,6 +114,13 @@ class EmbeddedFeatures:
     category: torch.Tensor
     history: torch.Tensor
     history_mask: torch.Tensor
+
+    def history_with_target(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The history with the target item appended as its newest step, [B, L + 1, D] + mask:
+        the input of the sequence-only models (BST, Mamba4Rec), which must see what they score."""
+        sequence = torch.cat([self.history, self.item.unsqueeze(1)], dim=1)
+        mask = torch.cat([self.history_mask, self.history_mask.new_ones(self.history_mask.shape[0], 1)], dim=1)
+        return sequence, mask
 
 
 def embed(embeddings: nn.Module, features: KeyedJaggedTensor, history_length: int) -> EmbeddedFeatures:

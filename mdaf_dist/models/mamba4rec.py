@@ -69,7 +69,6 @@ class Mamba4Rec(nn.Module):
 
     def forward(self, features: KeyedJaggedTensor) -> ModelOutput:
         e = embed(self.embeddings, features, self.history_length)
-        sequence = torch.cat([e.history, e.item.unsqueeze(1)], dim=1)
-        mask = torch.cat([e.history_mask, e.history_mask.new_ones(e.history_mask.shape[0], 1)], dim=1)
+        sequence, mask = e.history_with_target()  # [B, L + 1, D], [B, L + 1]
         h_seq = self.sequence(sequence, mask)
         return ModelOutput(logits=self.head(self.dropout(h_seq)).squeeze(-1), h_seq=h_seq)
