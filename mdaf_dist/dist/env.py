@@ -87,3 +87,10 @@ def distributed(device: str = "auto", timeout: Optional[datetime.timedelta] = No
     finally:
         if created and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def collective_device() -> torch.device:
+    """Where tensors for a collective must live: NCCL moves only CUDA tensors, gloo CPU ones."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

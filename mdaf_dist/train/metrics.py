@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from mdaf_dist.dist.env import collective_device
+
 # History-length buckets for the gate analysis (MDAF_paper.md 5.5): [low, high] inclusive;
 # the last bucket is open-ended so that configs with histories longer than 50 are still counted.
 HIST_LEN_BUCKETS: Tuple[Tuple[int, Optional[int]], ...] = (
@@ -169,7 +171,7 @@ def _all_gather_rows(local: np.ndarray) -> np.ndarray:
     gather, trim."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return local
-    device = _collective_device()
+    device = collective_device()
     world = dist.get_world_size()
     size = torch.tensor([local.shape[0]], dtype=torch.int64, device=device)
     sizes = [torch.zeros_like(size) for _ in range(world)]
@@ -180,10 +182,3 @@ def _all_gather_rows(local: np.ndarray) -> np.ndarray:
     gathered = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(gathered, padded)
     return np.concatenate([g[:count].cpu().numpy() for g, count in zip(gathered, counts)])
-
-
-def _collective_device() -> torch.device:
-    """NCCL only moves CUDA tensors; gloo moves CPU tensors."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")

@@ -30,7 +30,7 @@ from mdaf_dist.data.batch import CATEGORY, HIST_CATEGORY, HIST_ITEM, ITEM, USER,
 from mdaf_dist.data.layout import read_meta
 from mdaf_dist.data.loader import make_loader, num_samples
 from mdaf_dist.dist import checkpoint as ckpt
-from mdaf_dist.dist.env import DistEnv
+from mdaf_dist.dist.env import DistEnv, collective_device
 from mdaf_dist.dist.sharding import PLAN_JSON, PLAN_TEXT, describe_plan, shard_model
 from mdaf_dist.errors import UserError
 from mdaf_dist.models.loss import smoothed_bce
@@ -117,8 +117,7 @@ class Trainer:
 
     # -- collectives ------------------------------------------------------------------------
     def _all_reduce(self, values: List[float], op: dist.ReduceOp) -> List[float]:
-        device = self.env.device if self.env.backend == "nccl" else torch.device("cpu")
-        t = torch.tensor(values, dtype=torch.float64, device=device)
+        t = torch.tensor(values, dtype=torch.float64, device=collective_device())
         dist.all_reduce(t, op=op)
         return t.tolist()
 
