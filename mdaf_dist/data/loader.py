@@ -132,16 +132,17 @@ class SampleStream(IterableDataset):
         *,
         batch_size: int,
         history_length: int,
-        history_categories: bool = False,
-        shuffle: bool = True,
-        shuffle_buffer: int = 1 << 16,
-        seed: int = 0,
-        epoch: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        drop_last: bool = False,
-        start_batch: int = 0,
+        history_categories: bool,
+        shuffle: bool,
+        shuffle_buffer: int,
+        seed: int,
+        epoch: int,
+        rank: int,
+        world_size: int,
+        drop_last: bool,
+        start_batch: int,
     ) -> None:
+        # no defaults: `StreamingLoader` passes every setting from LoaderConfig, the one source of them
         if batch_size < 1 or history_length < 0:
             raise ValueError(f"need batch_size >= 1 and history_length >= 0, got {batch_size} and {history_length}")
         if not 0 <= rank < world_size:
