@@ -154,7 +154,7 @@ class TrainConfig:
 @dataclass
 class ShardingConfig:
     """How DistributedModelParallel places each table: table_wise, row_wise, column_wise or
-    data_parallel (see mdaf_dist/dist/sharding.py for what runs on CPU/gloo)."""
+    data_parallel (see mdaf_dist/distributed/sharding.py for what runs on CPU/gloo)."""
 
     # sharding type for every table not named in `tables`
     default: str = "table_wise"

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from mdaf_dist.dist import checkpoint as ckpt
-from mdaf_dist.dist.env import distributed
+from mdaf_dist.distributed import checkpoint as ckpt
+from mdaf_dist.distributed.env import distributed
 from mdaf_dist.train.evaluate import evaluate_checkpoint
 from mdaf_dist.train.trainer import Trainer
 from tests.distributed import run_ranks, tiny_config

@@ -23,9 +23,9 @@ import torch.distributed.checkpoint as dcp
 from mdaf_dist.config import ShardingConfig
 from mdaf_dist.data.layout import SAMPLES_DIR, open_events
 from mdaf_dist.data.loader import make_batch
-from mdaf_dist.dist.checkpoint import Checkpointer
-from mdaf_dist.dist.env import distributed
-from mdaf_dist.dist.sharding import supported_sharding_types, table_sharding_types
+from mdaf_dist.distributed.checkpoint import Checkpointer
+from mdaf_dist.distributed.env import distributed
+from mdaf_dist.distributed.sharding import supported_sharding_types, table_sharding_types
 from mdaf_dist.errors import UserError
 from mdaf_dist.train.trainer import Trainer
 from tests.distributed import prepare_tiny_data, run_ranks, tiny_config

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mdaf_dist.data.layout import sample_files
-from mdaf_dist.dist.env import distributed
+from mdaf_dist.distributed.env import distributed
 from mdaf_dist.errors import UserError
 from mdaf_dist.train.main import main
 from mdaf_dist.train.trainer import RESULTS_FILE, Trainer, padding_batch

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 from mdaf_dist.config import load_config
-from mdaf_dist.dist import checkpoint as ckpt
-from mdaf_dist.dist.env import distributed
+from mdaf_dist.distributed import checkpoint as ckpt
+from mdaf_dist.distributed.env import distributed
 from mdaf_dist.errors import UserError
 from mdaf_dist.train.trainer import Trainer
 

@@ -1,6 +1,6 @@
 """`mdaf train` and `python -m mdaf_dist.train`: one `main` for both, so torchrun/TorchX and the
 console script run the same code. Each rank is one process; the launcher's environment says
-which (see mdaf_dist/dist/env.py). Rank 0 writes the run's summary to <output_dir>/results.json
+which (see mdaf_dist/distributed/env.py). Rank 0 writes the run's summary to <output_dir>/results.json
 (see `Trainer.results`) and prints its headline numbers."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from mdaf_dist.config import load_config
-from mdaf_dist.dist.env import distributed
+from mdaf_dist.distributed.env import distributed
 from mdaf_dist.errors import UserError
 from mdaf_dist.train.trainer import EMBEDDING_BACKENDS, RESULTS_FILE, Trainer
 

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from mdaf_dist.dist.env import collective_device
+from mdaf_dist.distributed.env import collective_device
 
 # History-length buckets for the gate analysis (MDAF_paper.md 5.5): [low, high] inclusive;
 # the last bucket is open-ended so that configs with histories longer than 50 are still counted.

@@ -29,9 +29,9 @@ from mdaf_dist.config import Config, to_yaml
 from mdaf_dist.data.batch import CATEGORY, HIST_CATEGORY, HIST_ITEM, ITEM, USER, Batch
 from mdaf_dist.data.layout import read_meta
 from mdaf_dist.data.loader import make_loader, num_samples
-from mdaf_dist.dist import checkpoint as ckpt
-from mdaf_dist.dist.env import DistEnv, collective_device
-from mdaf_dist.dist.sharding import PLAN_JSON, PLAN_TEXT, describe_plan, shard_model
+from mdaf_dist.distributed import checkpoint as ckpt
+from mdaf_dist.distributed.env import DistEnv, collective_device
+from mdaf_dist.distributed.sharding import PLAN_JSON, PLAN_TEXT, describe_plan, shard_model
 from mdaf_dist.errors import UserError
 from mdaf_dist.models.loss import smoothed_bce
 from mdaf_dist.models.registry import build_model

@@ -33,7 +33,7 @@ from torchrec.distributed.planner.storage_reservations import FixedPercentageSto
 from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
 
 from mdaf_dist.config import ShardingConfig
-from mdaf_dist.dist.env import DistEnv
+from mdaf_dist.distributed.env import DistEnv
 from mdaf_dist.errors import UserError
 
 SHARDING_TYPES = {
