@@ -21,6 +21,8 @@ from mdaf_dist.config import load_config
 from mdaf_dist.data.loader import num_samples
 from mdaf_dist.data.prepare import prepare
 from mdaf_dist.data.synth import generate
+from mdaf_dist.distributed.env import init_distributed
+from mdaf_dist.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -61,6 +63,19 @@ def test_component_max_restarts_makes_torchrun_restart_workers_that_resume(monke
     assert explicit.args[1].endswith("--config configs/smoke.yaml train.resume=runs/a")
     (default,) = materialize_appdef(train, ["--config", SMOKE]).roles
     assert "PET_MAX_RESTARTS" not in default.env and "train.resume" not in default.args[1]
+
+
+def test_workers_refuse_restarts_whose_store_the_first_attempt_keeps(monkeypatch):
+    """What torchrun --max-restarts 3 tells its workers without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1."""
+    for name, value in {"TORCHELASTIC_MAX_RESTARTS": "3", "TORCHELASTIC_USE_AGENT_STORE": "True", "RANK": "0", "WORLD_SIZE": "1",
+                        "MASTER_ADDR": "localhost", "MASTER_PORT": "1"}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    with pytest.raises(UserError) as error:
+        init_distributed("cpu")
+    assert str(error.value) == (
+        "torchrun --max-restarts needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment: "
+        "without it the restarted workers cannot connect to each other (torch 2.13)"
+    )
 
 
 def test_torchxconfig_makes_local_cwd_the_default_scheduler():
