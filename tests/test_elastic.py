@@ -163,7 +163,9 @@ def test_two_agents_of_one_rank_each_train_like_one_node_of_two(config_file, uni
         "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
         "--rdzv-endpoint", f"localhost:{_free_port()}", "--rdzv-id", f"two-nodes-{os.getpid()}",
     ]  # fmt: skip
-    agents = [_torchrun(launch, config_file, output_dir) for _ in range(2)]
+    # torchrun leaves OMP_NUM_THREADS alone for one worker per node; two such "nodes" on one
+    # machine would oversubscribe its cores
+    agents = [_torchrun(launch, config_file, output_dir, env={"OMP_NUM_THREADS": "1"}) for _ in range(2)]
     for agent in agents:
         _finish(agent)
     _assert_same_training(output_dir, uninterrupted)
