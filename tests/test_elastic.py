@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import pytest
 
@@ -55,8 +55,11 @@ def config_file(tiny_data_dir, tmp_path_factory) -> Path:
     return path
 
 
-def _torchrun(launch: List[str], config_file: Path, output_dir: Path, *overrides: str, env: Dict[str, str] = {}) -> subprocess.Popen:
-    """Start one torchrun agent; its output (rank 0 logs to stderr) goes to files in output_dir."""
+def _torchrun(
+    launch: List[str], config_file: Path, output_dir: Path, *overrides: str, env: Optional[Dict[str, str]] = None
+) -> subprocess.Popen:
+    """Start one torchrun agent in a process group of its own (with its workers); its output
+    (rank 0 logs to stderr) goes to files in output_dir."""
     output_dir.mkdir(parents=True, exist_ok=True)
     command = [
         str(BIN / "torchrun"), *launch, "-m", "mdaf_dist.train",
@@ -64,15 +67,17 @@ def _torchrun(launch: List[str], config_file: Path, output_dir: Path, *overrides
     ]  # fmt: skip
     name = f"agent{len(list(output_dir.glob('agent*.out')))}"
     with open(output_dir / f"{name}.out", "w") as out, open(output_dir / f"{name}.err", "w") as err:
-        return subprocess.Popen(command, stdout=out, stderr=err, env={**os.environ, **env})
+        return subprocess.Popen(command, stdout=out, stderr=err, env={**os.environ, **(env or {})}, start_new_session=True)
 
 
 def _finish(agent: subprocess.Popen) -> None:
+    """Wait for the agent; one that does not end in time is killed with its workers."""
     try:
         agent.wait(timeout=TIMEOUT_S)
     finally:
         if agent.poll() is None:
-            agent.kill()
+            os.killpg(agent.pid, signal.SIGKILL)
+            agent.wait()
     assert agent.returncode == 0, f"{agent.args} failed with {agent.returncode}"
 
 
