@@ -46,6 +46,24 @@ def test_stop_and_resume_equals_uninterrupted(tiny_data_dir, tmp_path):
         torch.testing.assert_close(resumed_params[name], params[name], rtol=0, atol=1e-6, msg=name)
 
 
+def _fit_results(cfg):
+    with distributed("cpu") as env:
+        trainer = Trainer(cfg, env)
+        return trainer.step_losses, trainer.fit()
+
+
+def test_resume_mid_epoch_with_dropout_equals_uninterrupted_bit_for_bit(tiny_data_dir, tmp_path):
+    """A run killed after step 5 resumes from its step-4 checkpoint (mid-epoch, dropout on)."""
+    common = ["model.dropout=0.3", "loader.batch_size=256", "train.max_epochs=2", "checkpoint.every_steps=2", "checkpoint.keep_last=10"]
+    losses, whole = _fit_results(tiny_config(tiny_data_dir, tmp_path / "whole", *common))
+    first, _ = _fit_results(tiny_config(tiny_data_dir, tmp_path / "split", *common, "train.max_steps=5"))
+    step_4 = tmp_path / "split" / "checkpoints" / "step_00000004"
+    rest, resumed = _fit_results(tiny_config(tiny_data_dir, tmp_path / "split", *common, f"train.resume={step_4}"))
+    assert len(losses) == whole["steps"] > 5
+    assert first[:4] + rest == losses
+    assert (resumed["valid"]["auc"], resumed["valid"]["logloss"]) == (whole["valid"]["auc"], whole["valid"]["logloss"])
+
+
 def test_save_killed_before_rename_leaves_previous_checkpoint_loadable(tiny_data_dir, tmp_path, monkeypatch):
     cfg = tiny_config(tiny_data_dir, tmp_path / "run", "train.max_steps=2")
     with distributed("cpu") as env:
