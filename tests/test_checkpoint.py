@@ -3,12 +3,16 @@ the previous checkpoint loadable; a 2-rank checkpoint resumes and evaluates on 1
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
 from mdaf_dist.distributed import checkpoint as ckpt
 from mdaf_dist.distributed.env import distributed
+from mdaf_dist.errors import UserError
 from mdaf_dist.train.evaluate import evaluate_checkpoint
 from mdaf_dist.train.trainer import Trainer
 from tests.distributed import run_ranks, tiny_config
@@ -90,6 +94,39 @@ def test_save_killed_before_rename_leaves_previous_checkpoint_loadable(tiny_data
         assert fresh.state.step == 2
         for name, value in _local_tensors(fresh.model).items():
             torch.testing.assert_close(value, saved[name], rtol=0, atol=0, msg=name)
+
+
+def test_rng_state_round_trips_every_stream():
+    ckpt.seed_everything(7)
+    saved = ckpt.rng_state()
+    drawn = (torch.rand(3).tolist(), np.random.rand(3).tolist(), np.random.randn(), [random.random() for _ in range(3)], random.gauss(0, 1))
+    ckpt.seed_everything(8)
+    ckpt.set_rng_state(saved)
+    assert (torch.rand(3).tolist(), np.random.rand(3).tolist(), np.random.randn(), [random.random() for _ in range(3)], random.gauss(0, 1)) == drawn
+
+
+class _Planted:
+    """Unpickling this creates a file: what an arbitrary object in a checkpoint could do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_rank_file_with_arbitrary_objects_is_refused_without_unpickling_them(tiny_data_dir, tmp_path):
+    cfg = tiny_config(tiny_data_dir, tmp_path / "run", "train.max_steps=1")
+    with distributed("cpu") as env:
+        Trainer(cfg, env).fit()
+        path = ckpt.resolve("auto", tmp_path / "run" / "checkpoints")
+        local = torch.load(path / ckpt.rank_file(0), weights_only=True)
+        marker = tmp_path / "unpickled"
+        torch.save({**local, "rng": _Planted(marker)}, path / ckpt.rank_file(0))
+        resumed = Trainer(tiny_config(tiny_data_dir, tmp_path / "run", "train.resume=auto"), env)
+        with pytest.raises(UserError, match=r"rank_00000.pt holds objects other than tensors and plain values: not loaded"):
+            resumed.restore(path)
+    assert not marker.exists()
 
 
 def _two_rank_run(cfg):

@@ -3,7 +3,8 @@
     <root>/step_00000120/          one checkpoint
         .metadata, __*_*.distcp    DCP: model (sharded tables as ShardedTensors, dense tensors)
                                    and optimizer state (AdamW + the fused tables' state)
-        rank_00000.pt ...          per rank: loader position, RNG states, lr schedule
+        rank_00000.pt ...          per rank: loader position and RNG states (tensors and plain
+                                   values only: loaded with weights_only=True)
         trainer.json               step, epoch, best AUC so far, this checkpoint's metrics, world size
         config.yaml                the resolved config of the run
         sharding_plan.{json,txt}   the plan the shards were written under
@@ -25,6 +26,7 @@ end of an epoch resumes at the next epoch's start, exactly), and RNG streams are
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import shutil
 from dataclasses import dataclass
@@ -50,7 +52,15 @@ def rank_file(rank: int) -> str:
 
 
 def rng_state() -> Dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG stream of this process as tensors and plain values (numpy's and Python's
+    Mersenne Twister keys as int64 tensors), so that a rank file loads with weights_only=True."""
+    _, keys, pos, has_gauss, cached_gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "cached_gauss": float(cached_gauss)},
+        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss_next": gauss_next},
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -58,8 +68,11 @@ def rng_state() -> Dict[str, Any]:
 
 def set_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    numpy_state = state["numpy"]
+    keys = numpy_state["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, numpy_state["pos"], numpy_state["has_gauss"], numpy_state["cached_gauss"]))
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["internal"].tolist()), python["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
@@ -177,4 +190,9 @@ class Checkpointer:
         """This rank's loader/RNG state, or None when the checkpoint has another world size."""
         if read_trainer_state(path)["world_size"] != world_size:
             return None
-        return torch.load(path / rank_file(rank), weights_only=False)
+        file = path / rank_file(rank)
+        try:
+            # tensors and plain values only: unpickling anything else could run arbitrary code
+            return torch.load(file, weights_only=True)
+        except pickle.UnpicklingError:
+            raise UserError(f"{file} holds objects other than tensors and plain values: not loaded") from None
