@@ -77,7 +77,8 @@ class LoaderConfig:
     history_categories: bool = False
     # clicks gathered per history (the last L before `pos`); keep equal to model.history_length
     history_length: int = 50
-    # drop the last partial batch of each rank instead of yielding it
+    # training drops the last partial batch of each rank instead of yielding it (evaluation
+    # always covers every sample)
     drop_last: bool = False
 
 

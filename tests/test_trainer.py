@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mdaf_dist.data.layout import sample_files
+from mdaf_dist.data.loader import num_samples
 from mdaf_dist.distributed.env import distributed
 from mdaf_dist.errors import UserError
 from mdaf_dist.train.main import main
@@ -93,6 +94,14 @@ def test_resumed_finished_run_still_reports_the_final_model(tiny_data_dir, tmp_p
     again = json.loads((out / RESULTS_FILE).read_text())
     assert again["steps"] == first["steps"] and again["evaluations"] == first["evaluations"]
     assert again["valid"]["auc"] == pytest.approx(first["valid"]["auc"], abs=1e-9)
+
+
+def test_drop_last_drops_training_samples_only(tiny_data_dir, tmp_path):
+    cfg = tiny_config(tiny_data_dir, tmp_path / "run", "loader.drop_last=true", "loader.eval_batch_size=256")
+    with distributed("cpu") as env:
+        trainer = Trainer(cfg, env)
+        assert trainer.steps_per_epoch == num_samples(tiny_data_dir, "train") // cfg.loader.batch_size
+        assert trainer.evaluate()["num_samples"] == num_samples(tiny_data_dir, "valid") > 256
 
 
 def test_loader_and_model_history_lengths_must_agree(tiny_data_dir, tmp_path):

@@ -263,7 +263,7 @@ class StreamingLoader:
             self.data_dir, self.split, batch_size=self.batch_size, history_length=cfg.history_length,
             history_categories=cfg.history_categories, shuffle=self.shuffle, shuffle_buffer=cfg.shuffle_buffer,
             seed=cfg.seed, epoch=self.epoch, rank=self.rank, world_size=self.world_size,
-            drop_last=cfg.drop_last, start_batch=start_batch,
+            drop_last=cfg.drop_last and self.split == "train", start_batch=start_batch,
         )  # fmt: skip
 
     def __len__(self) -> int:
