@@ -3,6 +3,10 @@ the previous checkpoint loadable; a 2-rank checkpoint resumes and evaluates on 1
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
+import json
 import random
 
 import numpy as np
@@ -13,6 +17,8 @@ import torch.distributed.checkpoint as dcp
 from mdaf_dist.distributed import checkpoint as ckpt
 from mdaf_dist.distributed.env import distributed
 from mdaf_dist.errors import UserError
+from mdaf_dist.distributed.sharding import PLAN_JSON
+from mdaf_dist.train import evaluate
 from mdaf_dist.train.evaluate import evaluate_checkpoint
 from mdaf_dist.train.trainer import Trainer
 from tests.distributed import run_ranks, tiny_config
@@ -129,6 +135,22 @@ def test_rank_file_with_arbitrary_objects_is_refused_without_unpickling_them(tin
     assert not marker.exists()
 
 
+def _evaluate_command_output(checkpoint):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        evaluate.run(argparse.Namespace(checkpoint=checkpoint, overrides=[], best=False))
+    return out.getvalue()
+
+
+def test_evaluate_on_two_ranks_prints_the_result_once(tiny_data_dir, tmp_path):
+    _fit(tiny_config(tiny_data_dir, tmp_path / "run", "train.max_steps=1"))
+    latest = ckpt.resolve("auto", tmp_path / "run" / "checkpoints")
+    printed = run_ranks(2, _evaluate_command_output, str(latest))
+    assert printed[1] == ""
+    result = json.loads(printed[0][printed[0].index("{\n"):])
+    assert result["checkpoint"] == str(latest) and result["metrics"]["num_samples"] > 0
+
+
 def _two_rank_run(cfg):
     with distributed("cpu") as env:
         return Trainer(cfg, env).fit()
@@ -140,8 +162,11 @@ def test_two_rank_checkpoint_resumes_and_evaluates_on_one_rank(tiny_data_dir, tm
     root = tmp_path / "run" / "checkpoints"
     latest = ckpt.resolve("auto", root)
     assert ckpt.read_trainer_state(latest)["world_size"] == 2
+    run_files = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
+    assert PLAN_JSON in run_files
 
     evaluated = evaluate_checkpoint(str(latest))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == run_files
     assert evaluated["metrics"]["num_samples"] == two_rank["valid"]["num_samples"]
     assert abs(evaluated["metrics"]["auc"] - two_rank["valid"]["auc"]) <= 1e-6
     assert abs(evaluated["metrics"]["logloss"] - evaluated["recorded"]["logloss"]) <= 1e-5

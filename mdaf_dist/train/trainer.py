@@ -50,9 +50,10 @@ EMBEDDING_BACKENDS = ("torchrec", "plain")
 RESULTS_FILE = "results.json"
 
 
-def build_training_model(cfg: Config, vocab: Dict[str, int], env: DistEnv, backend: str, embedding_optimizer: str, out_dir: Optional[Path]) -> nn.Module:
+def build_training_model(cfg: Config, vocab: Dict[str, int], env: DistEnv, backend: str, embedding_optimizer: str, plan_dir: Optional[Path]) -> nn.Module:
     """torchrec: tables on the meta device, their optimizer fused, sharded by DMP (dense modules
-    in DDP). plain: the unsharded reference, in a world of one."""
+    in DDP), the plan saved in `plan_dir` unless None. plain: the unsharded reference, in a world
+    of one."""
     if backend not in EMBEDDING_BACKENDS:
         raise UserError(f"unknown embedding backend {backend!r}; expected one of {EMBEDDING_BACKENDS}")
     if backend == "plain":
@@ -61,7 +62,7 @@ def build_training_model(cfg: Config, vocab: Dict[str, int], env: DistEnv, backe
         return build_model(cfg.model, vocab, embedding_backend="plain").to(env.device)
     model = build_model(cfg.model, vocab, embedding_backend="torchrec", embedding_device=torch.device("meta"))
     fuse_embedding_optimizer(model.embeddings, embedding_optimizer, cfg.train)
-    return shard_model(model, cfg.sharding, env, out_dir)
+    return shard_model(model, cfg.sharding, env, plan_dir)
 
 
 def padding_batch(history_categories: bool) -> Batch:
@@ -90,7 +91,9 @@ class Trainer:
     """Builds everything from a Config and runs `fit`. All methods are collective: every rank
     calls them in the same order."""
 
-    def __init__(self, cfg: Config, env: DistEnv, embedding_backend: str = "torchrec") -> None:
+    def __init__(self, cfg: Config, env: DistEnv, embedding_backend: str = "torchrec", save_plan: bool = True) -> None:
+        """`save_plan`: rank 0 writes the sharding plan into output_dir (off for a run that only
+        reads a checkpoint, such as `mdaf evaluate`)."""
         if cfg.loader.history_length != cfg.model.history_length:
             raise UserError(
                 f"loader.history_length ({cfg.loader.history_length}) must equal model.history_length "
@@ -101,7 +104,8 @@ class Trainer:
         ckpt.seed_everything(cfg.train.seed)
         self.vocab = {name: int(size) for name, size in read_meta(cfg.data_dir)["vocab"].items()}
         self.embedding_optimizer = resolve_embedding_optimizer(cfg.train.embedding_optimizer, env.device)
-        self.model = build_training_model(cfg, self.vocab, env, embedding_backend, self.embedding_optimizer, self.out_dir)
+        plan_dir = self.out_dir if save_plan else None
+        self.model = build_training_model(cfg, self.vocab, env, embedding_backend, self.embedding_optimizer, plan_dir)
         self.sharded = embedding_backend == "torchrec"
         self.optimizer = build_optimizer(self.model, cfg.train, self.embedding_optimizer)
         self.dense_params = list(dense_parameters(self.model).values())
