@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import io
 import json
+import math
 import random
 
 import numpy as np
@@ -18,7 +19,10 @@ from mdaf_dist.distributed import checkpoint as ckpt
 from mdaf_dist.distributed.env import distributed
 from mdaf_dist.errors import UserError
 from mdaf_dist.distributed.sharding import PLAN_JSON
+from mdaf_dist.data.loader import num_samples
 from mdaf_dist.train import evaluate
+from mdaf_dist.train import trainer as trainer_module
+from mdaf_dist.train.logging import RunLogger
 from mdaf_dist.train.evaluate import evaluate_checkpoint
 from mdaf_dist.train.trainer import Trainer
 from tests.distributed import run_ranks, tiny_config
@@ -156,7 +160,7 @@ def _two_rank_run(cfg):
         return Trainer(cfg, env).fit()
 
 
-def test_two_rank_checkpoint_resumes_and_evaluates_on_one_rank(tiny_data_dir, tmp_path):
+def test_two_rank_checkpoint_resumes_and_evaluates_on_one_rank(tiny_data_dir, tmp_path, monkeypatch, capsys):
     cfg = tiny_config(tiny_data_dir, tmp_path / "run", f"train.max_steps={STOP}")
     two_rank = run_ranks(2, _two_rank_run, cfg)[0]
     root = tmp_path / "run" / "checkpoints"
@@ -171,5 +175,15 @@ def test_two_rank_checkpoint_resumes_and_evaluates_on_one_rank(tiny_data_dir, tm
     assert abs(evaluated["metrics"]["auc"] - two_rank["valid"]["auc"]) <= 1e-6
     assert abs(evaluated["metrics"]["logloss"] - evaluated["recorded"]["logloss"]) <= 1e-5
 
-    steps, _, step = _fit(tiny_config(tiny_data_dir, tmp_path / "run", f"train.max_steps={STOP + 2}", "train.resume=auto"))
-    assert step == STOP + 2 and len(steps) == 2
+    # at another world size the checkpoint's epoch restarts: a warning says what is seen again,
+    # and the progress total counts the steps really left (the whole epoch again)
+    planned = []
+    monkeypatch.setattr(trainer_module, "RunLogger", lambda *args, **kwargs: planned.append(args[2]) or RunLogger(*args, **kwargs))
+    losses, _, step = _fit(tiny_config(tiny_data_dir, tmp_path / "run", "train.max_epochs=1", "train.resume=auto"))
+    one_rank_epoch = math.ceil(num_samples(tiny_data_dir, "train") / cfg.loader.batch_size)
+    assert step == STOP + one_rank_epoch == planned[0] and len(losses) == one_rank_epoch
+    seen = STOP * 2 * cfg.loader.batch_size
+    assert (
+        f"was written by 2 ranks and this run has 1: epoch 0 restarts from its beginning, and the {seen} samples "
+        "it trained on before the checkpoint are seen again"
+    ) in capsys.readouterr().err

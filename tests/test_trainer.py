@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mdaf_dist.data.layout import sample_files
 from mdaf_dist.data.loader import num_samples
@@ -102,6 +103,29 @@ def test_drop_last_drops_training_samples_only(tiny_data_dir, tmp_path):
         trainer = Trainer(cfg, env)
         assert trainer.steps_per_epoch == num_samples(tiny_data_dir, "train") // cfg.loader.batch_size
         assert trainer.evaluate()["num_samples"] == num_samples(tiny_data_dir, "valid") > 256
+
+
+def _fit(cfg):
+    with distributed("cpu") as env:
+        return Trainer(cfg, env).fit()
+
+
+def _scalars(log_dir, tag):
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return [(event.step, event.value) for event in events.Scalars(tag)]
+
+
+def test_tensorboard_after_a_resume_has_each_step_once(tiny_data_dir, tmp_path):
+    """A run killed after step 5 resumes from its step-4 checkpoint: steps 5 and 6 are logged twice
+    but the reader keeps the resumed run's, so the curves equal an uninterrupted run's."""
+    common = ["loader.batch_size=256", "train.max_epochs=1", "logging.tensorboard=true", "logging.log_every=1", "checkpoint.every_steps=2", "checkpoint.keep_last=10"]
+    _fit(tiny_config(tiny_data_dir, tmp_path / "whole", *common))
+    _fit(tiny_config(tiny_data_dir, tmp_path / "split", *common, "train.max_steps=6"))
+    _fit(tiny_config(tiny_data_dir, tmp_path / "split", *common, f"train.resume={tmp_path / 'split' / 'checkpoints' / 'step_00000004'}"))
+    for tag in ("train/loss", "valid/auc"):
+        assert _scalars(tmp_path / "split" / "tensorboard", tag) == _scalars(tmp_path / "whole" / "tensorboard", tag), tag
+    assert [step for step, _ in _scalars(tmp_path / "whole" / "tensorboard", "train/loss")] == list(range(1, 12))
 
 
 def test_loader_and_model_history_lengths_must_agree(tiny_data_dir, tmp_path):

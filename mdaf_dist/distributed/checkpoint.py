@@ -37,8 +37,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from omegaconf import OmegaConf
 from torch import nn
 
+from mdaf_dist.config import Config, to_dict
 from mdaf_dist.errors import UserError
 
 TRAINER_FILE = "trainer.json"
@@ -130,6 +132,42 @@ def resolve(resume: str, root: Path) -> Optional[Path]:
     if not found:
         raise UserError(f"no checkpoint at {resume} (expected a {PREFIX}* directory with {TRAINER_FILE}, or a folder of them)")
     return found[-1]
+
+
+# settings a run may change against its checkpoint: where it reads and writes, how long it runs,
+# how it logs, checkpoints and places the tables (DCP reshards); every other setting must match
+CHANGEABLE_SETTINGS = (
+    "output_dir", "data_dir", "prepare.", "train.max_epochs", "train.max_steps", "train.patience", "train.resume",
+    "train.device", "loader.num_workers", "loader.eval_batch_size", "logging.", "checkpoint.", "sharding.",
+)  # fmt: skip
+
+
+def _flat(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """{"model": {"dropout": 0.1}} -> {"model.dropout": 0.1}"""
+    flat: Dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_compatible(path: Path, cfg: Config, vocab: Dict[str, int]) -> None:
+    """Refuse, before DCP meets tensors of other shapes, a checkpoint written under other settings
+    (those not in CHANGEABLE_SETTINGS) or with other table sizes, naming each difference."""
+    saved = _flat(OmegaConf.to_container(OmegaConf.load(path / CONFIG_FILE)))
+    current = _flat(to_dict(cfg))
+    differ = [
+        f"{key}={current[key]!r} (checkpoint: {saved[key]!r})"
+        for key in current
+        if key in saved and current[key] != saved[key] and not key.startswith(CHANGEABLE_SETTINGS)
+    ]
+    saved_vocab = read_trainer_state(path).get("vocab")
+    if saved_vocab is not None and saved_vocab != vocab:
+        differ.append(f"table rows {vocab} (checkpoint: {saved_vocab})")
+    if differ:
+        raise UserError(f"{path} was written with other settings: {'; '.join(differ)}")
 
 
 class Checkpointer:

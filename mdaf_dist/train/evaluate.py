@@ -37,6 +37,7 @@ def evaluate_checkpoint(checkpoint: str, overrides: List[str] = (), best: bool =
     cfg.train.resume, cfg.logging.tensorboard = "", False
     with distributed(cfg.train.device) as env:
         trainer = Trainer(cfg, env, save_plan=False)
+        ckpt.check_compatible(path, cfg, trainer.vocab)
         ckpt.Checkpointer.load(path, trainer.model)
         metrics = trainer.evaluate()
         if not env.is_main:

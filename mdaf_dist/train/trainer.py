@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -83,6 +84,9 @@ class TrainState:
     best_epoch: int = -1
     epochs_without_improvement: int = 0
     samples_trained: int = 0
+    # samples trained since the current epoch began (0 once it is complete): what a resume at
+    # another world size, which restarts the epoch, trains on again
+    epoch_samples: int = 0
     # one {"epoch", "step", "auc", "logloss"} per validation pass, for the training curves
     evaluations: List[Dict[str, float]] = field(default_factory=list)
 
@@ -173,13 +177,18 @@ class Trainer:
         batches = iter(self.train_loader)
         log_every = max(1, self.cfg.logging.log_every)
         every = self.cfg.checkpoint.every_steps
-        while not self._reached_max_steps() and (batch := self._next_or_padding(batches)) is not None:
+        while not self._reached_max_steps():
+            batch = self._next_or_padding(batches)
+            if batch is None:
+                self.state.epoch_samples = 0
+                return
             real = batch is not self.padding
             loss = self.train_step(batch, weight=1.0 if real else 0.0)
             n = batch.batch_size if real else 0
             loss_sum, count = self._all_reduce([float(loss) * n, n], dist.ReduceOp.SUM)
             self.state.step += 1
             self.state.samples_trained += int(count)
+            self.state.epoch_samples += int(count)
             self.step_losses.append(loss_sum / count)
             if self.state.step % log_every == 0:
                 logger.step(self.state.step, {"loss": loss_sum / count, "lr": self.scheduler.get_last_lr()[0]})
@@ -211,15 +220,13 @@ class Trainer:
         resume_from = ckpt.resolve(self.cfg.train.resume, self.checkpointer.root)
         if resume_from is not None:
             self.restore(resume_from)
-        total = self.cfg.train.max_epochs * self.steps_per_epoch
-        if self.cfg.train.max_steps > 0:
-            total = min(total, self.cfg.train.max_steps)
         logger = RunLogger(
             str(self.out_dir / "tensorboard") if self.cfg.logging.tensorboard else None,
             self.env.rank,
-            total,
+            self._planned_steps(),
             self.cfg.loader.batch_size * self.env.world_size,
             enabled_progress=self.cfg.logging.progress_bar,
+            start_step=self.state.step,
         )
         logger.info(
             f"world_size={self.env.world_size} device={self.env.device} backend={self.env.backend} "
@@ -251,6 +258,14 @@ class Trainer:
             (self.out_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=float) + "\n")
         return results
 
+    def _planned_steps(self) -> int:
+        """The step count this run ends at unless it stops early: the steps taken, the rest of
+        the current epoch (ranks in lockstep: the furthest rank's position), then whole epochs."""
+        done_in_epoch = self._all_reduce_max(self.train_loader.position)
+        epochs_left = max(0, self.cfg.train.max_epochs - self.train_loader.epoch)
+        total = self.state.step + max(0, epochs_left * self.steps_per_epoch - done_in_epoch)
+        return min(total, self.cfg.train.max_steps) if self.cfg.train.max_steps > 0 else total
+
     def results(self, metrics: Dict[str, Any], samples: int, seconds: float) -> Dict[str, Any]:
         """The run's summary: "valid" = metrics of the final model (auc, logloss, num_samples,
         positive_rate, gate statistics), the best evaluation, every evaluation, and the throughput
@@ -277,6 +292,7 @@ class Trainer:
             **asdict(self.state),
             "epoch": self.train_loader.epoch,
             "world_size": self.env.world_size,
+            "vocab": self.vocab,
             "auc": None if metrics is None else float(metrics["auc"]),
             "metrics": metrics,
         }
@@ -289,7 +305,9 @@ class Trainer:
         return self.checkpointer.save(self.state.step, self.model, self.optimizer, snapshot)
 
     def restore(self, path: Path) -> None:
-        """Model, optimizer, loop state, and (same world size) loader position and RNG."""
+        """Model, optimizer, loop state, and (same world size) loader position and RNG. A
+        checkpoint of another model or data is refused, naming what differs."""
+        ckpt.check_compatible(path, self.cfg, self.vocab)
         # optimizer states must exist before DCP can load into them; the fused ones always do
         for name, optimizer in self.optimizer.optimizers:
             if not (self.sharded and name == "embeddings"):
@@ -303,6 +321,15 @@ class Trainer:
             self.train_loader.load_state_dict(local["loader"])
             ckpt.set_rng_state(local["rng"])
         else:
+            if self.env.is_main and self.state.epoch_samples:
+                print(
+                    f"warning: {path} was written by {saved['world_size']} ranks and this run has {self.env.world_size}: "
+                    f"epoch {saved['epoch']} restarts from its beginning, and the {self.state.epoch_samples} samples "
+                    "it trained on before the checkpoint are seen again",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            self.state.epoch_samples = 0
             self.train_loader.set_epoch(int(saved["epoch"]))
             ckpt.seed_everything(self.cfg.train.seed + self.state.step * 1000 + self.env.rank)
         # the warmup schedule continues from the restored step
