@@ -9,6 +9,7 @@ import io
 import json
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,11 +24,13 @@ from mdaf_dist.data.loader import num_samples
 from mdaf_dist.train import evaluate
 from mdaf_dist.train import trainer as trainer_module
 from mdaf_dist.train.logging import RunLogger
+from mdaf_dist.train.main import main
 from mdaf_dist.train.evaluate import evaluate_checkpoint
 from mdaf_dist.train.trainer import Trainer
 from tests.distributed import run_ranks, tiny_config
 
 STOP, TOTAL = 3, 6
+SMOKE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
 
 
 def _local_tensors(model):
@@ -137,6 +140,30 @@ def test_rank_file_with_arbitrary_objects_is_refused_without_unpickling_them(tin
         with pytest.raises(UserError, match=r"rank_00000.pt holds objects other than tensors and plain values: not loaded"):
             resumed.restore(path)
     assert not marker.exists()
+
+
+def test_checkpoint_of_other_settings_is_refused_naming_them(tiny_data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["--config", str(SMOKE_CONFIG), f"data_dir={tiny_data_dir}", f"output_dir={out}", "train.max_steps=1", "logging.tensorboard=false", "logging.progress_bar=false"]
+    assert main(base) == 0
+    path = ckpt.resolve("auto", out / "checkpoints")
+    capsys.readouterr()
+    # a longer run, elsewhere, on other cores: all of that may change
+    assert main([*base[:-3], "train.max_steps=2", f"output_dir={tmp_path / 'other'}", f"train.resume={path}", "train.device=cpu", "loader.num_workers=0"]) == 0
+    capsys.readouterr()
+
+    assert main([*base, "train.resume=auto", "model.embedding_dim=32", "train.lr=0.1"]) == 2
+    assert capsys.readouterr().err == (
+        f"mdaf train: error: {path} was written with other settings: model.embedding_dim=32 (checkpoint: 16); "
+        "train.lr=0.1 (checkpoint: 0.002)\n"
+    )
+    with pytest.raises(UserError, match=r"was written with other settings: model.dropout=0.5 \(checkpoint: 0.15\)$"):
+        evaluate_checkpoint(str(path), ["model.dropout=0.5"])
+
+    trainer_json = path / ckpt.TRAINER_FILE
+    trainer_json.write_text(trainer_json.read_text().replace('"item": ', '"item": 1'))
+    with pytest.raises(UserError, match=r"was written with other settings: table rows \{.*\} \(checkpoint: \{.*'item': 1"):
+        evaluate_checkpoint(str(path))
 
 
 def _evaluate_command_output(checkpoint):
