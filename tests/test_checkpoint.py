@@ -144,7 +144,7 @@ def test_rank_file_with_arbitrary_objects_is_refused_without_unpickling_them(tin
 
 def test_checkpoint_of_other_settings_is_refused_naming_them(tiny_data_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    base = ["--config", str(SMOKE_CONFIG), f"data_dir={tiny_data_dir}", f"output_dir={out}", "train.max_steps=1", "logging.tensorboard=false", "logging.progress_bar=false"]
+    base = ["--config", str(SMOKE_CONFIG), f"data_dir={tiny_data_dir}", f"output_dir={out}", "model.history_length=8", "loader.history_length=8", "train.max_steps=1", "logging.tensorboard=false", "logging.progress_bar=false"]
     assert main(base) == 0
     path = ckpt.resolve("auto", out / "checkpoints")
     capsys.readouterr()

@@ -106,7 +106,15 @@ class Trainer:
         self.cfg, self.env = cfg, env
         self.out_dir = Path(cfg.output_dir)
         ckpt.seed_everything(cfg.train.seed)
-        self.vocab = {name: int(size) for name, size in read_meta(cfg.data_dir)["vocab"].items()}
+        meta = read_meta(cfg.data_dir)
+        prepared = meta.get("history_length")
+        if prepared is not None and prepared != cfg.model.history_length:
+            raise UserError(
+                f"model.history_length={cfg.model.history_length} but {cfg.data_dir} was prepared with history_length={prepared} "
+                f"(its meta.json; the category filter looked at that many clicks): train with model.history_length={prepared} "
+                f"loader.history_length={prepared}, or prepare the data again with prepare.history_length={cfg.model.history_length}"
+            )
+        self.vocab = {name: int(size) for name, size in meta["vocab"].items()}
         self.embedding_optimizer = resolve_embedding_optimizer(cfg.train.embedding_optimizer, env.device)
         plan_dir = self.out_dir if save_plan else None
         self.model = build_training_model(cfg, self.vocab, env, embedding_backend, self.embedding_optimizer, plan_dir)
