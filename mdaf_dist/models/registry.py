@@ -55,9 +55,13 @@ def build_model(
     *,
     embedding_backend: str = "torchrec",
     embedding_device: Optional[torch.device] = None,
+    seed: int = 0,
 ) -> nn.Module:
     """The model named by cfg.name, with its tables in `model.embeddings` (built on
-    `embedding_device`, e.g. meta for sharding; the dense modules are built on the CPU)."""
+    `embedding_device`, e.g. meta for sharding; the dense modules are built on the CPU). The
+    tables' initial values come from `seed` (see embeddings.init_table_rows), the dense modules'
+    from the global generator."""
     check_model_config(cfg)
-    embeddings = build_embeddings(table_configs(vocab, cfg.embedding_dim), backend=embedding_backend, device=embedding_device)
+    tables = table_configs(vocab, cfg.embedding_dim, seed=seed)
+    embeddings = build_embeddings(tables, backend=embedding_backend, device=embedding_device)
     return MODELS[cfg.name](cfg, embeddings)

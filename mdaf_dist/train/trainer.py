@@ -34,6 +34,7 @@ from mdaf_dist.distributed import checkpoint as ckpt
 from mdaf_dist.distributed.env import DistEnv, collective_device
 from mdaf_dist.distributed.sharding import PLAN_JSON, PLAN_TEXT, describe_plan, shard_model
 from mdaf_dist.errors import UserError
+from mdaf_dist.models.embeddings import init_tables
 from mdaf_dist.models.loss import smoothed_bce
 from mdaf_dist.models.registry import build_model
 from mdaf_dist.train.logging import RunLogger
@@ -53,17 +54,24 @@ RESULTS_FILE = "results.json"
 
 def build_training_model(cfg: Config, vocab: Dict[str, int], env: DistEnv, backend: str, embedding_optimizer: str, plan_dir: Optional[Path]) -> nn.Module:
     """torchrec: tables on the meta device, their optimizer fused, sharded by DMP (dense modules
-    in DDP), the plan saved in `plan_dir` unless None. plain: the unsharded reference, in a world
-    of one."""
+    in DDP), the plan saved in `plan_dir` unless None, each rank's shards then filled from
+    train.seed and their global rows. plain: the unsharded reference, in a world of one. Either
+    way the tables start from the same values, and so do the dense modules (built from the global
+    generator, which the tables never draw from)."""
     if backend not in EMBEDDING_BACKENDS:
         raise UserError(f"unknown embedding backend {backend!r}; expected one of {EMBEDDING_BACKENDS}")
     if backend == "plain":
         if env.world_size != 1:
             raise UserError("the plain embedding backend is unsharded: run it as a single process")
-        return build_model(cfg.model, vocab, embedding_backend="plain").to(env.device)
-    model = build_model(cfg.model, vocab, embedding_backend="torchrec", embedding_device=torch.device("meta"))
+        return build_model(cfg.model, vocab, embedding_backend="plain", seed=cfg.train.seed).to(env.device)
+    model = build_model(cfg.model, vocab, embedding_backend="torchrec", embedding_device=torch.device("meta"), seed=cfg.train.seed)
+    tables = model.embeddings.embedding_configs()
     fuse_embedding_optimizer(model.embeddings, embedding_optimizer, cfg.train)
-    return shard_model(model, cfg.sharding, env, plan_dir)
+    sharded = shard_model(model, cfg.sharding, env, plan_dir)
+    # DMP runs each table's init_fn on this rank's local shard as if it began at row 0 and
+    # column 0: overwrite every shard with its own rows and columns of the whole table
+    init_tables(sharded, tables, cfg.train.seed)
+    return sharded
 
 
 def padding_batch(history_categories: bool) -> Batch:
@@ -118,6 +126,9 @@ class Trainer:
         self.embedding_optimizer = resolve_embedding_optimizer(cfg.train.embedding_optimizer, env.device)
         plan_dir = self.out_dir if save_plan else None
         self.model = build_training_model(cfg, self.vocab, env, embedding_backend, self.embedding_optimizer, plan_dir)
+        # seed again: whatever building and sharding drew, the dropout masks then do not depend
+        # on the plan or the backend
+        ckpt.seed_everything(cfg.train.seed)
         self.sharded = embedding_backend == "torchrec"
         self.optimizer = build_optimizer(self.model, cfg.train, self.embedding_optimizer)
         self.dense_params = list(dense_parameters(self.model).values())
@@ -151,17 +162,19 @@ class Trainer:
     # -- one step ---------------------------------------------------------------------------
     def train_step(self, batch: Batch, weight: float = 1.0) -> torch.Tensor:
         """Forward, backward (the tables update inside it), dense clip + AdamW step, warmup.
-        Returns this rank's mean loss over its batch."""
+        Returns the sum of this rank's per-sample losses in float64, where summing float32 values
+        is exact: the global mean the loop logs is then the same however the global batch is
+        split over ranks."""
         self.model.train()
         out = self.model(batch.features)
-        loss = smoothed_bce(out.logits, batch.labels, self.cfg.model.label_smoothing)
-        (loss * weight).backward()
+        losses = smoothed_bce(out.logits, batch.labels, self.cfg.model.label_smoothing, reduction="none")
+        (losses.mean() * weight).backward()
         if self.cfg.train.grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.dense_params, self.cfg.train.grad_clip_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return loss.detach()
+        return losses.detach().double().sum()
 
     # -- evaluation -------------------------------------------------------------------------
     @torch.no_grad()
@@ -193,7 +206,7 @@ class Trainer:
             real = batch is not self.padding
             loss = self.train_step(batch, weight=1.0 if real else 0.0)
             n = batch.batch_size if real else 0
-            loss_sum, count = self._all_reduce([float(loss) * n, n], dist.ReduceOp.SUM)
+            loss_sum, count = self._all_reduce([float(loss) if real else 0.0, n], dist.ReduceOp.SUM)
             self.state.step += 1
             self.state.samples_trained += int(count)
             self.state.epoch_samples += int(count)
