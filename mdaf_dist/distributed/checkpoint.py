@@ -18,9 +18,12 @@ Resharding: DCP loads the saved tensors into whatever sharding the loading run h
 checkpoint written by N ranks resumes on M. The per-rank files cannot be remapped to another
 world size: the loader position counts batches of one rank's slice of the data, so a run resumed
 at a different world size restarts the checkpoint's epoch from its beginning (samples of that
-epoch seen before the checkpoint are seen again, none are skipped; a checkpoint written at the
-end of an epoch resumes at the next epoch's start, exactly), and RNG streams are reseeded from
-(seed, step, rank).
+epoch seen before the checkpoint are seen again, none are skipped, and the trainer warns how
+many; a checkpoint written at the end of an epoch resumes at the next epoch's start, exactly),
+and RNG streams are reseeded from (seed, step, rank).
+
+A checkpoint is loaded only into a run of the same settings (`check_compatible`), so that a
+changed model or data set is one line naming the differences, not a DCP size mismatch.
 """
 
 from __future__ import annotations
