@@ -5,7 +5,8 @@
                                    and optimizer state (AdamW + the fused tables' state)
         rank_00000.pt ...          per rank: loader position and RNG states (tensors and plain
                                    values only: loaded with weights_only=True)
-        trainer.json               step, epoch, best AUC so far, this checkpoint's metrics, world size
+        trainer.json               step, epoch, best AUC so far, this checkpoint's metrics, world
+                                   size, table sizes
         config.yaml                the resolved config of the run
         sharding_plan.{json,txt}   the plan the shards were written under
 
