@@ -1,5 +1,8 @@
-"""Checkpoints: stop + resume equals an uninterrupted run; a save killed before its rename leaves
-the previous checkpoint loadable; a 2-rank checkpoint resumes and evaluates on 1 rank."""
+"""Checkpoints: stop + resume equals an uninterrupted run bit for bit (mid-epoch, dropout on); a
+save killed before its rename leaves the previous checkpoint loadable; rank files are loaded
+without unpickling objects; a checkpoint of other settings is refused naming them; a 2-rank
+checkpoint evaluates on 2 ranks (printed once) and on 1 (the run's files untouched) and resumes on
+1 rank, restarting its epoch with a warning."""
 
 from __future__ import annotations
 
@@ -173,26 +176,22 @@ def _evaluate_command_output(checkpoint):
     return out.getvalue()
 
 
-def test_evaluate_on_two_ranks_prints_the_result_once(tiny_data_dir, tmp_path):
-    _fit(tiny_config(tiny_data_dir, tmp_path / "run", "train.max_steps=1"))
-    latest = ckpt.resolve("auto", tmp_path / "run" / "checkpoints")
-    printed = run_ranks(2, _evaluate_command_output, str(latest))
-    assert printed[1] == ""
-    result = json.loads(printed[0][printed[0].index("{\n"):])
-    assert result["checkpoint"] == str(latest) and result["metrics"]["num_samples"] > 0
-
-
 def _two_rank_run(cfg):
+    """Train, then `mdaf evaluate` the latest checkpoint on the same 2 ranks: what each printed."""
     with distributed("cpu") as env:
-        return Trainer(cfg, env).fit()
+        results = Trainer(cfg, env).fit()
+    return results, _evaluate_command_output(str(ckpt.resolve("auto", Path(cfg.output_dir) / "checkpoints")))
 
 
-def test_two_rank_checkpoint_resumes_and_evaluates_on_one_rank(tiny_data_dir, tmp_path, monkeypatch, capsys):
+def test_two_rank_checkpoint_evaluates_on_two_and_one_rank_and_resumes_on_one(tiny_data_dir, tmp_path, monkeypatch, capsys):
     cfg = tiny_config(tiny_data_dir, tmp_path / "run", f"train.max_steps={STOP}")
-    two_rank = run_ranks(2, _two_rank_run, cfg)[0]
+    (two_rank, printed), (_, printed_by_rank_1) = run_ranks(2, _two_rank_run, cfg)
     root = tmp_path / "run" / "checkpoints"
     latest = ckpt.resolve("auto", root)
     assert ckpt.read_trainer_state(latest)["world_size"] == 2
+    # `mdaf evaluate` on 2 ranks prints its result once
+    assert printed_by_rank_1 == ""
+    assert json.loads(printed[printed.index("{\n") :])["metrics"]["num_samples"] == two_rank["valid"]["num_samples"]
     run_files = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
     assert PLAN_JSON in run_files
 
