@@ -8,8 +8,8 @@
   rendezvous on localhost, so the local world size (1) differs from the world size (2); they
   plan, shard, train and checkpoint together like one node of two ranks.
 
-Both compare with the same uninterrupted single-node 2-rank run. The model has no dropout
-(`tiny_config`), so the comparison is of the model and data order alone.
+Both compare with the same uninterrupted single-node 2-rank run, dropout on: a resume restores
+the data position and every random stream, and ranks draw theirs the same wherever they run.
 """
 
 from __future__ import annotations
@@ -45,9 +45,10 @@ RESTARTABLE = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 @pytest.fixture(scope="module")
 def config_file(tiny_data_dir, tmp_path_factory) -> Path:
-    """One epoch of the tiny model, a checkpoint every few steps, every step's loss logged."""
+    """One epoch of the tiny model with the paper's dropout, a checkpoint every few steps, every
+    step's loss logged."""
     cfg = tiny_config(
-        tiny_data_dir, Path("unused"), "train.max_epochs=1",
+        tiny_data_dir, Path("unused"), "train.max_epochs=1", "model.dropout=0.15",
         f"checkpoint.every_steps={CHECKPOINT_EVERY}", "logging.log_every=1",
     )  # fmt: skip
     path = tmp_path_factory.mktemp("elastic") / "config.yaml"
