@@ -188,26 +188,29 @@ def predict(env: DistEnv, checkpoint: str, out: str, split: str = "valid", data_
     check_split(scored_dir, split)
     with tempfile.TemporaryDirectory(prefix="mdaf-predict-") as scratch:
         trainer = load_trainer(path, cfg, env, scratch)
-        training_dir = trainer.cfg.data_dir
-        training_dir = trainer.cfg.data_dir
-        remap = VocabMap.between(scored_dir, training_dir) if data_dir and Path(data_dir).resolve() != Path(training_dir).resolve() else None
+        training_dir = cfg.data_dir
+        remap = VocabMap.between(scored_dir, training_dir) if Path(scored_dir).resolve() != Path(training_dir).resolve() else None
         unseen: Dict[str, int] = {}
-        outputs: Dict[str, List[np.ndarray]] = {"label": [], "logit": [], "gate": [], "hist_len": []}
-        trainer.evaluator.reset()
         transform = (lambda batch: remap.apply(batch, unseen)) if remap is not None else None
+        outputs: Dict[str, List[np.ndarray]] = {"label": [], "logit": [], "gate": [], "hist_len": []}
         for batch, result in trainer.scored_batches(split, scored_dir, transform):
-            hist_len = batch.features[HIST_ITEM].lengths()
-            trainer.evaluator.update(result.logits, batch.labels, result.gate, hist_len, batch.features[USER].values())
             outputs["label"].append(batch.labels.cpu().numpy())
             outputs["logit"].append(result.logits.float().cpu().numpy())
-            outputs["hist_len"].append(hist_len.cpu().numpy())
+            outputs["hist_len"].append(batch.features[HIST_ITEM].lengths().cpu().numpy())
             if result.gate is not None:
                 outputs["gate"].append(result.gate.float().cpu().numpy())
-        metrics = trainer.evaluator.compute()
         rows = rank_rows(scored_dir, split, env.rank, env.world_size)
         columns = {name: np.concatenate(values) if values else np.empty(0, np.float32) for name, values in outputs.items()}
         if not np.array_equal(columns["label"], rows["label"].astype(np.float32)):
             raise AssertionError("the loader's batches and the split's rows disagree: predictions would be misaligned")
+        # users by the scored data's ids: unseen users all score as padding but stay apart for GAUC
+        trainer.evaluator.reset()
+        trainer.evaluator.update(
+            *(torch.from_numpy(columns[name]) for name in ("logit", "label")),
+            torch.from_numpy(columns["gate"]) if outputs["gate"] else None,
+            torch.from_numpy(columns["hist_len"]), torch.from_numpy(rows["user"]),
+        )  # fmt: skip
+        metrics = trainer.evaluator.compute()
         feature_keys = [USER, ITEM, CATEGORY, HIST_ITEM] + ([HIST_CATEGORY] if cfg.loader.history_categories else [])
         meta = {
             "checkpoint": str(path),
