@@ -13,7 +13,7 @@ import pytest
 from sklearn.metrics import log_loss, roc_auc_score
 
 from mdaf_dist.analysis.dynamics import PAPER_TABLE7
-from mdaf_dist.analysis.gate_tables import PAPER_TABLE4, PAPER_TABLE5, PAPER_TABLEB1, PAPER_TABLEB2
+from mdaf_dist.analysis.gate_tables import PAPER_TABLE4, PAPER_TABLE5, PAPER_TABLEB1, PAPER_TABLEB2, gate_tables
 from mdaf_dist.analysis.predict import predict, prediction_metadata, read_predictions
 from mdaf_dist.cli import main
 from mdaf_dist.config import PrepareConfig
@@ -185,3 +185,18 @@ def test_bad_input_is_one_line(trained, tiny_data_dir, tmp_path, capsys):
     assert _error(capsys, ["analyze", "--predictions", str(tmp_path / "none.parquet")]) == (
         f"mdaf analyze: error: no predictions at {tmp_path / 'none.parquet'} (expected a directory of part-*.parquet written by `mdaf predict`)"
     )
+
+
+def test_gate_tables_by_hand():
+    # 5 categories with 50, 40, 30, 20, 10 samples: the top one is popular, the bottom one niche
+    category = np.repeat([7, 3, 9, 1, 5], [50, 40, 30, 20, 10])
+    gates = np.where(category == 7, 0.1, np.where(category == 5, 0.3, 0.2))
+    hist_len = np.resize([0, 3, 9, 10, 30, 31, 50, 60], len(category))
+    t4, t5, b1, b2 = gate_tables(gates, hist_len, category)
+    assert t4.rows[0][1] == pytest.approx(gates.mean()) and t4.rows[3][1] == 0.1 and t4.rows[4][1] == 0.3
+    assert [(r[1], r[2]) for r in b1.rows] == [(50, pytest.approx(0.1)), (90, pytest.approx(0.2)), (10, pytest.approx(0.3))]
+    assert [r[1] for r in t5.rows] == [(hist_len < 10).sum(), ((hist_len >= 10) & (hist_len <= 30)).sum(), (hist_len > 30).sum()]
+    # B2 adds the empty and the longer-than-50 histories so that its counts cover every sample
+    assert [r[0] for r in b2.rows] == ["Empty (0 items)"] + [p[0] for p in PAPER_TABLEB2] + ["Longer (>50 items)"]
+    # 150 samples cycle through 8 lengths: 19 each of the first six, 18 of the last two
+    assert [r[1] for r in b2.rows] == [19, 19, 19 + 19, 19 + 19, 18, 18] and sum(r[1] for r in b2.rows) == len(category)

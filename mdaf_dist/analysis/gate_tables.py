@@ -77,17 +77,14 @@ def table5(gates: np.ndarray, hist_len: np.ndarray) -> Table:
 
 def category_groups(category: np.ndarray) -> np.ndarray:
     """Group per sample: 0 popular (top 20 % of categories by samples), 1 mid-tier, 2 niche."""
-    ids, counts = np.unique(category, return_counts=True)
-    ranked = ids[np.lexsort((ids, -counts))]  # most samples first, ties by id
-    n = len(ranked)
-    rank = np.arange(n)
-    group_of_rank = np.ones(n, dtype=np.int8)
-    group_of_rank[rank < math.ceil(POPULAR_SHARE * n)] = 0
-    group_of_rank[rank >= n - math.floor(POPULAR_SHARE * n)] = 2
-    # ranked ids -> position in the sorted ids, so each sample finds its group by searchsorted
-    group_of_id = np.empty(n, dtype=np.int8)
-    group_of_id[np.searchsorted(ids, ranked)] = group_of_rank
-    return group_of_id[np.searchsorted(ids, category)]
+    ids, inverse, counts = np.unique(category, return_inverse=True, return_counts=True)
+    n = len(ids)
+    rank = np.empty(n, dtype=np.int64)
+    rank[np.lexsort((ids, -counts))] = np.arange(n)  # 0 = most samples, ties by id
+    group = np.ones(n, dtype=np.int8)
+    group[rank < math.ceil(POPULAR_SHARE * n)] = 0
+    group[rank >= n - math.floor(POPULAR_SHARE * n)] = 2
+    return group[inverse]
 
 
 def tableB1(gates: np.ndarray, category: np.ndarray) -> Table:
