@@ -200,3 +200,9 @@ def test_gate_tables_by_hand():
     assert [r[0] for r in b2.rows] == ["Empty (0 items)"] + [p[0] for p in PAPER_TABLEB2] + ["Longer (>50 items)"]
     # 150 samples cycle through 8 lengths: 19 each of the first six, 18 of the last two
     assert [r[1] for r in b2.rows] == [19, 19, 19 + 19, 19 + 19, 18, 18] and sum(r[1] for r in b2.rows) == len(category)
+
+
+def test_help_lists_the_analysis_commands(capsys):
+    assert main(["--help"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    assert {"predict", "analyze", "profile"} <= set(listed)
