@@ -14,7 +14,7 @@ from sklearn.metrics import log_loss, roc_auc_score
 
 from mdaf_dist.analysis.dynamics import PAPER_TABLE7
 from mdaf_dist.analysis.gate_tables import PAPER_TABLE4, PAPER_TABLE5, PAPER_TABLEB1, PAPER_TABLEB2, gate_tables
-from mdaf_dist.analysis.predict import predict, prediction_metadata, read_predictions
+from mdaf_dist.analysis.predict import predict, prediction_metadata, read_predictions, resolve_checkpoint
 from mdaf_dist.cli import main
 from mdaf_dist.config import PrepareConfig
 from mdaf_dist.data.layout import read_meta
@@ -86,7 +86,7 @@ def test_predictions_reproduce_the_trainers_metrics(trained, tmp_path, capsys, s
 
 def _predict_on_rank(checkpoint, out):
     with distributed("cpu") as env:
-        return predict(env, checkpoint, out)
+        return predict(env, resolve_checkpoint(checkpoint), out)
 
 
 def test_one_and_two_ranks_write_the_same_rows(trained, tmp_path):
@@ -148,10 +148,11 @@ def test_analyze_writes_the_papers_tables_and_plots(trained, capsys):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / png).stat().st_size > 1000
 
 
-def test_analyze_from_predictions_matches_the_checkpoint_route(trained, tmp_path, capsys):
-    run, _ = trained
+def test_analyze_from_predictions_of_the_best_checkpoint(trained, tmp_path, capsys):
+    run, results = trained
     preds = tmp_path / "p.parquet"
-    assert main(["predict", "--checkpoint", str(run / "checkpoints"), "--out", str(preds)]) == 0
+    assert main(["predict", "--checkpoint", str(run / "checkpoints"), "--best", "--out", str(preds)]) == 0
+    assert prediction_metadata(preds)["step"] == results["best_step"]
     assert main(["analyze", "--predictions", str(preds), "--results", str(run / RESULTS_FILE), "--out", str(tmp_path / "a")]) == 0
     capsys.readouterr()
     ours = json.loads((tmp_path / "a" / "tables.json").read_text())

@@ -84,6 +84,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a checkpoint directory, or a folder of them (latest): scores --split first")
     source.add_argument("--predictions", help="predictions written by `mdaf predict`")
+    parser.add_argument("--best", action="store_true", help="with a folder of checkpoints: the best by validation AUC (the paper's Table 4 model)")
     parser.add_argument("--split", default="valid", help="with --checkpoint: the split to score (default valid)")
     parser.add_argument("--results", help="the run's results.json, for Table 7 (default: the checkpoint's records)")
     parser.add_argument("--out", help="output folder (default RUN/analysis, or beside the predictions)")
@@ -92,12 +93,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.checkpoint:
-        path = resolve_checkpoint(args.checkpoint)
+        path = resolve_checkpoint(args.checkpoint, args.best)
         out_dir = Path(args.out) if args.out else path.parent.parent / "analysis"
         out_dir.mkdir(parents=True, exist_ok=True)
         predictions = out_dir / PREDICTIONS_DIR
         with distributed(checkpoint_config(path, args.overrides).train.device) as env:
-            predict(env, args.checkpoint, str(predictions), args.split, overrides=args.overrides)
+            predict(env, path, str(predictions), args.split, overrides=args.overrides)
         if not env.is_main:
             return 0
     else:

@@ -116,11 +116,15 @@ class VocabMap:
         return Batch(remapped, batch.labels)
 
 
-def resolve_checkpoint(checkpoint: str) -> Path:
-    """A checkpoint directory, or the latest of a folder of them; a user error otherwise."""
+def resolve_checkpoint(checkpoint: str, best: bool = False) -> Path:
+    """A checkpoint directory, or of a folder of them the latest (the best by validation AUC
+    with `best`); a user error otherwise."""
     if not Path(checkpoint).exists():
         raise UserError(f"no checkpoint at {checkpoint}: the path does not exist")
-    return ckpt.resolve(checkpoint, Path(checkpoint))
+    path = ckpt.best_checkpoint(Path(checkpoint)) if best else ckpt.resolve(checkpoint, Path(checkpoint))
+    if path is None:
+        raise UserError(f"no checkpoint with a validation AUC under {checkpoint}")
+    return path
 
 
 def check_split(data_dir: str, split: str) -> None:
@@ -176,10 +180,9 @@ def load_trainer(path: Path, cfg: Config, env: DistEnv, scratch: str) -> Trainer
     return trainer
 
 
-def predict(env: DistEnv, checkpoint: str, out: str, split: str = "valid", data_dir: Optional[str] = None, overrides: List[str] = ()) -> Dict[str, Any]:
-    """Score a split and write this rank's part (a collective: every rank calls it); returns the
-    metadata, the same on every rank."""
-    path = resolve_checkpoint(checkpoint)
+def predict(env: DistEnv, path: Path, out: str, split: str = "valid", data_dir: Optional[str] = None, overrides: List[str] = ()) -> Dict[str, Any]:
+    """Score a split with a checkpoint (`resolve_checkpoint`) and write this rank's part (a
+    collective: every rank calls it); returns the metadata, the same on every rank."""
     out_dir = Path(out)
     if not out_dir.parent.is_dir():
         raise UserError(f"cannot write {out}: the directory {out_dir.parent} does not exist")
@@ -253,6 +256,7 @@ def _write_part(path: Path, rows: Dict[str, np.ndarray], columns: Dict[str, np.n
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="a checkpoint directory, or a folder of them (latest)")
+    parser.add_argument("--best", action="store_true", help="with a folder of checkpoints: the best by validation AUC")
     parser.add_argument("--split", default="valid", help="valid (default), test or train")
     parser.add_argument("--data", help="a prepared directory to score (default: the training run's); ids unseen in training score as padding")
     parser.add_argument("--out", required=True, help="predictions directory, e.g. preds.parquet (one part file per rank)")
@@ -260,9 +264,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    device = checkpoint_config(resolve_checkpoint(args.checkpoint), args.overrides).train.device
-    with distributed(device) as env:
-        meta = predict(env, args.checkpoint, args.out, args.split, args.data, args.overrides)
+    path = resolve_checkpoint(args.checkpoint, args.best)
+    with distributed(checkpoint_config(path, args.overrides).train.device) as env:
+        meta = predict(env, path, args.out, args.split, args.data, args.overrides)
     if env.is_main:
         m = meta["metrics"]
         print(
