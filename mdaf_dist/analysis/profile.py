@@ -17,7 +17,7 @@ convolutions and attention; an embedding lookup is a gather and counts 0), and l
 module hooks: a component runs from the first call of one of its modules to the first call of
 the next component's, so the glue code in between (reshapes, the history's right alignment)
 counts with the component it follows, and the components together cover the whole forward.
-Latencies are the minimum over `--repeats` passes (the least disturbed by other processes).
+Latencies are those of the fastest of `--repeats` passes (the least disturbed by other processes).
 CUDA timings synchronise the device at every boundary; they have not been run on a GPU yet.
 """
 
@@ -95,9 +95,9 @@ def flops_by_module(model: nn.Module, *inputs: Any) -> Dict[str, int]:
 
 
 def component_latencies(model: nn.Module, components: Dict[str, Sequence[str]], inputs: Tuple[Any, ...], repeats: int, device: torch.device) -> Tuple[Dict[str, float], float]:
-    """Seconds per component of one forward (minimum over `repeats`), and the whole forward's
-    minimum over as many passes without hooks, alternating with the hooked ones so that both
-    see the same load of the machine."""
+    """Seconds per component of the fastest of `repeats` hooked forward passes, and the fastest
+    of as many passes without hooks, alternating with the hooked ones so that both see the same
+    load of the machine."""
     modules = dict(model.named_children())
     starts: Dict[str, float] = {}
 
@@ -135,8 +135,9 @@ def component_latencies(model: nn.Module, components: Dict[str, Sequence[str]], 
         timed_pass()  # warm-up
         for _ in range(repeats):
             whole = min(whole, timed_pass())
-            for name, seconds in hooked_pass().items():
-                best[name] = min(best.get(name, math.inf), seconds)
+            split = hooked_pass()
+            if not best or sum(split.values()) < sum(best.values()):
+                best = split
     return best, whole
 
 
