@@ -211,7 +211,7 @@ def predict(env: DistEnv, path: Path, out: str, split: str = "valid", data_dir: 
         trainer.evaluator.update(
             *(torch.from_numpy(columns[name]) for name in ("logit", "label")),
             torch.from_numpy(columns["gate"]) if outputs["gate"] else None,
-            torch.from_numpy(columns["hist_len"]), torch.from_numpy(rows["user"]),
+            torch.from_numpy(columns["hist_len"]), torch.tensor(rows["user"]),  # a copy: pyarrow's arrays are read-only
         )  # fmt: skip
         metrics = trainer.evaluator.compute()
         feature_keys = [USER, ITEM, CATEGORY, HIST_ITEM] + ([HIST_CATEGORY] if cfg.loader.history_categories else [])
