@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -171,11 +170,10 @@ def checkpoint_config(path: Path, overrides: List[str] = ()) -> Config:
     return cfg
 
 
-def load_trainer(path: Path, cfg: Config, env: DistEnv, scratch: str) -> Trainer:
-    """A Trainer over `cfg` with the checkpoint's weights; what it writes (the sharding plan)
-    goes to `scratch`, not into the training run's directory."""
-    cfg.output_dir = scratch
-    trainer = Trainer(cfg, env)
+def load_trainer(path: Path, cfg: Config, env: DistEnv) -> Trainer:
+    """A Trainer over `cfg` with the checkpoint's weights; nothing of the run's directory is written."""
+    trainer = Trainer(cfg, env, save_plan=False)
+    ckpt.check_compatible(path, cfg, trainer.vocab)
     ckpt.Checkpointer.load(path, trainer.model)
     return trainer
 
@@ -189,50 +187,49 @@ def predict(env: DistEnv, path: Path, out: str, split: str = "valid", data_dir: 
     cfg = checkpoint_config(path, overrides)
     scored_dir = data_dir or cfg.data_dir
     check_split(scored_dir, split)
-    with tempfile.TemporaryDirectory(prefix="mdaf-predict-") as scratch:
-        trainer = load_trainer(path, cfg, env, scratch)
-        training_dir = cfg.data_dir
-        remap = VocabMap.between(scored_dir, training_dir) if Path(scored_dir).resolve() != Path(training_dir).resolve() else None
-        unseen: Dict[str, int] = {}
-        transform = (lambda batch: remap.apply(batch, unseen)) if remap is not None else None
-        outputs: Dict[str, List[np.ndarray]] = {"label": [], "logit": [], "gate": [], "hist_len": []}
-        for batch, result in trainer.scored_batches(split, scored_dir, transform):
-            outputs["label"].append(batch.labels.cpu().numpy())
-            outputs["logit"].append(result.logits.float().cpu().numpy())
-            outputs["hist_len"].append(batch.features[HIST_ITEM].lengths().cpu().numpy())
-            if result.gate is not None:
-                outputs["gate"].append(result.gate.float().cpu().numpy())
-        rows = rank_rows(scored_dir, split, env.rank, env.world_size)
-        columns = {name: np.concatenate(values) if values else np.empty(0, np.float32) for name, values in outputs.items()}
-        if not np.array_equal(columns["label"], rows["label"].astype(np.float32)):
-            raise AssertionError("the loader's batches and the split's rows disagree: predictions would be misaligned")
-        # users by the scored data's ids: unseen users all score as padding but stay apart for GAUC
-        trainer.evaluator.reset()
-        trainer.evaluator.update(
-            *(torch.from_numpy(columns[name]) for name in ("logit", "label")),
-            torch.from_numpy(columns["gate"]) if outputs["gate"] else None,
-            torch.from_numpy(columns["hist_len"]), torch.tensor(rows["user"]),  # a copy: pyarrow's arrays are read-only
-        )  # fmt: skip
-        metrics = trainer.evaluator.compute()
-        feature_keys = [USER, ITEM, CATEGORY, HIST_ITEM] + ([HIST_CATEGORY] if cfg.loader.history_categories else [])
-        meta = {
-            "checkpoint": str(path),
-            "step": ckpt.read_trainer_state(path)["step"],
-            "split": split,
-            "data_dir": str(scored_dir),
-            "training_data_dir": str(training_dir),
-            "world_size": env.world_size,
-            "num_samples": int(metrics["num_samples"]),
-            "metrics": metrics,
-            "unseen_ids": _all_reduce_counts(unseen, feature_keys) if remap is not None else None,
-        }
-        if env.is_main:
-            out_dir.mkdir(exist_ok=True)
-            for stale in out_dir.glob(PART_PATTERN):
-                stale.unlink()
-        _barrier()
-        _write_part(out_dir / part_file(env.rank), rows, columns, scored_dir, meta, with_gate="gate_mean" in metrics)
-        _barrier()
+    trainer = load_trainer(path, cfg, env)
+    training_dir = cfg.data_dir
+    remap = VocabMap.between(scored_dir, training_dir) if Path(scored_dir).resolve() != Path(training_dir).resolve() else None
+    unseen: Dict[str, int] = {}
+    transform = (lambda batch: remap.apply(batch, unseen)) if remap is not None else None
+    outputs: Dict[str, List[np.ndarray]] = {"label": [], "logit": [], "gate": [], "hist_len": []}
+    for batch, result in trainer.scored_batches(split, scored_dir, transform):
+        outputs["label"].append(batch.labels.cpu().numpy())
+        outputs["logit"].append(result.logits.float().cpu().numpy())
+        outputs["hist_len"].append(batch.features[HIST_ITEM].lengths().cpu().numpy())
+        if result.gate is not None:
+            outputs["gate"].append(result.gate.float().cpu().numpy())
+    rows = rank_rows(scored_dir, split, env.rank, env.world_size)
+    columns = {name: np.concatenate(values) if values else np.empty(0, np.float32) for name, values in outputs.items()}
+    if not np.array_equal(columns["label"], rows["label"].astype(np.float32)):
+        raise AssertionError("the loader's batches and the split's rows disagree: predictions would be misaligned")
+    # users by the scored data's ids: unseen users all score as padding but stay apart for GAUC
+    trainer.evaluator.reset()
+    trainer.evaluator.update(
+        *(torch.from_numpy(columns[name]) for name in ("logit", "label")),
+        torch.from_numpy(columns["gate"]) if outputs["gate"] else None,
+        torch.from_numpy(columns["hist_len"]), torch.tensor(rows["user"]),  # a copy: pyarrow's arrays are read-only
+    )  # fmt: skip
+    metrics = trainer.evaluator.compute()
+    feature_keys = [USER, ITEM, CATEGORY, HIST_ITEM] + ([HIST_CATEGORY] if cfg.loader.history_categories else [])
+    meta = {
+        "checkpoint": str(path),
+        "step": ckpt.read_trainer_state(path)["step"],
+        "split": split,
+        "data_dir": str(scored_dir),
+        "training_data_dir": str(training_dir),
+        "world_size": env.world_size,
+        "num_samples": int(metrics["num_samples"]),
+        "metrics": metrics,
+        "unseen_ids": _all_reduce_counts(unseen, feature_keys) if remap is not None else None,
+    }
+    if env.is_main:
+        out_dir.mkdir(exist_ok=True)
+        for stale in out_dir.glob(PART_PATTERN):
+            stale.unlink()
+    _barrier()
+    _write_part(out_dir / part_file(env.rank), rows, columns, scored_dir, meta, with_gate="gate_mean" in metrics)
+    _barrier()
     return meta
 
 
