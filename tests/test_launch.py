@@ -4,6 +4,7 @@ and `torchrun` on tiny data. Restarts and two-node rendezvous: test_elastic.py."
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import subprocess
@@ -71,7 +72,7 @@ def test_workers_refuse_restarts_whose_store_the_first_attempt_keeps(monkeypatch
                         "MASTER_ADDR": "localhost", "MASTER_PORT": "1"}.items():  # fmt: skip
         monkeypatch.setenv(name, value)
     with pytest.raises(UserError) as error:
-        init_distributed("cpu")
+        init_distributed("cpu", timeout=datetime.timedelta(seconds=5))  # no store listens there: fail, do not wait
     assert str(error.value) == (
         "torchrun --max-restarts needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment: "
         "without it the restarted workers cannot connect to each other (torch 2.13)"
