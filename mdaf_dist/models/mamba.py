@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mdaf_dist.models.selective_scan import resolve_backend, selective_scan
+from mdaf_dist.models.selective_scan import check_backend, selective_scan
 
 
 class Mamba(nn.Module):
@@ -39,7 +39,7 @@ class Mamba(nn.Module):
         dt_init_floor: float = 1e-4,
     ):
         super().__init__()
-        resolve_backend(scan_backend, torch.device("cpu"))  # fail early on an unknown name
+        check_backend(scan_backend)  # fail early on an unknown name
         self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
         self.d_inner = expand * d_model
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)

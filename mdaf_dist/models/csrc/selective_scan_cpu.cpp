@@ -1,0 +1,388 @@
+// The selective scan fused for the CPU: forward and backward in one pass over time per
+// (batch, channel), the N states of that channel in a small buffer that stays in L1, the loop over
+// N vectorised by the compiler, batches split over torch's intra-op threads (at::parallel_for).
+//
+// Semantics and layouts are those of mamba_ssm's selective_scan_fn with real A, after the optional
+// delta_bias and softplus (applied by the caller):
+//   h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t,   y_t = C_t . h_t + D u_t,   out_t = y_t silu(z_t)
+// u, delta, z: [batch, d_inner, L]; A: [d_inner, N] contiguous; B, C: [batch, N, L]; D: [d_inner].
+// Any strides are read as they are, so callers pass transposed views without copying them.
+//
+// Nothing is saved between forward and backward but the inputs: the backward recomputes the states
+// of one (batch, channel) over the whole sequence into a per-thread [L + 1, N] buffer, then runs
+// the gradient of the state backwards in time. Its memory is O(threads L N), not O(batch d_inner N).
+//
+// Registered as torch ops (no Python.h needed): torch.ops.mdaf_dist.selective_scan_fwd / _bwd.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstdint>
+#include <mutex>
+#include <vector>
+
+namespace {
+
+// Compiled once per instruction set; the loader picks the best one for the running CPU.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SCAN_TARGETS __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define SCAN_TARGETS
+#endif
+
+// The state loop works on GCC vector-extension vectors of 16 floats, N zero-padded to a multiple
+// of 16 (padded lanes have A = B = C = 0: their state stays 0 and adds nothing). The compiler lowers
+// each vector op to one AVX-512, two AVX2 or four SSE instructions, whichever clone runs.
+constexpr int64_t kLanes = 16;
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t IVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
+typedef float Half __attribute__((vector_size(kLanes / 2 * sizeof(float))));
+
+#define ALWAYS_INLINE __attribute__((always_inline)) inline
+
+// exp(x) for the decays exp(delta A): Cephes' expf (range reduction by ln 2, degree-6
+// polynomial, 2^k through the exponent bits), within 2 ulp of expf on [-87, 88]; plain vector
+// arithmetic where the library's expf would be one call per value.
+ALWAYS_INLINE Vec exp_vec(Vec x) {
+  x = x < -87.0f ? Vec{} - 87.0f : x;
+  x = x > 88.0f ? Vec{} + 88.0f : x;
+  const float round = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+  const Vec k = (x * 1.44269504088896341f + round) - round;
+  const Vec r = (x - k * 0.693359375f) + k * 2.12194440e-4f;
+  Vec p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const IVec bits = (__builtin_convertvector(k, IVec) + 127) << 23;  // 2^k
+  return p * reinterpret_cast<const Vec&>(bits);
+}
+
+typedef float Quarter __attribute__((vector_size(kLanes / 4 * sizeof(float))));
+
+ALWAYS_INLINE float sum_lanes(Vec v) {
+  const Half h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                 __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const Quarter q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+  return (q[0] + q[2]) + (q[1] + q[3]);
+}
+
+ALWAYS_INLINE Vec sigmoid_vec(Vec x) { return 1.0f / (1.0f + exp_vec(-x)); }
+
+// A [batch, d, L] (or [batch, N, L]) tensor read through its strides.
+struct Strided3 {
+  float* data;
+  int64_t s0, s1, s2;
+  explicit Strided3(const at::Tensor& t)
+      : data(t.defined() && t.numel() ? t.data_ptr<float>() : nullptr),
+        s0(t.defined() ? t.stride(0) : 0), s1(t.defined() ? t.stride(1) : 0), s2(t.defined() ? t.stride(2) : 0) {}
+  float& operator()(int64_t i, int64_t j, int64_t k) const { return data[i * s0 + j * s1 + k * s2]; }
+  bool defined() const { return data != nullptr; }
+};
+
+// Zeroed storage of whole vectors, 64-byte aligned for the AVX-512 clone: alignof(Vec) is
+// capped by the baseline target (16 bytes with SSE2), so std::vector<Vec> is not enough.
+class Rows {
+ public:
+  explicit Rows(int64_t count)
+      : size_(count), data_(static_cast<Vec*>(std::aligned_alloc(sizeof(Vec), std::max<int64_t>(count, 1) * sizeof(Vec)))) {
+    TORCH_CHECK(data_ != nullptr, "fused CPU scan: out of memory");
+    std::fill(data_, data_ + size_, Vec{});
+  }
+  Rows(Rows&& other) noexcept : size_(other.size_), data_(other.data_) { other.data_ = nullptr; }
+  Rows(const Rows&) = delete;
+  Rows& operator=(const Rows&) = delete;
+  ~Rows() { std::free(data_); }
+  Vec* data() const { return data_; }
+  int64_t size() const { return size_; }
+  Vec& operator[](int64_t i) const { return data_[i]; }
+
+ private:
+  int64_t size_;
+  Vec* data_;
+};
+
+int64_t vectors_for(int64_t n) { return (n + kLanes - 1) / kLanes; }
+
+struct Problem {
+  int64_t d_inner, length, n, vecs;  // vecs: vectors per padded row of N
+  Rows A;                            // [d_inner, vecs]
+  const float* D;                    // [d_inner] or null
+  Strided3 u, delta, B, C, z;
+};
+
+// x[b] ([N, L] through strides) as L padded rows of N.
+void gather_rows(const Strided3& x, int64_t b, int64_t length, int64_t n, int64_t vecs, Vec* out) {
+  for (int64_t t = 0; t < length; ++t) {
+    float* row = reinterpret_cast<float*>(out + t * vecs);
+    for (int64_t k = 0; k < n; ++k) row[k] = x(b, k, t);
+    std::fill(row + n, row + vecs * kLanes, 0.0f);
+  }
+}
+
+void scatter_rows(const Vec* rows, int64_t b, int64_t length, int64_t n, int64_t vecs, const Strided3& x) {
+  for (int64_t t = 0; t < length; ++t) {
+    const float* row = reinterpret_cast<const float*>(rows + t * vecs);
+    for (int64_t k = 0; k < n; ++k) x(b, k, t) = row[k];
+  }
+}
+
+// x[b, d, :] into a contiguous row (zero-padded to whole vectors), and back.
+ALWAYS_INLINE void load_series(const Strided3& x, int64_t b, int64_t d, int64_t length, float* out) {
+  for (int64_t t = 0; t < length; ++t) out[t] = x(b, d, t);
+  std::fill(out + length, out + vectors_for(length) * kLanes, 0.0f);
+}
+
+ALWAYS_INLINE void store_series(const float* in, int64_t b, int64_t d, int64_t length, const Strided3& x) {
+  for (int64_t t = 0; t < length; ++t) x(b, d, t) = in[t];
+}
+
+// Per-thread buffers: B and C rows of one sample, and per-channel series over time.
+struct Scratch {
+  Rows B, C, gB, gC, states, decays, gA;
+  Rows dt, u, y, z, g;  // series over time, whole vectors
+  std::vector<float> gD;
+  Scratch(const Problem& p, bool backward)
+      : B(p.length * p.vecs), C(p.length * p.vecs), gB(backward ? p.length * p.vecs : 0),
+        gC(backward ? p.length * p.vecs : 0), states(backward ? (p.length + 1) * p.vecs : p.vecs),
+        decays(backward ? p.length * p.vecs : 0), gA(backward ? p.d_inner * p.vecs : 0),
+        dt(vectors_for(p.length)), u(vectors_for(p.length)), y(vectors_for(p.length)), z(vectors_for(p.length)),
+        g(vectors_for(p.length)), gD(backward ? p.d_inner : 0, 0.0f) {}
+};
+
+ALWAYS_INLINE float* f(Rows& r) { return reinterpret_cast<float*>(r.data()); }
+
+// kM: vectors per state row known at compile time (1 or 2: N <= 32) or 0 (any, read from p.vecs).
+// With kM fixed the state loop unrolls and the state stays in registers.
+template <int kM>
+ALWAYS_INLINE void forward_channel(const Problem& p, int64_t b, int64_t d, const Strided3& out, Scratch& s) {
+  const int64_t L = p.length, M = kM ? kM : p.vecs;
+  const Vec* Ad = p.A.data() + d * M;
+  const float Dd = p.D ? p.D[d] : 0.0f;
+  float* dt = f(s.dt);
+  float* u = f(s.u);
+  float* y = f(s.y);
+  load_series(p.delta, b, d, L, dt);
+  load_series(p.u, b, d, L, u);
+  Vec* h = s.states.data();
+  std::fill(h, h + M, Vec{});
+  for (int64_t t = 0; t < L; ++t) {
+    const float du = dt[t] * u[t];
+    const Vec* Bs = s.B.data() + t * M;
+    const Vec* Cs = s.C.data() + t * M;
+    Vec yt{};
+    for (int64_t m = 0; m < M; ++m) {
+      h[m] = exp_vec(dt[t] * Ad[m]) * h[m] + du * Bs[m];
+      yt += h[m] * Cs[m];
+    }
+    y[t] = sum_lanes(yt) + Dd * u[t];
+  }
+  if (p.z.defined()) {
+    load_series(p.z, b, d, L, f(s.z));
+    for (int64_t i = 0; i < s.y.size(); ++i) s.y[i] *= s.z[i] * sigmoid_vec(s.z[i]);  // silu(z)
+  }
+  store_series(y, b, d, L, out);
+}
+
+SCAN_TARGETS
+void forward_sample(const Problem& p, int64_t b, const Strided3& out, Scratch& s) {
+  gather_rows(p.B, b, p.length, p.n, p.vecs, s.B.data());
+  gather_rows(p.C, b, p.length, p.n, p.vecs, s.C.data());
+  for (int64_t d = 0; d < p.d_inner; ++d) {
+    switch (p.vecs) {
+      case 1: forward_channel<1>(p, b, d, out, s); break;
+      case 2: forward_channel<2>(p, b, d, out, s); break;
+      default: forward_channel<0>(p, b, d, out, s);
+    }
+  }
+}
+
+struct Grads {
+  Strided3 u, delta, B, C, z;
+};
+
+template <int kM>
+ALWAYS_INLINE void backward_channel(const Problem& p, int64_t b, int64_t d, const Strided3& grad_out, const Grads& g,
+                                    Scratch& s) {
+  const int64_t L = p.length, M = kM ? kM : p.vecs;
+  const Vec* Ad = p.A.data() + d * M;
+  const float Dd = p.D ? p.D[d] : 0.0f;
+  Vec* gAd = s.gA.data() + d * M;
+  float* dt = f(s.dt);
+  float* u = f(s.u);
+  float* y = f(s.y);
+  float* gy = f(s.g);
+  load_series(p.delta, b, d, L, dt);
+  load_series(p.u, b, d, L, u);
+  Vec* states = s.states.data();  // row t + 1: h_t; row 0: the zero initial state
+  Vec* decays = s.decays.data();  // row t: exp(delta_t A)
+  std::fill(states, states + M, Vec{});
+  // Recompute the states, and y_t before the gate (for grad z).
+  for (int64_t t = 0; t < L; ++t) {
+    const float du = dt[t] * u[t];
+    const Vec* Bs = s.B.data() + t * M;
+    const Vec* Cs = s.C.data() + t * M;
+    const Vec* prev = states + t * M;
+    Vec* next = states + (t + 1) * M;
+    Vec* decay = decays + t * M;
+    Vec yt{};
+    for (int64_t m = 0; m < M; ++m) {
+      decay[m] = exp_vec(dt[t] * Ad[m]);
+      next[m] = decay[m] * prev[m] + du * Bs[m];
+      yt += next[m] * Cs[m];
+    }
+    y[t] = sum_lanes(yt) + Dd * u[t];
+  }
+  // The gradient of y before the gate, and of z.
+  load_series(grad_out, b, d, L, gy);
+  if (p.z.defined()) {
+    load_series(p.z, b, d, L, f(s.z));
+    for (int64_t i = 0; i < s.g.size(); ++i) {
+      const Vec z = s.z[i], sz = sigmoid_vec(z), go = s.g[i];
+      s.g[i] = go * z * sz;
+      s.z[i] = go * s.y[i] * sz * (1.0f + z * (1.0f - sz));  // grad z, in z's buffer
+    }
+    store_series(f(s.z), b, d, L, g.z);
+  }
+  // Reverse time: G_t = C_t gy_t + exp(delta_{t+1} A) G_{t+1}, the gradient reaching h_t.
+  Vec carry[kM ? kM : 1];
+  Rows carry_any(kM ? 0 : M);
+  Vec* G_next = kM ? carry : carry_any.data();  // exp(delta_{t+1} A) G_{t+1}
+  std::fill(G_next, G_next + M, Vec{});
+  float gD = 0.0f;
+  for (int64_t t = L - 1; t >= 0; --t) {
+    const float du = dt[t] * u[t], gyt = gy[t];
+    gD += gyt * u[t];
+    const Vec* Bs = s.B.data() + t * M;
+    const Vec* Cs = s.C.data() + t * M;
+    Vec* gBs = s.gB.data() + t * M;
+    Vec* gCs = s.gC.data() + t * M;
+    const Vec* prev = states + t * M;
+    const Vec* next = states + (t + 1) * M;
+    const Vec* decay = decays + t * M;
+    Vec sum_GB{}, sum_decay{};
+    for (int64_t m = 0; m < M; ++m) {
+      const Vec G = G_next[m] + Cs[m] * gyt;
+      gCs[m] += gyt * next[m];
+      gBs[m] += G * du;
+      sum_GB += G * Bs[m];
+      const Vec w = G * decay[m] * prev[m];  // through exp(delta_t A) h_{t-1}
+      sum_decay += w * Ad[m];
+      gAd[m] += w * dt[t];
+      G_next[m] = decay[m] * G;
+    }
+    const float GB = sum_lanes(sum_GB);
+    y[t] = dt[t] * GB + Dd * gyt;               // grad u, in y's buffer (y is no longer needed)
+    dt[t] = u[t] * GB + sum_lanes(sum_decay);   // grad delta, in delta's (delta_t is not read again)
+  }
+  store_series(y, b, d, L, g.u);
+  store_series(dt, b, d, L, g.delta);
+  s.gD[d] += gD;
+}
+
+SCAN_TARGETS
+void backward_sample(const Problem& p, int64_t b, const Strided3& grad_out, const Grads& g, Scratch& s) {
+  gather_rows(p.B, b, p.length, p.n, p.vecs, s.B.data());
+  gather_rows(p.C, b, p.length, p.n, p.vecs, s.C.data());
+  std::fill(s.gB.data(), s.gB.data() + s.gB.size(), Vec{});
+  std::fill(s.gC.data(), s.gC.data() + s.gC.size(), Vec{});
+  for (int64_t d = 0; d < p.d_inner; ++d) {
+    switch (p.vecs) {
+      case 1: backward_channel<1>(p, b, d, grad_out, g, s); break;
+      case 2: backward_channel<2>(p, b, d, grad_out, g, s); break;
+      default: backward_channel<0>(p, b, d, grad_out, g, s);
+    }
+  }
+  scatter_rows(s.gB.data(), b, p.length, p.n, p.vecs, g.B);
+  scatter_rows(s.gC.data(), b, p.length, p.n, p.vecs, g.C);
+}
+
+void check_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+                  const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z) {
+  for (const at::Tensor* t : {&u, &delta, &A, &B, &C}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat, "fused CPU scan: float32 CPU tensors only");
+  }
+  TORCH_CHECK(u.dim() == 3 && delta.sizes() == u.sizes(), "fused CPU scan: u and delta must be [batch, d_inner, L]");
+  TORCH_CHECK(A.dim() == 2 && A.size(0) == u.size(1) && A.is_contiguous(), "fused CPU scan: A must be contiguous [d_inner, N]");
+  for (const at::Tensor* t : {&B, &C}) {
+    TORCH_CHECK(t->dim() == 3 && t->size(0) == u.size(0) && t->size(1) == A.size(1) && t->size(2) == u.size(2),
+                "fused CPU scan: B and C must be [batch, N, L]");
+  }
+  if (D) TORCH_CHECK(D->is_contiguous() && D->numel() == u.size(1) && D->scalar_type() == at::kFloat, "fused CPU scan: bad D");
+  if (z) TORCH_CHECK(z->sizes() == u.sizes() && z->scalar_type() == at::kFloat, "fused CPU scan: bad z");
+}
+
+Problem make_problem(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+                     const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z) {
+  const int64_t d_inner = u.size(1), n = A.size(1), vecs = vectors_for(n);
+  Problem p{d_inner, u.size(2), n, vecs, Rows(d_inner * vecs), D ? D->data_ptr<float>() : nullptr,
+            Strided3(u), Strided3(delta), Strided3(B), Strided3(C), Strided3(z ? *z : at::Tensor())};
+  const float* a = A.data_ptr<float>();
+  for (int64_t d = 0; d < d_inner; ++d) std::copy(a + d * n, a + (d + 1) * n, reinterpret_cast<float*>(&p.A[d * vecs]));
+  return p;
+}
+
+// [batch, L, d_inner] storage seen as [batch, d_inner, L]: the block's out_proj reads it without a copy.
+at::Tensor empty_channels_last(const at::Tensor& u) {
+  return at::empty({u.size(0), u.size(2), u.size(1)}, u.options()).transpose(1, 2);
+}
+
+at::Tensor selective_scan_fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+                              const at::Tensor& C, const std::optional<at::Tensor>& D,
+                              const std::optional<at::Tensor>& z) {
+  check_inputs(u, delta, A, B, C, D, z);
+  const Problem p = make_problem(u, delta, A, B, C, D, z);
+  at::Tensor out = empty_channels_last(u);
+  const Strided3 out_view(out);
+  at::parallel_for(0, u.size(0), 1, [&](int64_t begin, int64_t end) {
+    Scratch scratch(p, /*backward=*/false);
+    for (int64_t b = begin; b < end; ++b) forward_sample(p, b, out_view, scratch);
+  });
+  return out;
+}
+
+// grad_u, grad_delta, grad_A, grad_B, grad_C, grad_D, grad_z (size 0 without z).
+std::vector<at::Tensor> selective_scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                                           const at::Tensor& B, const at::Tensor& C,
+                                           const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+                                           const at::Tensor& grad_out) {
+  check_inputs(u, delta, A, B, C, D, z);
+  TORCH_CHECK(grad_out.sizes() == u.sizes() && grad_out.scalar_type() == at::kFloat, "fused CPU scan: bad grad_out");
+  const Problem p = make_problem(u, delta, A, B, C, D, z);
+  at::Tensor grad_u = at::empty_like(u), grad_delta = at::empty_like(delta);
+  at::Tensor grad_B = at::empty_like(B), grad_C = at::empty_like(C);
+  at::Tensor grad_z = z ? at::empty_like(*z) : at::empty({0}, u.options());
+  at::Tensor grad_A = at::zeros_like(A), grad_D = at::zeros({p.d_inner}, u.options());
+  const Grads g{Strided3(grad_u), Strided3(grad_delta), Strided3(grad_B), Strided3(grad_C), Strided3(grad_z)};
+  const Strided3 grad_out_view(grad_out);
+  std::mutex reduce;
+  at::parallel_for(0, u.size(0), 1, [&](int64_t begin, int64_t end) {
+    Scratch scratch(p, /*backward=*/true);
+    for (int64_t b = begin; b < end; ++b) backward_sample(p, b, grad_out_view, g, scratch);
+    std::lock_guard<std::mutex> lock(reduce);  // A and D are shared by the batch: sum the threads' parts
+    float* gA = grad_A.data_ptr<float>();
+    for (int64_t d = 0; d < p.d_inner; ++d)
+      for (int64_t k = 0; k < p.n; ++k) gA[d * p.n + k] += scratch.gA[d * p.vecs + k / kLanes][k % kLanes];
+    float* gD = grad_D.data_ptr<float>();
+    for (size_t i = 0; i < scratch.gD.size(); ++i) gD[i] += scratch.gD[i];
+  });
+  return {grad_u, grad_delta, grad_A, grad_B, grad_C, grad_D, grad_z};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(mdaf_dist, m) {
+  m.def("selective_scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z) -> Tensor");
+  m.def("selective_scan_bwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
+        "Tensor grad_out) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(mdaf_dist, CPU, m) {
+  m.impl("selective_scan_fwd", &selective_scan_fwd);
+  m.impl("selective_scan_bwd", &selective_scan_bwd);
+}
