@@ -5,8 +5,8 @@ dt_proj, A_log, D, out_proj), so a ``state_dict`` moves between this module and 
 The forward reads top to bottom next to Algorithm 1 (mamba-minimal style); the selective scan
 itself is ``selective_scan`` with a choice of backends.
 
-Padding: sequences are right-aligned (left-padded). On padded steps the convolution input is
-zeroed and delta is set to 0, so the state stays exactly zero until the first real step and the
+Padding: sequences are right-aligned (left-padded). On padded steps the block's input is zeroed
+and delta is set to 0, so the state stays exactly zero until the first real step and the
 outputs on real steps do not depend on how much padding precedes them. Outputs on padded steps
 carry no meaning.
 """
@@ -68,23 +68,29 @@ class Mamba(nn.Module):
         self.D.fill_(1.0)
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-        L = x.shape[1]
-        keep = None if mask is None else mask.unsqueeze(1).to(x.dtype)  # [B, 1, L]
+        if mask is not None:
+            # in_proj has no bias: zero input on padded steps makes H_x and H_z zero there too
+            x = x * mask.unsqueeze(-1).to(x.dtype)
 
-        # 1. H_x, H_z <- Linear(H_seq)
-        h_x, h_z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)  # [B, d_inner, L] each
-        # 2. H'_x <- SiLU(Conv1d(H_x)), causal: the conv pads both sides, keep the first L outputs
-        if keep is not None:
-            h_x = h_x * keep
-        h_x = F.silu(self.conv1d(h_x)[..., :L])
+        # 1. H_x, H_z <- Linear(H_seq), in_proj's two halves as two products: each result and its
+        #    gradient is one contiguous [B, L, d_inner] tensor (no split of the output, no cat of the grads)
+        w_x, w_z = self.in_proj.weight.chunk(2, dim=0)
+        h_x, h_z = F.linear(x, w_x), F.linear(x, w_z)
+        # 2. H'_x <- SiLU(Conv1d(H_x)), causal: K - 1 zero steps on the left only, so the conv
+        #    returns exactly L steps (conv1d's own padding, both sides, is mamba_ssm's layout only)
+        h_x = F.pad(h_x.transpose(1, 2), (self.d_conv - 1, 0))
+        h_x = F.silu(F.conv1d(h_x, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner))  # [B, d_inner, L]
         # 3.-5. A <- -exp(A_log); B, C, dt <- Linear(H'_x); delta <- softplus(dt_proj(dt))
         dt, B, C = self.x_proj(h_x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.softplus(self.dt_proj(dt)).transpose(1, 2)  # [B, d_inner, L]
-        if keep is not None:
-            delta = delta * keep  # delta = 0: exp(0 A) = 1 and no input, the state is carried over
+        # dt_proj as dt @ W^T + b rather than F.linear: autograd then forms W's gradient as
+        # (dt^T grad)^T, which BLAS computes several times faster than grad^T dt for this thin shape
+        delta = F.softplus(torch.matmul(dt, self.dt_proj.weight.t()) + self.dt_proj.bias)
+        if mask is not None:
+            delta = delta * mask.unsqueeze(-1)  # delta = 0: exp(0 A) = 1 and no input, the state is carried over
         A = -torch.exp(self.A_log.float())
-        # 6.-7. H_y <- SelectiveSSM(discretize(delta, A, B), C)(H'_x), gated by SiLU(H_z)
-        y = selective_scan(h_x, delta, A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(),
-                           z=h_z, backend=self.scan_backend)
+        # 6.-7. H_y <- SelectiveSSM(discretize(delta, A, B), C)(H'_x), gated by SiLU(H_z); the
+        #    [B, L, d_inner] tensors go in as [B, d_inner, L] views
+        y = selective_scan(h_x, delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(),
+                           z=h_z.transpose(1, 2), backend=self.scan_backend)
         # 8. H_o <- Linear(H_y * SiLU(H_z))
         return self.out_proj(y.transpose(1, 2))
