@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from mdaf_dist.models.mamba import Mamba
+from tests.test_selective_scan import require_fused_kernel
 
 
 def test_state_dict_has_mamba_ssm_names_and_shapes():
@@ -44,8 +45,10 @@ def test_initialisation_follows_mamba_ssm():
     assert block.dt_proj.weight.abs().max() <= bound
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "fused_cpu"])
 def test_real_steps_do_not_depend_on_left_padding(backend):
+    if backend == "fused_cpu":
+        require_fused_kernel()
     torch.manual_seed(0)
     block = Mamba(8, d_state=4, scan_backend=backend)
     sequence = torch.randn(1, 6, 8)
@@ -65,19 +68,24 @@ def test_padding_matters_without_a_mask():
     assert not torch.allclose(block(padded)[:, 3:], block(sequence), atol=1e-4)
 
 
-def test_cpu_backend_matches_reference_through_the_block():
+@pytest.mark.parametrize("backend", ["cpu", "fused_cpu"])
+def test_backend_matches_reference_through_the_block(backend):
+    """Output, input gradient and every parameter gradient, with padded sequences."""
+    if backend == "fused_cpu":
+        require_fused_kernel()
     torch.manual_seed(0)
     block = Mamba(16, d_state=8, scan_backend="reference")
     x = torch.randn(3, 7, 16, requires_grad=True)
     mask = torch.arange(7).unsqueeze(0) >= torch.tensor([[0], [2], [5]])
     results = {}
-    for backend in ("reference", "cpu"):
-        block.scan_backend = backend
+    for backend_name in ("reference", backend):
+        block.scan_backend = backend_name
         block.zero_grad()
         x.grad = None
-        block(x, mask=mask).pow(2).sum().backward()
-        results[backend] = [x.grad.clone()] + [p.grad.clone() for p in block.parameters()]
-    for got, want in zip(results["cpu"], results["reference"]):
+        out = block(x, mask=mask)
+        out.pow(2).sum().backward()
+        results[backend_name] = [out.detach(), x.grad.clone()] + [p.grad.clone() for p in block.parameters()]
+    for got, want in zip(results[backend], results["reference"]):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 

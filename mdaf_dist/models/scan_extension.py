@@ -42,9 +42,14 @@ def load():
             verbose=os.environ.get("MDAF_VERBOSE_BUILD") == "1",
         )
     except Exception as error:  # a compiler error, a missing tool: all mean "not here"
-        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-        raise ExtensionUnavailable(reason) from error
+        raise ExtensionUnavailable(_first_error_line(str(error)) or type(error).__name__) from error
     return torch.ops.mdaf_dist
+
+
+def _first_error_line(message: str) -> str:
+    """The compiler's first "error:" line of a build log, else its last line."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return next((line for line in lines if "error:" in line), lines[-1] if lines else "")
 
 
 @functools.cache

@@ -78,9 +78,13 @@ ALWAYS_INLINE Vec sigmoid_vec(Vec x) { return 1.0f / (1.0f + exp_vec(-x)); }
 struct Strided3 {
   float* data;
   int64_t s0, s1, s2;
-  explicit Strided3(const at::Tensor& t)
-      : data(t.defined() && t.numel() ? t.data_ptr<float>() : nullptr),
-        s0(t.defined() ? t.stride(0) : 0), s1(t.defined() ? t.stride(1) : 0), s2(t.defined() ? t.stride(2) : 0) {}
+  // An undefined or empty tensor (an absent z) reads as not defined().
+  explicit Strided3(const at::Tensor& t) : data(nullptr), s0(0), s1(0), s2(0) {
+    if (t.defined() && t.numel() > 0) {
+      data = t.data_ptr<float>();
+      s0 = t.stride(0), s1 = t.stride(1), s2 = t.stride(2);
+    }
+  }
   float& operator()(int64_t i, int64_t j, int64_t k) const { return data[i * s0 + j * s1 + k * s2]; }
   bool defined() const { return data != nullptr; }
 };
