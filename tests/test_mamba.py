@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from mdaf_dist.models.mamba import Mamba
+from mdaf_dist.models.mamba4rec import Mamba4RecLayer
 from tests.test_selective_scan import require_fused_kernel
 
 
@@ -92,3 +93,26 @@ def test_backend_matches_reference_through_the_block(backend):
 def test_unknown_scan_backend_is_rejected_at_construction():
     with pytest.raises(ValueError, match="unknown selective-scan backend 'fast'"):
         Mamba(8, scan_backend="fast")
+
+
+@pytest.mark.parametrize("module", ["block", "layer"])
+def test_last_only_is_the_last_step_of_the_full_output(module):
+    """Mamba(last_only=True) and the Mamba4Rec layer built on it: the last step's output and the
+    same gradients as taking [:, -1] of the full [B, L, D] output."""
+    torch.manual_seed(0)
+    if module == "block":
+        net = Mamba(16, d_state=8, scan_backend="reference")
+    else:
+        net = Mamba4RecLayer(16, d_state=8, d_conv=4, expand=2, dropout=0.0, scan_backend="reference")
+    x = torch.randn(3, 7, 16, requires_grad=True)
+    mask = torch.arange(7).unsqueeze(0) >= torch.tensor([[0], [2], [5]])
+    results = []
+    for last_only in (False, True):
+        net.zero_grad()
+        x.grad = None
+        out = net(x, mask, last_only=last_only)
+        out = out if last_only else out[:, -1]
+        out.pow(2).sum().backward()
+        results.append([out.detach(), x.grad.clone()] + [p.grad.clone() for p in net.parameters()])
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

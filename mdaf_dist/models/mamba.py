@@ -24,7 +24,7 @@ from mdaf_dist.models.selective_scan import check_backend, selective_scan
 
 
 class Mamba(nn.Module):
-    """x [B, L, d_model] (+ mask [B, L], True on real steps) -> [B, L, d_model]."""
+    """x [B, L, d_model] (+ mask [B, L], True on real steps) -> [B, L, d_model] (or [B, d_model])."""
 
     def __init__(
         self,
@@ -67,7 +67,9 @@ class Mamba(nn.Module):
         self.A_log.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).expand(self.d_inner, -1))
         self.D.fill_(1.0)
 
-    def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None, last_only: bool = False) -> Tensor:
+        """last_only: return only the last step's output [B, d_model], what a reader of right-aligned
+        sequences takes; out_proj then runs on that step alone."""
         if mask is not None:
             # in_proj has no bias: zero input on padded steps makes H_x and H_z zero there too
             x = x * mask.unsqueeze(-1).to(x.dtype)
@@ -93,4 +95,4 @@ class Mamba(nn.Module):
         y = selective_scan(h_x, delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(),
                            z=h_z.transpose(1, 2), backend=self.scan_backend)
         # 8. H_o <- Linear(H_y * SiLU(H_z))
-        return self.out_proj(y.transpose(1, 2))
+        return self.out_proj(y[..., -1] if last_only else y.transpose(1, 2))
