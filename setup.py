@@ -9,7 +9,7 @@ setup(
     version="0.1.0",
     description="Distributed trainer for MDAF (Mamba-DCN with Adaptive Fusion) CTR models",
     packages=find_packages(include=["mdaf_dist", "mdaf_dist.*"]),
-    # the fused CPU selective scan's source, compiled on first use (mdaf_dist/models/scan_extension.py)
+    # the fused CPU kernels of the Mamba block, compiled on first use (mdaf_dist/models/cpu_kernels.py)
     package_data={"mdaf_dist.models": ["csrc/*.cpp"]},
     python_requires=">=3.10",
     install_requires=[

@@ -69,14 +69,24 @@ def test_padding_matters_without_a_mask():
     assert not torch.allclose(block(padded)[:, 3:], block(sequence), atol=1e-4)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "fused_cpu"])
-def test_backend_matches_reference_through_the_block(backend):
-    """Output, input gradient and every parameter gradient, with padded sequences."""
+@pytest.mark.parametrize("backend,d_model,threads", [("cpu", 16, 1), ("fused_cpu", 16, 1), ("fused_cpu", 12, 2)])
+def test_backend_matches_reference_through_the_block(backend, d_model, threads):
+    """Output, input gradient and every parameter gradient (conv1d's too: fused_cpu fuses the conv),
+    with padded sequences; d_inner 24 has a channel tail past whole 16-lane vectors."""
     if backend == "fused_cpu":
         require_fused_kernel()
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        run_block_against_reference(backend, d_model)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def run_block_against_reference(backend, d_model):
     torch.manual_seed(0)
-    block = Mamba(16, d_state=8, scan_backend="reference")
-    x = torch.randn(3, 7, 16, requires_grad=True)
+    block = Mamba(d_model, d_state=8, scan_backend="reference")
+    x = torch.randn(3, 7, d_model, requires_grad=True)
     mask = torch.arange(7).unsqueeze(0) >= torch.tensor([[0], [2], [5]])
     results = {}
     for backend_name in ("reference", backend):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mdaf_dist.models import scan_extension
+from mdaf_dist.models import cpu_kernels
 from mdaf_dist.models import selective_scan as scan_module
 from mdaf_dist.models.selective_scan import BACKENDS, resolve_backend, selective_scan
 
@@ -46,8 +46,8 @@ def assert_matches_reference(backend, inputs, delta_softplus):
 def require_fused_kernel():
     """Skip (saying why) where the fused kernel cannot be built; builds it once per machine."""
     try:
-        scan_extension.load()
-    except scan_extension.ExtensionUnavailable as error:
+        cpu_kernels.load()
+    except cpu_kernels.ExtensionUnavailable as error:
         pytest.skip(f"fused CPU kernel unavailable: {error}")
 
 
@@ -103,10 +103,10 @@ def test_auto_picks_fused_backend_on_cpu():
 def unbuildable(monkeypatch):
     """Make the kernel fail to load, as on a machine without a compiler."""
     def fail():
-        raise scan_extension.ExtensionUnavailable("no C++ compiler")
+        raise cpu_kernels.ExtensionUnavailable("no C++ compiler")
 
-    monkeypatch.setattr(scan_extension, "load", fail)
-    scan_extension.available.cache_clear()
+    monkeypatch.setattr(cpu_kernels, "load", fail)
+    cpu_kernels.available.cache_clear()
 
 
 def test_auto_falls_back_to_cpu_saying_why_once(monkeypatch, capsys):
@@ -116,7 +116,7 @@ def test_auto_falls_back_to_cpu_saying_why_once(monkeypatch, capsys):
         assert resolve_backend("auto", torch.device("cpu")) == "cpu"
         selective_scan(**random_inputs(), backend="auto")
     finally:
-        scan_extension.available.cache_clear()  # the real kernel again for later tests
+        cpu_kernels.available.cache_clear()  # the real kernel again for later tests
     assert capsys.readouterr().err.splitlines() == [
         "mdaf_dist: fused CPU selective scan unavailable (no C++ compiler); using the 'cpu' backend"]
 
@@ -124,21 +124,21 @@ def test_auto_falls_back_to_cpu_saying_why_once(monkeypatch, capsys):
 def test_fused_backend_named_explicitly_fails_with_the_reason(monkeypatch):
     unbuildable(monkeypatch)
     try:
-        with pytest.raises(scan_extension.ExtensionUnavailable, match="no C\\+\\+ compiler"):
+        with pytest.raises(cpu_kernels.ExtensionUnavailable, match="no C\\+\\+ compiler"):
             selective_scan(**random_inputs(), backend="fused_cpu")
     finally:
-        scan_extension.available.cache_clear()
+        cpu_kernels.available.cache_clear()
 
 
 def test_a_failed_build_reports_the_compiler_error(monkeypatch, tmp_path):
     """The one line names the compiler's error, not the build tool's last words."""
     broken = tmp_path / "broken.cpp"
     broken.write_text("#error the kernel source is broken\n")
-    monkeypatch.setattr(scan_extension, "SOURCE", broken)
-    monkeypatch.setattr(scan_extension, "NAME", "mdaf_dist_broken_kernel")
+    monkeypatch.setattr(cpu_kernels, "SOURCE", broken)
+    monkeypatch.setattr(cpu_kernels, "NAME", "mdaf_dist_broken_kernel")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "build"))
-    with pytest.raises(scan_extension.ExtensionUnavailable, match="error: #error the kernel source is broken"):
-        scan_extension.load.__wrapped__()
+    with pytest.raises(cpu_kernels.ExtensionUnavailable, match="error: #error the kernel source is broken"):
+        cpu_kernels.load.__wrapped__()
 
 
 @pytest.mark.parametrize("delta_softplus", [True, False])

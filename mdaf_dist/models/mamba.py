@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mdaf_dist.models.selective_scan import check_backend, selective_scan
+from mdaf_dist.models import cpu_kernels
+from mdaf_dist.models.selective_scan import check_backend, resolve_backend, selective_scan
 
 
 class Mamba(nn.Module):
@@ -78,12 +79,10 @@ class Mamba(nn.Module):
         #    gradient is one contiguous [B, L, d_inner] tensor (no split of the output, no cat of the grads)
         w_x, w_z = self.in_proj.weight.chunk(2, dim=0)
         h_x, h_z = F.linear(x, w_x), F.linear(x, w_z)
-        # 2. H'_x <- SiLU(Conv1d(H_x)), causal: K - 1 zero steps on the left only, so the conv
-        #    returns exactly L steps (conv1d's own padding, both sides, is mamba_ssm's layout only)
-        h_x = F.pad(h_x.transpose(1, 2), (self.d_conv - 1, 0))
-        h_x = F.silu(F.conv1d(h_x, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner))  # [B, d_inner, L]
+        # 2. H'_x <- SiLU(Conv1d(H_x)), causal
+        h_x = self._conv_silu(h_x)  # [B, L, d_inner]
         # 3.-5. A <- -exp(A_log); B, C, dt <- Linear(H'_x); delta <- softplus(dt_proj(dt))
-        dt, B, C = self.x_proj(h_x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt, B, C = self.x_proj(h_x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         # dt_proj as dt @ W^T + b rather than F.linear: autograd then forms W's gradient as
         # (dt^T grad)^T, which BLAS computes several times faster than grad^T dt for this thin shape
         delta = F.softplus(torch.matmul(dt, self.dt_proj.weight.t()) + self.dt_proj.bias)
@@ -92,7 +91,33 @@ class Mamba(nn.Module):
         A = -torch.exp(self.A_log.float())
         # 6.-7. H_y <- SelectiveSSM(discretize(delta, A, B), C)(H'_x), gated by SiLU(H_z); the
         #    [B, L, d_inner] tensors go in as [B, d_inner, L] views
-        y = selective_scan(h_x, delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(),
+        y = selective_scan(h_x.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(),
                            z=h_z.transpose(1, 2), backend=self.scan_backend)
         # 8. H_o <- Linear(H_y * SiLU(H_z))
         return self.out_proj(y[..., -1] if last_only else y.transpose(1, 2))
+
+    def _conv_silu(self, h_x: Tensor) -> Tensor:
+        """SiLU(causal depthwise conv1d) of [B, L, d_inner], in that layout. With the fused CPU scan
+        the conv is fused too (no layout change); otherwise torch's conv1d with K - 1 zero steps on
+        the left only, so that it returns exactly L steps (conv1d's own two-sided padding is kept
+        for mamba_ssm's parameter layout only)."""
+        if h_x.dtype == torch.float32 and resolve_backend(self.scan_backend, h_x.device) == "fused_cpu":
+            return _FusedCausalConvSiLU.apply(h_x, self.conv1d.weight, self.conv1d.bias)
+        x = F.pad(h_x.transpose(1, 2), (self.d_conv - 1, 0))
+        return F.silu(F.conv1d(x, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)).transpose(1, 2)
+
+
+class _FusedCausalConvSiLU(torch.autograd.Function):
+    """The causal conv + SiLU kernel of ``csrc/mamba_cpu.cpp``; saves its input, not its output."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        x, weight_t = x.contiguous(), weight.squeeze(1).t().contiguous()  # weight [d, 1, K] -> [K, d]
+        ctx.save_for_backward(x, weight_t, bias)
+        return cpu_kernels.load().causal_conv_silu_fwd(x, weight_t, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight_t, bias = ctx.saved_tensors
+        grad_x, grad_weight_t, grad_bias = cpu_kernels.load().causal_conv_silu_bwd(x, weight_t, bias, grad.contiguous())
+        return grad_x, grad_weight_t.t().unsqueeze(1), grad_bias

@@ -13,8 +13,8 @@ Backends:
 - ``reference``: the loop above under autograd; the ground truth, and slow (its autograd graph
   holds every per-step [batch, d_inner, N] state).
 - ``fused_cpu``: one C++ pass over time per (batch, channel), states in L1, the loop over N
-  vectorised, batches over torch's threads (``csrc/selective_scan_cpu.cpp``, built on first use by
-  ``scan_extension``); several times faster than ``cpu``, and saves nothing but its inputs.
+  vectorised, batches over torch's threads (``csrc/mamba_cpu.cpp``, built on first use by
+  ``cpu_kernels``); several times faster than ``cpu``, and saves nothing but its inputs.
 - ``cpu``: a hand-written forward and reverse-time backward over batch blocks (``_ChunkedScan``),
   in eager PyTorch ops; the fallback where the fused kernel cannot be built.
 - ``compiled``: the same blocked algorithm with its kernels run through ``torch.compile``
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mdaf_dist.models import scan_extension
+from mdaf_dist.models import cpu_kernels
 
 BACKENDS = ("auto", "reference", "fused_cpu", "cpu", "compiled", "mamba_ssm")
 
@@ -88,7 +88,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         return backend
     if device.type == "cuda":
         return "mamba_ssm" if mamba_ssm_available() else "compiled"
-    return "fused_cpu" if scan_extension.available() else "cpu"
+    return "fused_cpu" if cpu_kernels.available() else "cpu"
 
 
 def mamba_ssm_available() -> bool:
@@ -120,7 +120,7 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 
 
 class _FusedScan(torch.autograd.Function):
-    """The fused C++ kernel's forward and backward (``csrc/selective_scan_cpu.cpp``).
+    """The fused C++ kernel's forward and backward (``csrc/mamba_cpu.cpp``).
 
     delta_bias and softplus are applied here, once, and only delta's final value is saved: the
     softplus' derivative sigmoid(x) is 1 - exp(-softplus(x)). The kernel's output is stored as
@@ -129,7 +129,7 @@ class _FusedScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-        ops = scan_extension.load()
+        ops = cpu_kernels.load()
         dt = delta.float()
         if delta_bias is not None:
             dt = dt + delta_bias.float()[:, None]
@@ -146,7 +146,7 @@ class _FusedScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         u, dt, A, B, C, D, z = ctx.saved_tensors
-        grad_u, grad_dt, grad_A, grad_B, grad_C, grad_D, grad_z = scan_extension.load().selective_scan_bwd(
+        grad_u, grad_dt, grad_A, grad_B, grad_C, grad_D, grad_z = cpu_kernels.load().selective_scan_bwd(
             u, dt, A, B, C, D, z, grad_out.float())
         if ctx.delta_softplus:
             grad_dt = grad_dt * -torch.expm1(-dt)  # sigmoid(x) = 1 - exp(-softplus(x))

@@ -1,6 +1,7 @@
-"""Builds and loads the fused CPU selective-scan kernel (``csrc/selective_scan_cpu.cpp``).
+"""Builds and loads the Mamba block's fused CPU kernels (``csrc/mamba_cpu.cpp``): the selective
+scan and the causal convolution + SiLU before it.
 
-The kernel is a C++ torch extension compiled on first use with torch's own ``cpp_extension``
+They are one C++ torch extension compiled on first use with torch's own ``cpp_extension``
 (g++ and ninja), once per machine: the build lands in torch's extension cache
 (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) and later processes load it from
 there; torch rebuilds it when the source or the flags change. A C++ extension rather than numba:
@@ -17,17 +18,17 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("csrc") / "selective_scan_cpu.cpp"
-NAME = "mdaf_dist_selective_scan_cpu"
+SOURCE = Path(__file__).with_name("csrc") / "mamba_cpu.cpp"
+NAME = "mdaf_dist_mamba_cpu"
 
 
 class ExtensionUnavailable(RuntimeError):
-    """The kernel cannot be built or loaded here (no compiler, no ninja, a failed build)."""
+    """The kernels cannot be built or loaded here (no compiler, no ninja, a failed build)."""
 
 
 @functools.cache
 def load():
-    """``torch.ops.mdaf_dist`` with the fused kernel's ops; ExtensionUnavailable with the reason."""
+    """``torch.ops.mdaf_dist`` with the fused kernels' ops; ExtensionUnavailable with the reason."""
     from torch.utils import cpp_extension
 
     try:
@@ -54,7 +55,7 @@ def _first_error_line(message: str) -> str:
 
 @functools.cache
 def available() -> bool:
-    """Whether the kernel loads; on the first failure, prints one line saying why."""
+    """Whether the kernels load; on the first failure, prints one line saying why."""
     try:
         load()
     except ExtensionUnavailable as error:

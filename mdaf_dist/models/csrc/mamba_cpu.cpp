@@ -1,4 +1,7 @@
-// The selective scan fused for the CPU: forward and backward in one pass over time per
+// The Mamba block's CPU kernels: the selective scan, and the causal depthwise convolution + SiLU
+// before it. Both run as torch ops (torch.ops.mdaf_dist.*), registered below; no Python.h needed.
+//
+// 1. The selective scan fused for the CPU: forward and backward in one pass over time per
 // (batch, channel), the N states of that channel in a small buffer that stays in L1, the loop over
 // N vectorised by the compiler, batches split over torch's intra-op threads (at::parallel_for).
 //
@@ -11,8 +14,6 @@
 // Nothing is saved between forward and backward but the inputs: the backward recomputes the states
 // of one (batch, channel) over the whole sequence into a per-thread [L + 1, N] buffer, then runs
 // the gradient of the state backwards in time. Its memory is O(threads L N), not O(batch d_inner N).
-//
-// Registered as torch ops (no Python.h needed): torch.ops.mdaf_dist.selective_scan_fwd / _bwd.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -22,6 +23,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstdint>
+#include <cstring>
 #include <mutex>
 #include <vector>
 
@@ -29,9 +31,9 @@ namespace {
 
 // Compiled once per instruction set; the loader picks the best one for the running CPU.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SCAN_TARGETS __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define KERNEL_TARGETS __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
-#define SCAN_TARGETS
+#define KERNEL_TARGETS
 #endif
 
 // The state loop works on GCC vector-extension vectors of 16 floats, N zero-padded to a multiple
@@ -193,7 +195,7 @@ ALWAYS_INLINE void forward_channel(const Problem& p, int64_t b, int64_t d, const
   store_series(y, b, d, L, out);
 }
 
-SCAN_TARGETS
+KERNEL_TARGETS
 void forward_sample(const Problem& p, int64_t b, const Strided3& out, Scratch& s) {
   gather_rows(p.B, b, p.length, p.n, p.vecs, s.B.data());
   gather_rows(p.C, b, p.length, p.n, p.vecs, s.C.data());
@@ -289,7 +291,7 @@ ALWAYS_INLINE void backward_channel(const Problem& p, int64_t b, int64_t d, cons
   s.gD[d] += gD;
 }
 
-SCAN_TARGETS
+KERNEL_TARGETS
 void backward_sample(const Problem& p, int64_t b, const Strided3& grad_out, const Grads& g, Scratch& s) {
   gather_rows(p.B, b, p.length, p.n, p.vecs, s.B.data());
   gather_rows(p.C, b, p.length, p.n, p.vecs, s.C.data());
@@ -378,15 +380,150 @@ std::vector<at::Tensor> selective_scan_bwd(const at::Tensor& u, const at::Tensor
   return {grad_u, grad_delta, grad_A, grad_B, grad_C, grad_D, grad_z};
 }
 
+// ---------------------------------------------------------------------------------------------
+// 2. The causal depthwise convolution and its SiLU, read in the [batch, L, channels] layout in_proj
+// writes (torch's conv1d wants [batch, channels, L] and copies):
+//   out[b, t, d] = silu(bias[d] + sum_k weight[d, k] x[b, t - K + 1 + k, d]),  x = 0 before t = 0.
+// The backward recomputes the pre-activation instead of saving it. Loops run over channels, which
+// are contiguous, 16 at a time; batches are split over torch's threads.
+
+struct Conv {
+  int64_t length, channels, width;
+  const float* x;  // [batch, L, channels], contiguous
+  const float* weight_t;  // [width, channels]: weight transposed, one contiguous row per tap
+  const float* bias;  // [channels]
+};
+
+// pre[d] = bias[d] + sum_k weight[d, k] x[b, t - K + 1 + k, d]
+inline void pre_activation(const Conv& c, const float* xb, int64_t t, float* __restrict pre) {
+  const int64_t D = c.channels;
+  for (int64_t d = 0; d < D; ++d) pre[d] = c.bias[d];
+  for (int64_t k = 0; k < c.width; ++k) {
+    const int64_t s = t - c.width + 1 + k;
+    if (s < 0) continue;
+    const float* __restrict w = c.weight_t + k * D;
+    const float* __restrict xs = xb + s * D;
+    for (int64_t d = 0; d < D; ++d) pre[d] += w[d] * xs[d];
+  }
+}
+
+ALWAYS_INLINE Vec load_vec(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+ALWAYS_INLINE void store_vec(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
+
+KERNEL_TARGETS
+void conv_forward_sample(const Conv& c, int64_t b, float* out) {
+  const int64_t D = c.channels;
+  const float* xb = c.x + b * c.length * D;
+  for (int64_t t = 0; t < c.length; ++t) {
+    float* __restrict o = out + (b * c.length + t) * D;
+    pre_activation(c, xb, t, o);
+    int64_t d = 0;
+    for (; d + kLanes <= D; d += kLanes) {
+      const Vec v = load_vec(o + d);
+      store_vec(o + d, v * sigmoid_vec(v));
+    }
+    for (; d < D; ++d) o[d] = o[d] / (1.0f + std::exp(-o[d]));
+  }
+}
+
+KERNEL_TARGETS
+void conv_backward_sample(const Conv& c, int64_t b, const float* grad_out, float* grad_x, float* grad_w_t, float* grad_bias,
+                     float* pre) {
+  const int64_t D = c.channels;
+  const float* xb = c.x + b * c.length * D;
+  float* gxb = grad_x + b * c.length * D;
+  std::fill(gxb, gxb + c.length * D, 0.0f);
+  for (int64_t t = 0; t < c.length; ++t) {
+    pre_activation(c, xb, t, pre);
+    const float* __restrict g = grad_out + (b * c.length + t) * D;
+    // through silu: its derivative is s (1 + pre (1 - s)), s = sigmoid(pre); pre becomes its gradient
+    int64_t d = 0;
+    for (; d + kLanes <= D; d += kLanes) {
+      const Vec p = load_vec(pre + d), s = sigmoid_vec(p), gp = load_vec(g + d) * s * (1.0f + p * (1.0f - s));
+      store_vec(pre + d, gp);
+      store_vec(grad_bias + d, load_vec(grad_bias + d) + gp);
+    }
+    for (; d < D; ++d) {
+      const float s = 1.0f / (1.0f + std::exp(-pre[d]));
+      pre[d] = g[d] * s * (1.0f + pre[d] * (1.0f - s));
+      grad_bias[d] += pre[d];
+    }
+    for (int64_t k = 0; k < c.width; ++k) {
+      const int64_t s = t - c.width + 1 + k;
+      if (s < 0) continue;
+      const float* __restrict w = c.weight_t + k * D;
+      const float* __restrict xs = xb + s * D;
+      float* __restrict gw = grad_w_t + k * D;
+      float* __restrict gxs = gxb + s * D;
+      for (int64_t d = 0; d < D; ++d) {
+        gw[d] += pre[d] * xs[d];
+        gxs[d] += w[d] * pre[d];
+      }
+    }
+  }
+}
+
+Conv make_conv(const at::Tensor& x, const at::Tensor& weight_t, const at::Tensor& bias) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 3 && x.is_contiguous(),
+              "fused causal conv: x must be a contiguous float32 CPU [batch, L, channels] tensor");
+  TORCH_CHECK(weight_t.dim() == 2 && weight_t.size(1) == x.size(2) && weight_t.is_contiguous() &&
+                  weight_t.scalar_type() == at::kFloat,
+              "fused causal conv: weight must be contiguous float32 [width, channels]");
+  TORCH_CHECK(bias.numel() == x.size(2) && bias.is_contiguous() && bias.scalar_type() == at::kFloat,
+              "fused causal conv: bias must be contiguous float32 [channels]");
+  return Conv{x.size(1), x.size(2), weight_t.size(0), x.data_ptr<float>(), weight_t.data_ptr<float>(),
+              bias.data_ptr<float>()};
+}
+
+at::Tensor causal_conv_silu_fwd(const at::Tensor& x, const at::Tensor& weight_t, const at::Tensor& bias) {
+  const Conv c = make_conv(x, weight_t, bias);
+  at::Tensor out = at::empty_like(x);
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, x.size(0), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) conv_forward_sample(c, b, o);
+  });
+  return out;
+}
+
+// grad_x [batch, L, channels], grad_weight_t [width, channels], grad_bias [channels]
+std::vector<at::Tensor> causal_conv_silu_bwd(const at::Tensor& x, const at::Tensor& weight_t, const at::Tensor& bias,
+                                             const at::Tensor& grad_out) {
+  const Conv c = make_conv(x, weight_t, bias);
+  TORCH_CHECK(grad_out.sizes() == x.sizes() && grad_out.is_contiguous() && grad_out.scalar_type() == at::kFloat,
+              "fused causal conv: grad_out must be contiguous float32 like x");
+  at::Tensor grad_x = at::empty_like(x), grad_w_t = at::zeros_like(weight_t), grad_bias = at::zeros_like(bias);
+  std::mutex reduce;
+  at::parallel_for(0, x.size(0), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> gw(weight_t.numel(), 0.0f), gb(c.channels, 0.0f), pre(c.channels);
+    for (int64_t b = begin; b < end; ++b)
+      conv_backward_sample(c, b, grad_out.data_ptr<float>(), grad_x.data_ptr<float>(), gw.data(), gb.data(), pre.data());
+    std::lock_guard<std::mutex> lock(reduce);  // weight and bias are shared by the batch: sum the threads' parts
+    float* gw_all = grad_w_t.data_ptr<float>();
+    for (size_t i = 0; i < gw.size(); ++i) gw_all[i] += gw[i];
+    float* gb_all = grad_bias.data_ptr<float>();
+    for (size_t i = 0; i < gb.size(); ++i) gb_all[i] += gb[i];
+  });
+  return {grad_x, grad_w_t, grad_bias};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(mdaf_dist, m) {
   m.def("selective_scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z) -> Tensor");
   m.def("selective_scan_bwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
         "Tensor grad_out) -> Tensor[]");
+  m.def("causal_conv_silu_fwd(Tensor x, Tensor weight_t, Tensor bias) -> Tensor");
+  m.def("causal_conv_silu_bwd(Tensor x, Tensor weight_t, Tensor bias, Tensor grad_out) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(mdaf_dist, CPU, m) {
   m.impl("selective_scan_fwd", &selective_scan_fwd);
   m.impl("selective_scan_bwd", &selective_scan_bwd);
+  m.impl("causal_conv_silu_fwd", &causal_conv_silu_fwd);
+  m.impl("causal_conv_silu_bwd", &causal_conv_silu_bwd);
 }
