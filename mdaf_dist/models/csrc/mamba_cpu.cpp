@@ -46,21 +46,25 @@ typedef float Half __attribute__((vector_size(kLanes / 2 * sizeof(float))));
 
 #define ALWAYS_INLINE __attribute__((always_inline)) inline
 
-// exp(x) for the decays exp(delta A): Cephes' expf (range reduction by ln 2, degree-6
-// polynomial, 2^k through the exponent bits), within 2 ulp of expf on [-87, 88]; plain vector
-// arithmetic where the library's expf would be one call per value.
-ALWAYS_INLINE Vec exp_vec(Vec x) {
-  x = x < -87.0f ? Vec{} - 87.0f : x;
-  x = x > 88.0f ? Vec{} + 88.0f : x;
+constexpr float kLog2e = 1.44269504088896341f, kLn2 = 0.693147180559945309f;
+
+// 2^y: Cephes' exp2f (2^f by a degree-6 polynomial on f = y - round(y) in [-1/2, 1/2], 2^round(y)
+// through the exponent bits; Cephes documents a relative error below 2e-7), with y clamped to
+// [-125, 127] (below, 2^-125 ~ 2.4e-38 stands for 0); plain vector arithmetic where the library's
+// exp2f would be one call per value. The scan keeps A in log2 units, A log2(e), so that its
+// decays exp(delta A) are 2^(delta A log2 e) with no range reduction by ln 2.
+ALWAYS_INLINE Vec exp2_vec(Vec y) {
+  y = y < -125.0f ? Vec{} - 125.0f : y;
+  y = y > 127.0f ? Vec{} + 127.0f : y;
   const float round = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
-  const Vec k = (x * 1.44269504088896341f + round) - round;
-  const Vec r = (x - k * 0.693359375f) + k * 2.12194440e-4f;
-  Vec p = r * 1.9875691500e-4f + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  const Vec k = (y + round) - round;
+  const Vec f = y - k;
+  Vec p = f * 1.535336188319500e-4f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.0f;
   const IVec bits = (__builtin_convertvector(k, IVec) + 127) << 23;  // 2^k
   return p * reinterpret_cast<const Vec&>(bits);
 }
@@ -74,7 +78,7 @@ ALWAYS_INLINE float sum_lanes(Vec v) {
   return (q[0] + q[2]) + (q[1] + q[3]);
 }
 
-ALWAYS_INLINE Vec sigmoid_vec(Vec x) { return 1.0f / (1.0f + exp_vec(-x)); }
+ALWAYS_INLINE Vec sigmoid_vec(Vec x) { return 1.0f / (1.0f + exp2_vec(x * -kLog2e)); }
 
 // A [batch, d, L] (or [batch, N, L]) tensor read through its strides.
 struct Strided3 {
@@ -117,7 +121,7 @@ int64_t vectors_for(int64_t n) { return (n + kLanes - 1) / kLanes; }
 
 struct Problem {
   int64_t d_inner, length, n, vecs;  // vecs: vectors per padded row of N
-  Rows A;                            // [d_inner, vecs]
+  Rows A2;                           // A log2(e), [d_inner, vecs]
   const float* D;                    // [d_inner] or null
   Strided3 u, delta, B, C, z;
 };
@@ -168,7 +172,7 @@ ALWAYS_INLINE float* f(Rows& r) { return reinterpret_cast<float*>(r.data()); }
 template <int kM>
 ALWAYS_INLINE void forward_channel(const Problem& p, int64_t b, int64_t d, const Strided3& out, Scratch& s) {
   const int64_t L = p.length, M = kM ? kM : p.vecs;
-  const Vec* Ad = p.A.data() + d * M;
+  const Vec* A2d = p.A2.data() + d * M;
   const float Dd = p.D ? p.D[d] : 0.0f;
   float* dt = f(s.dt);
   float* u = f(s.u);
@@ -183,7 +187,7 @@ ALWAYS_INLINE void forward_channel(const Problem& p, int64_t b, int64_t d, const
     const Vec* Cs = s.C.data() + t * M;
     Vec yt{};
     for (int64_t m = 0; m < M; ++m) {
-      h[m] = exp_vec(dt[t] * Ad[m]) * h[m] + du * Bs[m];
+      h[m] = exp2_vec(dt[t] * A2d[m]) * h[m] + du * Bs[m];
       yt += h[m] * Cs[m];
     }
     y[t] = sum_lanes(yt) + Dd * u[t];
@@ -216,7 +220,7 @@ template <int kM>
 ALWAYS_INLINE void backward_channel(const Problem& p, int64_t b, int64_t d, const Strided3& grad_out, const Grads& g,
                                     Scratch& s) {
   const int64_t L = p.length, M = kM ? kM : p.vecs;
-  const Vec* Ad = p.A.data() + d * M;
+  const Vec* A2d = p.A2.data() + d * M;
   const float Dd = p.D ? p.D[d] : 0.0f;
   Vec* gAd = s.gA.data() + d * M;
   float* dt = f(s.dt);
@@ -238,7 +242,7 @@ ALWAYS_INLINE void backward_channel(const Problem& p, int64_t b, int64_t d, cons
     Vec* decay = decays + t * M;
     Vec yt{};
     for (int64_t m = 0; m < M; ++m) {
-      decay[m] = exp_vec(dt[t] * Ad[m]);
+      decay[m] = exp2_vec(dt[t] * A2d[m]);
       next[m] = decay[m] * prev[m] + du * Bs[m];
       yt += next[m] * Cs[m];
     }
@@ -278,13 +282,13 @@ ALWAYS_INLINE void backward_channel(const Problem& p, int64_t b, int64_t d, cons
       gBs[m] += G * du;
       sum_GB += G * Bs[m];
       const Vec w = G * decay[m] * prev[m];  // through exp(delta_t A) h_{t-1}
-      sum_decay += w * Ad[m];
+      sum_decay += w * A2d[m];
       gAd[m] += w * dt[t];
       G_next[m] = decay[m] * G;
     }
     const float GB = sum_lanes(sum_GB);
     y[t] = dt[t] * GB + Dd * gyt;               // grad u, in y's buffer (y is no longer needed)
-    dt[t] = u[t] * GB + sum_lanes(sum_decay);   // grad delta, in delta's (delta_t is not read again)
+    dt[t] = u[t] * GB + sum_lanes(sum_decay) * kLn2;  // grad delta (A = A2 ln 2), in delta's buffer
   }
   store_series(y, b, d, L, g.u);
   store_series(dt, b, d, L, g.delta);
@@ -329,7 +333,8 @@ Problem make_problem(const at::Tensor& u, const at::Tensor& delta, const at::Ten
   Problem p{d_inner, u.size(2), n, vecs, Rows(d_inner * vecs), D ? D->data_ptr<float>() : nullptr,
             Strided3(u), Strided3(delta), Strided3(B), Strided3(C), Strided3(z ? *z : at::Tensor())};
   const float* a = A.data_ptr<float>();
-  for (int64_t d = 0; d < d_inner; ++d) std::copy(a + d * n, a + (d + 1) * n, reinterpret_cast<float*>(&p.A[d * vecs]));
+  for (int64_t d = 0; d < d_inner; ++d)
+    for (int64_t k = 0; k < n; ++k) reinterpret_cast<float*>(&p.A2[d * vecs])[k] = a[d * n + k] * kLog2e;
   return p;
 }
 
