@@ -1,9 +1,10 @@
-"""Exact validation metrics over the whole validation set, across ranks.
+"""Exact evaluation metrics over a whole split, across ranks.
 
 AUC is a ranking statistic: averaging per-rank AUCs (or binning scores, as streaming AUC
 estimators do) is not the AUC of the union. So every rank gathers all predictions and computes
 the same exact, rank-based AUC in float64; a paper-scale validation set (a few million samples,
-four float64 columns) fits comfortably in host memory.
+five float64 columns) fits comfortably in host memory. The same `Evaluator`, fed with the
+logits of each training step, gives the exact AUC over an epoch's training samples.
 """
 
 from __future__ import annotations
@@ -17,21 +18,17 @@ from torch import Tensor
 
 from mdaf_dist.distributed.env import collective_device
 
-# History-length buckets for the gate analysis (MDAF_paper.md 5.5): [low, high] inclusive;
-# the last bucket is open-ended so that configs with histories longer than 50 are still counted.
-HIST_LEN_BUCKETS: Tuple[Tuple[int, Optional[int]], ...] = (
-    (0, 0),
-    (1, 5),
-    (6, 10),
-    (11, 20),
-    (21, 50),
-    (51, None),
-)
-GATE_PERCENTILES = (5, 25, 50, 75, 95)
+# History-length groups of the gate analysis, [low, high] inclusive, high None = open-ended.
+# MDAF_paper.md 5.4, Table 5 (user activity: <10, 10-30, >30 history items); the training logs
+# report the gate mean per group. Appendix B, Table B2 (sequence length) uses finer groups.
+ACTIVITY_GROUPS: Tuple[Tuple[int, Optional[int]], ...] = ((0, 9), (10, 30), (31, None))
+SEQUENCE_LENGTH_GROUPS: Tuple[Tuple[int, Optional[int]], ...] = ((1, 5), (6, 15), (16, 35), (36, 50))
+# Table 4's order statistics: min, 25th percentile, median, 75th percentile, max
+GATE_PERCENTILES = ((0, "min"), (25, "p25"), (50, "median"), (75, "p75"), (100, "max"))
 
 # Columns of the per-sample table gathered across ranks; NaN marks a column not given.
-_LOGIT, _LABEL, _GATE, _HIST_LEN = range(4)
-_NUM_COLUMNS = 4
+_LOGIT, _LABEL, _GATE, _HIST_LEN, _USER = range(5)
+_NUM_COLUMNS = 5
 
 
 def exact_auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -67,30 +64,88 @@ def logloss_from_logits(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.maximum(z, 0.0) - y * z + np.log1p(np.exp(-np.abs(z)))))
 
 
+def gauc(scores: np.ndarray, labels: np.ndarray, users: np.ndarray) -> Dict[str, float]:
+    """Group AUC: the exact AUC of each user's samples, averaged with the user's number of
+    samples (impressions) as weight. Users whose samples are all of one class have no AUC: they
+    are skipped and counted ("gauc_users_skipped"). One sort over (user, score), then the
+    `exact_auc` tie rule per user with cumulative sums: no loop over users."""
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    positive = _binary_labels(labels)
+    users = np.asarray(users).ravel()
+    if not scores.shape == positive.shape == users.shape:
+        raise ValueError(f"scores, labels and users differ in length: {scores.size}, {positive.size}, {users.size}")
+    if not scores.size:
+        return {"gauc": float("nan"), "gauc_users": 0, "gauc_users_skipped": 0}
+    order = np.lexsort((scores, users))
+    user, score, pos = users[order], scores[order], positive[order]
+    # one group per distinct (user, score), ascending within each user
+    starts = np.ones(len(user), dtype=bool)
+    starts[1:] = (user[1:] != user[:-1]) | (score[1:] != score[:-1])
+    group = np.cumsum(starts) - 1
+    pos_in_group = np.bincount(group, weights=pos.astype(np.float64))
+    neg_in_group = np.bincount(group, weights=(~pos).astype(np.float64))
+    group_user = user[starts]
+    first_of_user = np.ones(len(group_user), dtype=bool)
+    first_of_user[1:] = group_user[1:] != group_user[:-1]
+    user_index = np.cumsum(first_of_user) - 1
+    neg_before = np.cumsum(neg_in_group) - neg_in_group
+    neg_below = neg_before - neg_before[first_of_user][user_index]
+    wins = np.bincount(user_index, weights=pos_in_group * (neg_below + 0.5 * neg_in_group))
+    num_pos = np.bincount(user_index, weights=pos_in_group)
+    num_neg = np.bincount(user_index, weights=neg_in_group)
+    both = (num_pos > 0) & (num_neg > 0)
+    weight = (num_pos + num_neg)[both]
+    per_user = wins[both] / (num_pos[both] * num_neg[both])
+    value = float(np.sum(per_user * weight) / np.sum(weight)) if both.any() else float("nan")
+    return {"gauc": value, "gauc_users": int(both.sum()), "gauc_users_skipped": int((~both).sum())}
+
+
+def calibration(logits: np.ndarray, labels: np.ndarray) -> Dict[str, float]:
+    """Mean predicted probability, positive rate, and their ratio (1 = calibrated on average)."""
+    z = np.asarray(logits, dtype=np.float64).ravel()
+    y = np.asarray(labels, dtype=np.float64).ravel()
+    if not z.size:
+        return {"mean_prediction": float("nan"), "positive_rate": float("nan"), "calibration": float("nan")}
+    mean_prediction = float(np.mean(1.0 / (1.0 + np.exp(-z))))
+    rate = float(y.mean())
+    return {"mean_prediction": mean_prediction, "positive_rate": rate, "calibration": mean_prediction / rate if rate > 0 else float("nan")}
+
+
+def group_name(low: int, high: Optional[int]) -> str:
+    """"10-30" for [10, 30]; "31+" for [31, None)."""
+    if high is None:
+        return f"{low}+"
+    return str(low) if low == high else f"{low}-{high}"
+
+
+def in_group(values: np.ndarray, low: int, high: Optional[int]) -> np.ndarray:
+    return (values >= low) & (values <= (np.inf if high is None else high))
+
+
 def gate_statistics(gates: np.ndarray, hist_len: Optional[np.ndarray] = None) -> Dict[str, object]:
-    """Mean, population std and percentiles of the fusion gate, and its mean per
-    history-length bucket (keys like "1-5", "51+"; empty buckets are left out)."""
+    """Mean, population std and Table 4's order statistics of the fusion gate, and its mean per
+    activity group of Table 5 (keys "0-9", "10-30", "31+"; empty groups are left out)."""
     gates = np.asarray(gates, dtype=np.float64).ravel()
     stats: Dict[str, object] = {"gate_mean": float(gates.mean()), "gate_std": float(gates.std())}
-    for q, value in zip(GATE_PERCENTILES, np.percentile(gates, GATE_PERCENTILES)):
-        stats[f"gate_p{q}"] = float(value)
+    for (q, name), value in zip(GATE_PERCENTILES, np.percentile(gates, [q for q, _ in GATE_PERCENTILES])):
+        stats[f"gate_{name}"] = float(value)
     if hist_len is not None:
         hist_len = np.asarray(hist_len).ravel()
-        by_bucket = {}
-        for low, high in HIST_LEN_BUCKETS:
-            inside = (hist_len >= low) & (hist_len <= (np.inf if high is None else high))
+        by_group = {}
+        for low, high in ACTIVITY_GROUPS:
+            inside = in_group(hist_len, low, high)
             if inside.any():
-                by_bucket[_bucket_name(low, high)] = float(gates[inside].mean())
-        stats["gate_by_hist_len"] = by_bucket
+                by_group[group_name(low, high)] = float(gates[inside].mean())
+        stats["gate_by_hist_len"] = by_group
     return stats
 
 
 class Evaluator:
-    """Collects a validation pass batch by batch and computes exact metrics over all ranks.
+    """Collects a pass over a split batch by batch and computes exact metrics over all ranks.
 
     `compute` is a collective when torch.distributed is initialised: every rank must call it,
     and every rank gets the same dict. The gathered gate values stay in `gates` (None without
-    gates) for a histogram.
+    gates) for a histogram. Each sample costs 40 bytes on every rank once gathered.
     """
 
     def __init__(self) -> None:
@@ -103,18 +158,20 @@ class Evaluator:
         labels: Tensor,
         gate: Optional[Tensor] = None,
         hist_len: Optional[Tensor] = None,
+        user: Optional[Tensor] = None,
     ) -> None:
         n = logits.numel()
         chunk = np.full((n, _NUM_COLUMNS), np.nan)
         chunk[:, _LOGIT] = _to_numpy(logits, n, "logits")
         chunk[:, _LABEL] = _to_numpy(labels, n, "labels")
-        if gate is not None:
-            chunk[:, _GATE] = _to_numpy(gate, n, "gate")
-        if hist_len is not None:
-            chunk[:, _HIST_LEN] = _to_numpy(hist_len, n, "hist_len")
+        for column, values, name in ((_GATE, gate, "gate"), (_HIST_LEN, hist_len, "hist_len"), (_USER, user, "user")):
+            if values is not None:
+                chunk[:, column] = _to_numpy(values, n, name)
         self._chunks.append(chunk)
 
     def compute(self) -> Dict[str, object]:
+        """auc, logloss, num_samples, positive_rate, mean_prediction, calibration; gauc (and its
+        user counts) when users were given; gate statistics when gates were."""
         local = np.concatenate(self._chunks) if self._chunks else np.empty((0, _NUM_COLUMNS))
         table = _all_gather_rows(local)
         logits, labels = table[:, _LOGIT], table[:, _LABEL]
@@ -122,8 +179,11 @@ class Evaluator:
             "auc": exact_auc(logits, labels),
             "logloss": logloss_from_logits(logits, labels),
             "num_samples": int(labels.size),
-            "positive_rate": float(labels.mean()) if labels.size else float("nan"),
+            **calibration(logits, labels),
         }
+        users = _complete_column(table[:, _USER], "user")
+        if users is not None:
+            result.update(gauc(logits, labels, users))
         self.gates = _complete_column(table[:, _GATE], "gate")
         if self.gates is not None:
             hist_len = _complete_column(table[:, _HIST_LEN], "hist_len")
@@ -143,12 +203,6 @@ def _binary_labels(labels: np.ndarray) -> np.ndarray:
     return positive
 
 
-def _bucket_name(low: int, high: Optional[int]) -> str:
-    if high is None:
-        return f"{low}+"
-    return str(low) if low == high else f"{low}-{high}"
-
-
 def _to_numpy(values: Tensor, n: int, name: str) -> np.ndarray:
     if values.numel() != n:
         raise ValueError(f"{name} has {values.numel()} values for {n} logits")
@@ -161,7 +215,7 @@ def _complete_column(column: np.ndarray, name: str) -> Optional[np.ndarray]:
     if not given.any():
         return None
     if not given.all():
-        raise ValueError(f"{name} was given for some validation batches but not for others")
+        raise ValueError(f"{name} was given for some batches but not for others")
     return column
 
 
