@@ -91,8 +91,8 @@ class Mamba(nn.Module):
         A = -torch.exp(self.A_log.float())
         # 6.-7. H_y <- SelectiveSSM(discretize(delta, A, B), C)(H'_x), gated by SiLU(H_z); the
         #    [B, L, d_inner] tensors go in as [B, d_inner, L] views
-        y = selective_scan(h_x.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(),
-                           z=h_z.transpose(1, 2), backend=self.scan_backend)
+        u, delta, B, C, z = (t.transpose(1, 2) for t in (h_x, delta, B, C, h_z))
+        y = selective_scan(u, delta, A, B, C, self.D.float(), z=z, backend=self.scan_backend)
         # 8. H_o <- Linear(H_y * SiLU(H_z))
         return self.out_proj(y[..., -1] if last_only else y.transpose(1, 2))
 
