@@ -281,10 +281,11 @@ ALWAYS_INLINE void backward_channel(const Problem& p, int64_t b, int64_t d, cons
       gCs[m] += gyt * next[m];
       gBs[m] += G * du;
       sum_GB += G * Bs[m];
-      const Vec w = G * decay[m] * prev[m];  // through exp(delta_t A) h_{t-1}
+      const Vec decay_G = decay[m] * G;
+      const Vec w = decay_G * prev[m];  // through exp(delta_t A) h_{t-1}
       sum_decay += w * A2d[m];
       gAd[m] += w * dt[t];
-      G_next[m] = decay[m] * G;
+      G_next[m] = decay_G;
     }
     const float GB = sum_lanes(sum_GB);
     y[t] = dt[t] * GB + Dd * gyt;               // grad u, in y's buffer (y is no longer needed)
