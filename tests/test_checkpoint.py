@@ -1,9 +1,8 @@
 """Checkpoints: stop + resume equals an uninterrupted run bit for bit (mid-epoch, dropout on, the
-epochs' train AUC included); a
-save killed before its rename leaves the previous checkpoint loadable; rank files are loaded
-without unpickling objects; a checkpoint of other settings is refused naming them; a 2-rank
-checkpoint evaluates on 2 ranks (printed once) and on 1 (the run's files untouched) and resumes on
-1 rank, restarting its epoch with a warning."""
+epochs' train AUC included); a save killed before its rename leaves the previous checkpoint
+loadable; rank files are loaded without unpickling objects; a checkpoint of other settings is
+refused naming them; a 2-rank checkpoint evaluates on 2 ranks (printed once) and on 1 (the run's
+files untouched) and resumes on 1 rank, restarting its epoch with a warning."""
 
 from __future__ import annotations
 

@@ -293,5 +293,6 @@ def _gather_columns(local: Dict[str, Tensor], root: Optional[int]) -> Optional[D
         else:
             dist.gather(padded, gathered, dst=root)
         if receives:
-            table[name] = torch.cat([g[:count] for g, count in zip(gathered, counts)]).cpu().numpy()
+            # trimmed and concatenated on the host: the device holds the gathered copy only
+            table[name] = np.concatenate([g[:count].cpu().numpy() for g, count in zip(gathered, counts)])
     return table if receives else None
