@@ -211,7 +211,7 @@ class Evaluator:
 
     def state_dict(self) -> Dict[str, Tensor]:
         """This rank's rows so far, one tensor per column given (for a checkpoint's rank file)."""
-        return {name: torch.cat(chunks) for name, chunks in self._chunks.items() if chunks}
+        return {name: column for name, column in self._local_columns().items() if column.numel()}
 
     def load_state_dict(self, state: Dict[str, Tensor]) -> None:
         """Replace the rows with those of `state_dict`."""
@@ -224,7 +224,12 @@ class Evaluator:
         self.gates = None
 
     def _local_columns(self) -> Dict[str, Tensor]:
-        return {name: torch.cat(chunks) if chunks else torch.empty(0, dtype=COLUMNS[name]) for name, chunks in self._chunks.items()}
+        """Each column's rows as one tensor (empty when not given). The chunks are merged in
+        place: the rows are then held once, not in chunks and again in a concatenated copy."""
+        for name, chunks in self._chunks.items():
+            if len(chunks) > 1:
+                self._chunks[name] = [torch.cat(chunks)]
+        return {name: chunks[0] if chunks else torch.empty(0, dtype=COLUMNS[name]) for name, chunks in self._chunks.items()}
 
 
 def _binary_labels(labels: np.ndarray) -> np.ndarray:
