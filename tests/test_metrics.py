@@ -11,6 +11,7 @@ import pytest
 import torch
 from sklearn.metrics import log_loss, roc_auc_score
 
+from mdaf_dist.train import metrics
 from mdaf_dist.train.metrics import Evaluator, calibration, exact_auc, gate_statistics, gauc, logloss_from_logits
 from tests.distributed import run_ranks
 
@@ -59,10 +60,15 @@ def _gauc_by_loop(logits, labels, users):
     return total / weight, skipped
 
 
-def test_exact_auc_matches_sklearn_with_many_ties():
+@pytest.mark.parametrize("block", [7, metrics.AUC_BLOCK])
+def test_exact_auc_matches_sklearn_with_many_ties(block, monkeypatch):
+    """Also summed in blocks far smaller than a group of tied scores (each block then ends with
+    its last group), for float32 and float64 scores."""
+    monkeypatch.setattr(metrics, "AUC_BLOCK", block)
     logits, labels, *_ = _predictions(5000, seed=1)
     assert len(np.unique(logits)) < 200
-    assert exact_auc(logits, labels) == pytest.approx(roc_auc_score(labels, logits), abs=1e-6)
+    assert exact_auc(logits, labels) == pytest.approx(roc_auc_score(labels, logits), abs=1e-12)
+    assert exact_auc(logits.astype(np.float64), labels) == pytest.approx(roc_auc_score(labels, logits), abs=1e-12)
 
 
 def test_exact_auc_counts_a_tie_between_classes_as_half():
