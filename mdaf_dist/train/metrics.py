@@ -287,7 +287,8 @@ def _gather_columns(local: Dict[str, Tensor], root: Optional[int]) -> Optional[D
     Ranks hold different numbers of rows, and all_gather and gather need equal shapes (gloo and
     NCCL alike): first all ranks exchange a header (their row count and which columns they have,
     so that all decide alike which columns to gather, or that a column is given for some batches
-    only), then each column is padded to the largest count, gathered and trimmed."""
+    only), then each column is padded to the largest count, gathered and trimmed. Run on gloo
+    only so far; on NCCL the tensors live on the rank's GPU (collective_device)."""
     n = local["logits"].numel()
     coverage = [_NONE if not local[name].numel() else _ALL if local[name].numel() == n else _SOME for name in _OPTIONAL]
     header = torch.tensor([n, *coverage], dtype=torch.int64)

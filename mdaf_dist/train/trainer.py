@@ -12,12 +12,12 @@ Evaluation does the same, and only real batches reach the Evaluator.
 
 Train AUC per epoch (the paper's Table 7) is exact over the epoch's training samples and costs
 no second pass: each step's logits, from the training forward (dropout on, weights as they were
-before that step's update), go to an `Evaluator` whose rows rank 0 gathers at the end of the
-epoch (no rank needs the rest: early stopping looks at validation AUC; rank 0 broadcasts the
-value so that every rank returns the same results). Each rank's rows of the current epoch are
-part of its checkpoint file, so an epoch resumed mid-way at the same world size reports the same
-train AUC as an uninterrupted run. `train.train_auc=false` keeps no rows (memory grows with the
-epoch's samples) and records train_auc as None.
+before that step's update), go to an `Evaluator` whose rows only rank 0 gathers at the end of
+the epoch (the other ranks need the value alone, which rank 0 broadcasts so that every rank
+returns the same results; early stopping looks at validation AUC). Each rank's rows of the epoch
+are part of its checkpoint file, so an epoch resumed mid-way at the same world size reports the
+same train AUC as an uninterrupted run. `train.train_auc=false` keeps no rows (memory grows with
+the epoch's samples) and records train_auc as None.
 With a test split, the model is also evaluated on it after every epoch: the checkpoints (the best
 one included) and results.json carry those test metrics; early stopping looks at validation only.
 """
@@ -346,9 +346,10 @@ class Trainer:
     def results(self, metrics: Dict[str, Any], samples: int, seconds: float) -> Dict[str, Any]:
         """The run's summary: "valid" = metrics of the final model (auc, logloss, num_samples,
         positive_rate, calibration, gauc, gate statistics), the best evaluation, every evaluation
-        (with the epoch's train AUC), "test" (set by `fit` with a test split), and the throughput
-        of this process's part of the run: `samples` trained in `seconds` of wall time, evaluation
-        and checkpoints included (a resumed run counts from its resume)."""
+        (with the epoch's train AUC, None with train.train_auc off), "test" (set by `fit` with a
+        test split), and the throughput of this process's part of the run: `samples` trained in
+        `seconds` of wall time, evaluation and checkpoints included (a resumed run counts from its
+        resume)."""
         return {
             "valid": metrics,
             "best_auc": self.state.best_auc,
