@@ -118,7 +118,7 @@ def test_auto_falls_back_to_cpu_saying_why_once(monkeypatch, capsys):
     finally:
         cpu_kernels.available.cache_clear()  # the real kernel again for later tests
     assert capsys.readouterr().err.splitlines() == [
-        "mdaf_dist: fused CPU selective scan unavailable (no C++ compiler); using the 'cpu' backend"]
+        "mdaf_dist: fused CPU kernels unavailable (no C++ compiler); using the 'cpu' scan backend"]
 
 
 def test_fused_backend_named_explicitly_fails_with_the_reason(monkeypatch):

@@ -15,7 +15,9 @@ ninja and a C++ compiler.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import os
 import sys
 from pathlib import Path
@@ -37,24 +39,37 @@ def load():
 
     try:
         cpp_extension.verify_ninja_availability()
-        cpp_extension.load(
-            name=NAME,
-            sources=[str(SOURCE)],
-            # OpenMP: at::parallel_for runs on torch's own pool; fp-contract: fused multiply-adds
-            extra_cflags=["-O3", "-fopenmp", "-ffp-contract=fast", "-Wno-psabi"],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,  # the ops register themselves with torch; no Python headers needed
-            verbose=os.environ.get("MDAF_VERBOSE_BUILD") == "1",
-        )
+        with _quiet(logging.getLogger(cpp_extension.__name__)):  # its compiler-check warnings would add lines
+            cpp_extension.load(
+                name=NAME,
+                sources=[str(SOURCE)],
+                # OpenMP: at::parallel_for runs on torch's own pool; fp-contract: fused multiply-adds
+                extra_cflags=["-O3", "-fopenmp", "-ffp-contract=fast", "-Wno-psabi"],
+                extra_ldflags=["-fopenmp"],
+                is_python_module=False,  # the ops register themselves with torch; no Python headers needed
+                verbose=os.environ.get("MDAF_VERBOSE_BUILD") == "1",
+            )
     except Exception as error:  # a compiler error, a missing tool: all mean "not here"
         raise ExtensionUnavailable(_first_error_line(str(error)) or type(error).__name__) from error
     return torch.ops.mdaf_dist
 
 
 def _first_error_line(message: str) -> str:
-    """The compiler's first "error:" line of a build log, else its last line."""
-    lines = [line.strip() for line in message.splitlines() if line.strip()]
-    return next((line for line in lines if "error:" in line), lines[-1] if lines else "")
+    """The reason in a build log: the compiler's first "error:" line or the shell's "not found",
+    else the last line that is not ninja's own summary."""
+    lines = [line.strip() for line in message.splitlines() if line.strip() and not line.strip().startswith("ninja: ")]
+    return next((line for line in lines if "error:" in line or "not found" in line), lines[-1] if lines else "")
+
+
+@contextlib.contextmanager
+def _quiet(logger: logging.Logger):
+    """Only errors from ``logger`` while the block runs."""
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 @functools.cache
@@ -63,7 +78,6 @@ def available() -> bool:
     try:
         load()
     except ExtensionUnavailable as error:
-        print(f"mdaf_dist: fused CPU selective scan unavailable ({error}); using the 'cpu' backend",
-              file=sys.stderr)
+        print(f"mdaf_dist: fused CPU kernels unavailable ({error}); using the 'cpu' scan backend", file=sys.stderr)
         return False
     return True
