@@ -4,7 +4,8 @@ scan and the causal convolution + SiLU before it.
 They are one C++ torch extension compiled on first use with torch's own ``cpp_extension``
 (g++ and ninja), once per machine: the build lands in torch's extension cache
 (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) and later processes load it from
-there; torch rebuilds it when the source or the flags change.
+there; torch rebuilds it when the source or the flags change. ``MDAF_VERBOSE_BUILD=1`` shows the
+compiler's output.
 
 A C++ extension rather than numba, by measurement: the same forward loop (batch 512, L 50,
 d_inner 128, N 32, one thread) took 0.38 s under numba's ``njit(parallel=True, fastmath=True)``
