@@ -18,6 +18,7 @@ COMMANDS = {
     "train": ("mdaf_dist.train.main", "train in this process (torchrun/TorchX: python -m mdaf_dist.train)"),
     "evaluate": ("mdaf_dist.train.evaluate", "evaluate a checkpoint on the validation split"),
     "demo": ("mdaf_dist.demo", "synthetic data -> prepare -> train: the README's main job"),
+    "study": ("mdaf_dist.studies.command", "many runs from a study file (run), their tables and plots (report)"),
 }
 
 
