@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Sequence
 
 from mdaf_dist.config import Config, load_config, to_dict
 from mdaf_dist.errors import UserError
-from mdaf_dist.studies.spec import AxisValue, Study
+from mdaf_dist.studies.spec import LAUNCH_KEYS, AxisValue, Study, check_launch
 
 BASE = "base"
 
@@ -74,12 +74,18 @@ def expand(study: Study, overrides: Sequence[str] = ()) -> Plan:
     overrides, the values' files and settings, the seed), and every report point."""
     spec = study.file
     plan = Plan(study, list(overrides))
-    shared = [*spec.overrides, *overrides]
+    shared = [*spec.overrides, *(o for o in overrides if o.split("=", 1)[0] not in LAUNCH_KEYS)]
+    command_line_launch = {}
+    for override in overrides:
+        key, _, text = override.partition("=")
+        if key in LAUNCH_KEYS:
+            value = int(text) if text.isdigit() else text
+            command_line_launch[LAUNCH_KEYS[key]] = check_launch("command line", key, value)
 
     def resolve(values: Sequence[AxisValue], seed: int) -> tuple[Config, Dict[str, int]]:
         configs = [*spec.configs, *(c for v in values for c in v.configs)]
         settings = [o for v in values for o in v.overrides()]
-        launch: Dict[str, int] = {"nnodes": spec.nnodes, "nproc_per_node": spec.world_size}
+        launch: Dict[str, int] = {"nnodes": spec.nnodes, "nproc_per_node": spec.world_size, **command_line_launch}
         for value in values:
             launch.update(value.launch())
         return load_config(configs, [*shared, *settings, f"train.seed={seed}", f"loader.seed={seed}"]), launch
@@ -120,9 +126,9 @@ def plan_record(plan: Plan) -> Dict[str, Any]:
         "study_file": plan.study.path,
         "overrides": plan.overrides,
         "grid": spec.grid,
-        "axes": [{"name": axis.name, "labels": [v.label for v in axis.values]} for axis in plan.study.axes],
+        "axes": [{"name": axis.name, "key": axis.key, "labels": [v.label for v in axis.values]} for axis in plan.study.axes],
         "seeds": list(spec.seeds),
-        "report": {"kind": spec.report.kind, "paper": spec.report.paper, "reference": spec.report.reference},
+        "report": to_dict(spec.report),
         "cells": [
             {"id": c.id, "coords": c.coords, "seed": c.seed, "nnodes": c.nnodes, "nproc_per_node": c.nproc_per_node}
             for c in plan.cells

@@ -66,12 +66,12 @@ def load_component() -> Callable[..., AppDef]:
 
 
 def _cell_app(component: Callable[..., AppDef], plan: Plan, cell: Cell, config_path: Path, local: bool) -> AppDef:
-    resources = plan.study.file.resources
+    per_rank, ranks = plan.study.file.resources, cell.nproc_per_node
     # the local scheduler starts `torchrun` from PATH: this environment's first
     env = {"PATH": str(Path(sys.executable).parent)} if local else None
     return component(
-        str(config_path), nnodes=cell.nnodes, nproc_per_node=cell.nproc_per_node, name=f"mdaf/{cell.id}",
-        cpu=resources.cpu, gpu=resources.gpu, memMB=resources.memMB, env=env,
+        str(config_path), nnodes=cell.nnodes, nproc_per_node=ranks, name=f"mdaf/{cell.id}",
+        cpu=per_rank.cpu_per_rank * ranks, gpu=per_rank.gpu_per_rank * ranks, memMB=per_rank.memMB_per_rank * ranks, env=env,
     )  # fmt: skip
 
 

@@ -14,8 +14,9 @@
           - {label: "MDAF (Full)"}
           - {label: "w/o Gate (concat)", config: configs/ablations/concat.yaml, set: {train.lr: 0.001}}
     seeds: [42, 43, 44]                    # each cell is trained once per seed (train.seed, loader.seed)
-    world_size: 1                          # ranks per node unless an axis sets it
-    report: {kind: models, paper: table3, reference: "MDAF (Full)"}
+    world_size: 1                          # ranks per node unless an axis (or world_size=N on the command line) sets it
+    resources: {cpu_per_rank: 8, gpu_per_rank: 1, memMB_per_rank: 32768}
+    report: {kind: models, paper: table3, reference: "MDAF (Full)", dynamics: "MDAF (Full)"}
 
 OmegaConf checks the file's shape and types (an unknown field is an error naming it); this
 module checks what OmegaConf cannot: every axis has values, every key exists in the training
@@ -35,11 +36,13 @@ from omegaconf.errors import OmegaConfBaseException
 
 from mdaf_dist.config import ConfigError, load_config
 from mdaf_dist.errors import UserError
+from mdaf_dist.studies.paper import TABLES
 
 # axis keys that set the TorchX component's world shape rather than a config key
 LAUNCH_KEYS = {"world_size": "nproc_per_node", "nproc_per_node": "nproc_per_node", "nnodes": "nnodes"}
 GRIDS = ("product", "one_at_a_time")
 REPORT_KINDS = ("models", "filtering", "sensitivity", "scaling_data", "scaling_world")
+PAPER_TABLES = ("", *TABLES, "tableA1")
 
 
 @dataclass
@@ -63,11 +66,12 @@ class SynthSpec:
 
 @dataclass
 class ResourcesSpec:
-    """The component's per-node request (ignored by local_cwd)."""
+    """What each rank needs; a node asks the scheduler for nproc_per_node times this (local_cwd
+    ignores it)."""
 
-    cpu: int = 2
-    gpu: int = 0
-    memMB: int = 4096
+    cpu_per_rank: int = 2
+    gpu_per_rank: int = 0
+    memMB_per_rank: int = 4096
 
 
 @dataclass
@@ -79,6 +83,8 @@ class ReportSpec:
     paper: str = ""
     # row label that deltas are measured against (models); the first row when empty
     reference: str = ""
+    # row label whose per-epoch train/val AUC is shown beside the paper's Table 7 ("" for none)
+    dynamics: str = ""
 
 
 @dataclass
@@ -115,6 +121,8 @@ class AxisValue:
 @dataclass
 class Axis:
     name: str
+    # the dotted key every value sets ("" when values carry their own settings)
+    key: str
     values: List[AxisValue]
 
 
@@ -157,6 +165,12 @@ def _axis_value(path: str, axis: AxisSpec, raw: Any) -> AxisValue:
     return AxisValue(_label(raw), [], {axis.key: raw})
 
 
+def check_launch(where: str, key: str, setting: Any) -> int:
+    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
+        raise UserError(f"{where}: {key} must be a positive integer, got {setting!r}")
+    return setting
+
+
 def _check_value(path: str, axis_name: str, value: AxisValue) -> None:
     """Apply the value's settings to the default config: an unknown key or a wrong type fails here."""
     for config in value.configs:
@@ -164,8 +178,7 @@ def _check_value(path: str, axis_name: str, value: AxisValue) -> None:
             raise UserError(f"{path}: axis {axis_name!r}: config file not found: {config}")
     for key, setting in value.settings.items():
         if key in LAUNCH_KEYS:
-            if not isinstance(setting, int) or setting < 1:
-                raise UserError(f"{path}: axis {axis_name!r}: {key} must be a positive integer, got {setting!r}")
+            check_launch(f"{path}: axis {axis_name!r}", key, setting)
     try:
         load_config(None, value.overrides())
     except ConfigError as e:
@@ -192,6 +205,8 @@ def load_study(path: str) -> Study:
         raise UserError(f"{path}: grid must be one of {GRIDS}, got {file.grid!r}")
     if file.report.kind not in REPORT_KINDS:
         raise UserError(f"{path}: report.kind must be one of {REPORT_KINDS}, got {file.report.kind!r}")
+    if file.report.paper not in PAPER_TABLES:
+        raise UserError(f"{path}: report.paper must be one of {PAPER_TABLES}, got {file.report.paper!r}")
     if not file.seeds:
         raise UserError(f"{path}: seeds is empty: give at least one seed")
     for config in file.configs:
@@ -210,7 +225,7 @@ def load_study(path: str) -> Study:
         labels = [value.label for value in values]
         if len(set(labels)) != len(labels):
             raise UserError(f"{path}: axis {name!r} has repeated labels: {labels}")
-        axes.append(Axis(name, values))
+        axes.append(Axis(name, spec.key, values))
     if len({axis.name for axis in axes}) != len(axes):
         raise UserError(f"{path}: two axes have the same name")
     return Study(path, file, axes)
