@@ -10,8 +10,24 @@ from mdaf_dist.studies.runner import LaunchSettings, StudyRunner
 from mdaf_dist.studies.spec import load_study
 
 
+class _IntermixedParser(argparse.ArgumentParser):
+    """Lets options stand between the study file and the overrides (`run S.yaml --out D k=v`):
+    plain argparse takes both positionals at once, before the options."""
+
+    _inside = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._inside:
+            return super().parse_known_args(args, namespace)
+        self._inside = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inside = False
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="action", required=True, metavar="{run,report}")
+    sub = parser.add_subparsers(dest="action", required=True, metavar="{run,report}", parser_class=_IntermixedParser)
     run_p = sub.add_parser("run", help="prepare the data and train every cell of a study (resumable)")
     run_p.add_argument("study", help="study file, e.g. configs/studies/table3_ablations.yaml")
     run_p.add_argument("--out", required=True, help="the study's directory (created; a re-run resumes it)")

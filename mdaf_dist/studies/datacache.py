@@ -14,13 +14,14 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional, Union
 
 from mdaf_dist.config import PrepareConfig, to_dict
 from mdaf_dist.data.layout import META_FILE
 from mdaf_dist.data.prepare import prepare
 from mdaf_dist.data.synth import generate
 from mdaf_dist.errors import UserError
+from mdaf_dist.studies.grid import Plan
 from mdaf_dist.studies.spec import SynthSpec
 from mdaf_dist.studies.workdir import LOG_FILE, StudyDir
 
@@ -67,3 +68,25 @@ def ensure_prepared(study_dir: StudyDir, cfg: PrepareConfig) -> Path:
     with open(study_dir.root / LOG_FILE, "a") as log, contextlib.redirect_stdout(log):
         prepare(dataclasses.replace(cfg, out=str(out)), progress=False)
     return out
+
+
+def prepare_cells(plan: Plan, study_dir: StudyDir, create: bool = True) -> Dict[str, Union[Path, str]]:
+    """Per cell: its prepared directory (prepared now unless it exists; only its path with
+    create=False), or, as a string, the error that kept it from being prepared."""
+    synth = plan.study.file.synth
+    input_path = None
+    if synth is not None:
+        input_path = synth_input(study_dir, synth) if create else synth_path(study_dir, synth)
+    prepared: Dict[str, Union[Path, str]] = {}
+    by_cell: Dict[str, Union[Path, str]] = {}
+    for cell in plan.cells:
+        cfg = with_input(cell.config.prepare, input_path)
+        key = prepare_key(cfg)
+        if key not in prepared:
+            try:
+                prepared[key] = ensure_prepared(study_dir, cfg) if create else study_dir.data(key)
+            except Exception as e:  # noqa: BLE001 - recorded for the cells that needed it
+                prepared[key] = f"prepare failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                study_dir.log(f"{prepared[key]} (data {key})")
+        by_cell[cell.id] = prepared[key]
+    return by_cell

@@ -31,7 +31,7 @@ from torchx.specs.finder import get_component
 import mdaf_dist
 from mdaf_dist.config import to_yaml
 from mdaf_dist.errors import UserError
-from mdaf_dist.studies.datacache import ensure_prepared, prepare_key, synth_input, synth_path, with_input
+from mdaf_dist.studies.datacache import prepare_cells
 from mdaf_dist.studies.grid import Cell, Plan, plan_record
 from mdaf_dist.studies.progress import Progress, duration
 from mdaf_dist.studies.workdir import CELL_CONFIG, ERROR_FILE, StudyDir
@@ -107,27 +107,6 @@ class StudyRunner:
         self.dir = StudyDir(out)
         self.status: Dict[str, Dict[str, Any]] = {}
 
-    # -- data ------------------------------------------------------------------------------
-    def _data_dirs(self, create: bool) -> Dict[str, Path | str]:
-        """Per cell: its prepared directory, or the error that prepared it not (as a string)."""
-        synth = self.plan.study.file.synth
-        input_path = None
-        if synth is not None:
-            input_path = synth_input(self.dir, synth) if create else synth_path(self.dir, synth)
-        prepared: Dict[str, Path | str] = {}
-        by_cell: Dict[str, Path | str] = {}
-        for cell in self.plan.cells:
-            cfg = with_input(cell.config.prepare, input_path)
-            key = prepare_key(cfg)
-            if key not in prepared:
-                try:
-                    prepared[key] = ensure_prepared(self.dir, cfg) if create else self.dir.data(key)
-                except Exception as e:  # noqa: BLE001 - recorded for the cells that needed it
-                    prepared[key] = f"prepare failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-                    self.dir.log(f"{prepared[key]} (data {key})")
-            by_cell[cell.id] = prepared[key]
-        return by_cell
-
     def _write_config(self, cell: Cell, data_dir: Path) -> Path:
         cell_dir = self.dir.cell(cell.id)
         config = dataclasses.replace(cell.config, data_dir=str(data_dir), output_dir=str(cell_dir))
@@ -160,7 +139,7 @@ class StudyRunner:
             self.dir.claim(plan_record(self.plan))
             self.status = self.dir.read_status()
             self.dir.log(f"run {self.plan.study.name}: {len(self.plan.cells)} cells, scheduler {self.settings.scheduler}")
-        data_dirs = self._data_dirs(create=not self.settings.dryrun)
+        data_dirs = prepare_cells(self.plan, self.dir, create=not self.settings.dryrun)
         with get_runner() as runner:
             cfg = _scheduler_cfg(runner, self.settings, self.dir)
             local = self.settings.scheduler in LOCAL_SCHEDULERS
