@@ -15,6 +15,7 @@ SIGTERM cancel the running jobs and leave everything for the next run.
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -87,17 +88,25 @@ def _scheduler_cfg(runner: Any, settings: LaunchSettings, study_dir: StudyDir) -
     return cfg
 
 
+# what a failed job's log says, most telling first: this project's one-line errors
+# ("mdaf train: error: ..."), then a Python exception other than torchrun's wrapper of it
+_ERROR_LINES = (
+    re.compile(r"(^|[\s:\]])error: \S", re.IGNORECASE),
+    re.compile(r"^(\[\d+\]:)?(?!.*ChildFailedError)[\w.]*(Error|Exception): \S"),
+)
+
+
 def _failure(runner: Any, running: _Running, status: Optional[AppStatus]) -> tuple[str, List[str]]:
     """One line saying why a job failed, and the tail of its log."""
     lines: List[str] = []
     try:
         lines = [line.rstrip("\n") for line in runner.log_lines(running.handle, running.app.roles[0].name, k=0, streams=Stream.STDERR)]
-    except Exception:  # schedulers that keep no logs, or purged them: the status message remains
+    except Exception:  # noqa: BLE001 - schedulers that keep no logs, or purged them: the status message remains
         pass
     tail = lines[-ERROR_TAIL_LINES:]
-    errors = [line for line in tail if "error:" in line.lower()]
+    found = (next((line.strip() for line in reversed(tail) if pattern.search(line.strip())), None) for pattern in _ERROR_LINES)
+    summary = next((line for line in found if line), status.msg.strip() if status and status.msg else "")
     state = status.state.name if status else "UNKNOWN"
-    summary = errors[-1].strip() if errors else (status.msg.strip() if status and status.msg else "")
     return f"job {state}: {summary or 'see ' + running.handle}", tail
 
 
