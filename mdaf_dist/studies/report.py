@@ -179,12 +179,11 @@ def _filtering(plan: Dict[str, Any], cells: Dict[str, CellRecord], out: Path) ->
     if table:
         parts.sections.append(f"Paper numbers: {table.source}.")
     parts.data["rows"] = data
-    auc = [row.stat("auc") for row in table_rows]
-    samples = [_mean(row.stat("train_samples")) for row in table_rows]
-    if all(auc) and all(s is not None for s in samples):
+    done = [row for row in table_rows if row.stat("auc") and row.stat("train_samples")]
+    if done:
         parts.plots.append(plots.auc_and_samples(
-            out / "filtering.png", [r.label for r in table_rows], [s.mean for s in auc], [s.std for s in auc], samples,
-            "Validation AUC and training samples per filter setting",
+            out / "filtering.png", [r.label for r in done], [r.stat("auc").mean for r in done], [r.stat("auc").std for r in done],
+            [r.stat("train_samples").mean for r in done], "Validation AUC and training samples per filter setting",
         ))  # fmt: skip
     return parts
 
