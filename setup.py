@@ -19,6 +19,7 @@ setup(
         "tqdm>=4.66",
         "tensorboard>=2.16",
         "torchx==0.7.0",
+        "matplotlib>=3.8",
         # torchrec's real dependencies (torchrec itself is installed with --no-deps)
         "tensordict",
         "torchmetrics==1.0.3",

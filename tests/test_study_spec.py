@@ -139,7 +139,7 @@ def test_slurm_dryrun_prints_a_valid_sbatch_job_per_cell(tmp_path, capsys):
     for cell, script in zip(plan.cells, scripts):
         assert script.startswith("#!/bin/bash\n") and "#SBATCH" in script and "--partition=gpu" in script
         config = out.resolve() / "cells" / cell.id / "config.yaml"
-        assert f"--nnodes 1 --nproc_per_node 1 --tee 3 --role '\"'\"''\"'\"' -m mdaf_dist.train --config {config}'" in script
+        assert "--nnodes 1 --nproc_per_node 1 " in script and f" -m mdaf_dist.train --config {config}'" in script
         path = tmp_path / f"{cell.id}.sbatch"
         path.write_text(script)
         syntax = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)

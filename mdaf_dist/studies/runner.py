@@ -66,10 +66,10 @@ def load_component() -> Callable[..., AppDef]:
     return get_component(f"{COMPONENT_FILE}:train").fn
 
 
-def _cell_app(component: Callable[..., AppDef], plan: Plan, cell: Cell, config_path: Path, local: bool) -> AppDef:
+def _cell_app(component: Callable[..., AppDef], plan: Plan, cell: Cell, config_path: Path, scheduler: str) -> AppDef:
     per_rank, ranks = plan.study.file.resources, cell.nproc_per_node
-    # the local scheduler starts `torchrun` from PATH: this environment's first
-    env = {"PATH": str(Path(sys.executable).parent)} if local else None
+    # local_cwd starts `torchrun` from PATH: this environment's first
+    env = {"PATH": str(Path(sys.executable).parent)} if scheduler == "local_cwd" else None
     return component(
         str(config_path), nnodes=cell.nnodes, nproc_per_node=ranks, name=f"mdaf/{cell.id}",
         cpu=per_rank.cpu_per_rank * ranks, gpu=per_rank.gpu_per_rank * ranks, memMB=per_rank.memMB_per_rank * ranks, env=env,
@@ -151,15 +151,14 @@ class StudyRunner:
         data_dirs = prepare_cells(self.plan, self.dir, create=not self.settings.dryrun)
         with get_runner() as runner:
             cfg = _scheduler_cfg(runner, self.settings, self.dir)
-            local = self.settings.scheduler in LOCAL_SCHEDULERS
             if self.settings.dryrun:
                 for cell in self.plan.cells:
-                    app = _cell_app(component, self.plan, cell, self._write_config(cell, Path(data_dirs[cell.id])), local)
+                    app = _cell_app(component, self.plan, cell, self._write_config(cell, Path(data_dirs[cell.id])), self.settings.scheduler)
                     print(f"== cell {cell.id} ({cell.world_size} ranks)\n{runner.dryrun(app, self.settings.scheduler, cfg)}\n")
                 return {}
-            return self._launch_all(runner, component, cfg, data_dirs, local)
+            return self._launch_all(runner, component, cfg, data_dirs)
 
-    def _launch_all(self, runner: Any, component: Callable[..., AppDef], cfg: Dict[str, Any], data_dirs: Dict[str, Path | str], local: bool) -> Dict[str, Dict[str, Any]]:
+    def _launch_all(self, runner: Any, component: Callable[..., AppDef], cfg: Dict[str, Any], data_dirs: Dict[str, Path | str]) -> Dict[str, Dict[str, Any]]:
         progress = Progress(len(self.plan.cells), self.settings.max_parallel)
         queue: List[Cell] = []
         for cell in self.plan.cells:
@@ -179,7 +178,7 @@ class StudyRunner:
                         self.dir.cell(cell.id).mkdir(parents=True, exist_ok=True)
                         self._failed(cell, str(data_dirs[cell.id]), [], progress)
                         continue
-                    app = _cell_app(component, self.plan, cell, self._write_config(cell, Path(data_dirs[cell.id])), local)
+                    app = _cell_app(component, self.plan, cell, self._write_config(cell, Path(data_dirs[cell.id])), self.settings.scheduler)
                     handle = runner.run(app, self.settings.scheduler, cfg)
                     running.append(_Running(cell, app, handle))
                     self._record(cell.id, state="running", app=handle, error=None)
