@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 DPI = 110
 
@@ -87,6 +88,7 @@ def epoch_curves(path: Path, curves: Dict[str, Dict[str, List[float]]], title: s
         if train:
             ax.plot(*zip(*train), marker="x", linestyle="--", color=color, label=f"{label} (train)")
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("AUC")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
