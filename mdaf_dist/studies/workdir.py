@@ -63,6 +63,8 @@ class StudyDir:
         """Write the plan, unless DIR holds something else: another study, the same study with
         other overrides, or files that are not a study's."""
         path = self.root / PLAN_FILE
+        if self.root.exists() and not self.root.is_dir():
+            raise UserError(f"{self.root} is a file, not a study directory: choose another --out")
         if path.is_file():
             owner = json.loads(path.read_text())
             if owner["name"] != plan["name"]:
