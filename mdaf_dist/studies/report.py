@@ -42,6 +42,11 @@ def fmt_bp(delta: Optional[float]) -> str:
     return f"{bp:+d}bp" if bp else "0bp"
 
 
+def fmt_range(values: Sequence[float]) -> str:
+    """The spread of AUCs, max - min, in basis points."""
+    return f"{round((max(values) - min(values)) * 1e4)}bp"
+
+
 def fmt_paper_bp(bp: Optional[int]) -> str:
     return "baseline" if bp is None else (f"{bp:+d}bp" if bp else "0bp")
 
@@ -217,9 +222,9 @@ def _sensitivity(plan: Dict[str, Any], cells: Dict[str, CellRecord], out: Path) 
         means = [row.stat("auc").mean for row in axis_rows if row.stat("auc")]
         summary.append([
             name, ", ".join(axis["labels"]), best.coords[axis["name"]] if best else NA,
-            fmt_bp(max(means) - min(means)) if means else NA,
+            fmt_range(means) if means else NA,
             f"{published.best:g}" if published else NA,
-            fmt_bp(max(published.auc_by_value.values()) - min(published.auc_by_value.values())) if published else NA,
+            fmt_range(list(published.auc_by_value.values())) if published else NA,
             published.sensitivity if published else NA,
         ])  # fmt: skip
         if all(v is not None for v in panel["ours"]):
