@@ -108,6 +108,15 @@ def test_a_file_that_is_not_yaml_is_one_line(tmp_path, capsys):
     assert re.fullmatch(rf"mdaf study: error: {re.escape(broken)}: not a YAML file \(.+\)", _error(capsys, "run", broken, "--out", str(tmp_path / "out")))
 
 
+def test_a_study_without_input_data_is_one_line_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _error(capsys, "run", "configs/studies/table3_ablations.yaml", "--out", str(out)) == (
+        "mdaf study: error: the study has no input data: pass prepare.input=PATH (raw UserBehavior CSV or zip), "
+        "or give the study file a synth section"
+    )
+    assert not out.exists()
+
+
 def _snapshot(root: Path) -> dict:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 

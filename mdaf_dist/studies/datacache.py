@@ -55,6 +55,13 @@ def with_input(cfg: PrepareConfig, input_path: Optional[Path]) -> PrepareConfig:
     return cfg
 
 
+def check_input(plan: Plan) -> None:
+    """Fail before anything is written when the study has neither an input nor `synth`."""
+    if plan.study.file.synth is None:
+        for cell in plan.cells:
+            with_input(cell.config.prepare, None)
+
+
 def ensure_prepared(study_dir: StudyDir, cfg: PrepareConfig) -> Path:
     """The prepared directory for `cfg`, running `mdaf prepare` into it unless it exists; the
     stage table goes to the study log."""

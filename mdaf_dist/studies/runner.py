@@ -32,7 +32,7 @@ from torchx.specs.finder import get_component
 import mdaf_dist
 from mdaf_dist.config import to_yaml
 from mdaf_dist.errors import UserError
-from mdaf_dist.studies.datacache import prepare_cells
+from mdaf_dist.studies.datacache import check_input, prepare_cells
 from mdaf_dist.studies.grid import Cell, Plan, plan_record
 from mdaf_dist.studies.progress import Progress, duration
 from mdaf_dist.studies.workdir import CELL_CONFIG, ERROR_FILE, StudyDir
@@ -144,6 +144,7 @@ class StudyRunner:
         if self.settings.max_parallel < 1:
             raise UserError(f"--max-parallel must be >= 1, got {self.settings.max_parallel}")
         component = load_component()
+        check_input(self.plan)
         if not self.settings.dryrun:
             self.dir.claim(plan_record(self.plan))
             self.status = self.dir.read_status()
