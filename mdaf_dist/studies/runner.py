@@ -180,7 +180,11 @@ class StudyRunner:
                         self._failed(cell, str(data_dirs[cell.id]), [], progress)
                         continue
                     app = _cell_app(component, self.plan, cell, self._write_config(cell, Path(data_dirs[cell.id])), self.settings.scheduler)
-                    handle = runner.run(app, self.settings.scheduler, cfg)
+                    try:
+                        handle = runner.run(app, self.settings.scheduler, cfg)
+                    except Exception as e:  # noqa: BLE001 - the scheduler refused the job: recorded, the others go on
+                        self._failed(cell, f"submission to {self.settings.scheduler} failed: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}", [], progress)
+                        continue
                     running.append(_Running(cell, app, handle))
                     self._record(cell.id, state="running", app=handle, error=None)
                     self.dir.log(f"launch {cell.id}: {handle}")
