@@ -10,7 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import MaxNLocator, NullFormatter  # noqa: E402
 
 DPI = 110
 
@@ -33,6 +33,8 @@ def auc_vs_samples(path: Path, samples: List[float], auc: List[float], std: List
     for x, y, label in zip(samples, auc, labels):
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, -12), fontsize=8)
     ax.set_xscale("log")
+    ax.set_xticks(samples, [f"{x:,.0f}" for x in samples], fontsize=8)
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("training samples")
     ax.set_ylabel("validation AUC (mean ± std over seeds)")
     ax.set_title(title)

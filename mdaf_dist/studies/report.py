@@ -255,6 +255,10 @@ def _scaling_data(plan: Dict[str, Any], cells: Dict[str, CellRecord], out: Path)
         for row in table_rows
     ]  # fmt: skip
     parts.sections.append(markdown_table([_first_axis_name(plan), "Seeds", "Train samples", "Val AUC", "Log Loss", "Samples/s"], body))
+    parts.sections.append(
+        "A user fraction keeps that share of the users, so each row is validated on its own users' last day: "
+        "the smaller the fraction, the smaller (and noisier) its validation set."
+    )
     parts.data["rows"] = [_row_data(row, ("auc", "logloss", "train_samples", "samples_per_sec")) for row in table_rows]
     done = [row for row in table_rows if row.stat("auc") and row.stat("train_samples")]
     if done:
