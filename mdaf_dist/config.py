@@ -77,7 +77,8 @@ class LoaderConfig:
     history_categories: bool = False
     # clicks gathered per history (the last L before `pos`); keep equal to model.history_length
     history_length: int = 50
-    # drop the last partial batch of each rank instead of yielding it
+    # training drops the last partial batch of each rank instead of yielding it (evaluation
+    # always covers every sample)
     drop_last: bool = False
 
 
@@ -189,6 +190,13 @@ class ConfigError(UserError):
     """A configuration file or override that cannot be applied."""
 
 
+def check_choice(key: str, value: Any, allowed: Sequence[str]) -> None:
+    """The one check (and message) of every setting that names one of a few choices, made by the
+    module that owns the choices (model registry, sharding, optimizers, device)."""
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not one of: {', '.join(allowed)}")
+
+
 def load_config(paths: Union[str, Sequence[str], None] = None, overrides: Sequence[str] = ()) -> Config:
     """Defaults, then each YAML file in `paths` in turn (a later file overlays an earlier one, e.g.
     configs/paper.yaml then configs/ablations/concat.yaml), then `key.sub=value` overrides."""
@@ -201,9 +209,12 @@ def load_config(paths: Union[str, Sequence[str], None] = None, overrides: Sequen
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"overrides must look like key.sub=value, got: {' '.join(bad)}")
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        # `key=` sets the empty string (omegaconf would read None, which no field accepts)
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([o + "''" if o.endswith("=") else o for o in overrides]))
     except OmegaConfBaseException as e:
-        raise ConfigError(str(e).splitlines()[0]) from None
+        # omegaconf's message names the value and the expected type, its full_key the setting
+        message = str(e).splitlines()[0]
+        raise ConfigError(f"{e.full_key}: {message}" if getattr(e, "full_key", None) else message) from None
     return OmegaConf.to_object(merged)
 
 

@@ -24,14 +24,20 @@ def test_overrides_win_over_the_file_and_are_typed():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["model.fusionx=gate"], "Key 'fusionx' not in 'ModelConfig'"),
-        (["train.lr=fast"], "Value 'fast' of type 'str' could not be converted to Float"),
+        (["model.fusionx=gate"], "model.fusionx: Key 'fusionx' not in 'ModelConfig'. Did you mean: 'fusion'?"),
+        (["train.lr=fast"], "train.lr: Value 'fast' of type 'str' could not be converted to Float"),
+        (["train.max_steps="], "train.max_steps: Value '' of type 'str' could not be converted to Integer"),
         (["model.fusion"], "overrides must look like key.sub=value, got: model.fusion"),
     ],
 )
 def test_bad_overrides_are_one_line_errors(overrides, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError) as error:
         load_config(None, overrides)
+    assert str(error.value) == message
+
+
+def test_an_empty_override_sets_the_empty_string():
+    assert load_config(None, ["data_dir=", "train.resume="]).data_dir == ""
 
 
 def test_missing_config_file():

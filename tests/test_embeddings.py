@@ -5,7 +5,7 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
-from mdaf_dist.models.embeddings import build_embeddings, embed, right_aligned, table_configs
+from mdaf_dist.models.embeddings import INIT_BLOCK_ROWS, build_embeddings, embed, init_table_rows, right_aligned, table_configs
 
 VOCAB = {"user": 7, "item": 30, "category": 5}
 KEYS = ["user", "item", "category", "hist_item"]
@@ -55,6 +55,35 @@ def test_backends_agree_for_the_same_weights():
         assert torch.equal(a[name].lengths(), b[name].lengths())
     # the shared item table: history ids look up the same rows as target ids
     torch.testing.assert_close(b["hist_item"].values(), plain.embeddings["item"].weight[kjt["hist_item"].values()])
+
+
+def test_backends_start_from_the_same_weights_and_leave_the_global_generator_alone():
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    plain = build_embeddings(table_configs(VOCAB, 8, seed=3), backend="plain").state_dict()
+    assert torch.equal(torch.get_rng_state(), before)
+    torchrec_ec = build_embeddings(table_configs(VOCAB, 8, seed=3), backend="torchrec").state_dict()
+    for name, value in plain.items():
+        torch.testing.assert_close(torchrec_ec[name], value, rtol=0, atol=0, msg=name)
+    other_seed = build_embeddings(table_configs(VOCAB, 8, seed=4), backend="plain").state_dict()
+    assert not torch.equal(other_seed["embeddings.item.weight"], plain["embeddings.item.weight"])
+
+
+def test_a_table_filled_shard_by_shard_equals_the_whole_table():
+    rows, dim = 2 * INIT_BLOCK_ROWS + 100, 6
+    whole = torch.empty(rows, dim)
+    init_table_rows(whole, "item", rows, dim, 0, 0, seed=5)
+    pieces = torch.full((rows, dim), float("nan"))
+    row_cuts, col_cuts = [0, 5, INIT_BLOCK_ROWS + 7, rows], [0, 2, dim]
+    for r0, r1 in zip(row_cuts, row_cuts[1:]):
+        for c0, c1 in zip(col_cuts, col_cuts[1:]):
+            init_table_rows(pieces[r0:r1, c0:c1], "item", rows, dim, r0, c0, seed=5)
+    assert torch.equal(pieces, whole)
+    assert 0 < whole.abs().max() <= (1 / rows) ** 0.5
+    # each table has its own values
+    user = torch.empty(rows, dim)
+    init_table_rows(user, "user", rows, dim, 0, 0, seed=5)
+    assert not torch.equal(user, whole)
 
 
 def test_tables_start_uniform_within_sqrt_one_over_rows():

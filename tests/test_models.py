@@ -10,7 +10,7 @@ from sklearn.metrics import roc_auc_score
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mdaf_dist.cli import main as mdaf_main
-from mdaf_dist.config import ModelConfig
+from mdaf_dist.config import ConfigError, ModelConfig
 from mdaf_dist.models.describe import count_parts
 from mdaf_dist.models.loss import smoothed_bce
 from mdaf_dist.models.registry import build_model
@@ -135,27 +135,28 @@ def test_label_smoothing_matches_a_hand_computation():
 
 
 def test_unknown_model_names_the_choices():
-    with pytest.raises(ValueError, match=r"unknown model 'dien'; expected one of \['autoint', 'bst', 'dcnv2', 'mamba4rec', 'mdaf'\]"):
+    with pytest.raises(ConfigError, match=r"^model.name='dien' is not one of: mdaf, autoint, dcnv2, bst, mamba4rec$"):
         build_model(ModelConfig(name="dien"), VOCAB)
 
 
 @pytest.mark.parametrize(
     "field, value, message",
     [
-        ("fusion", "sum", r"unknown fusion 'sum'; expected one of \('gate', 'concat', 'fixed', 'attention'\)"),
-        ("static_branch", "dcnv1", r"unknown static_branch 'dcnv1'; expected one of \('dcnv3', 'dcnv3_official', 'mlp', 'none'\)"),
-        ("sequence_branch", "gru", r"unknown sequence_branch 'gru'; expected one of \('mamba', 'none'\)"),
-        ("fixed_gate", 1.5, r"fixed_gate must lie in \[0, 1\], got 1.5"),
+        ("fusion", "concatt", r"model.fusion='concatt' is not one of: gate, concat, fixed, attention"),
+        ("static_branch", "dcn", r"model.static_branch='dcn' is not one of: dcnv3, dcnv3_official, mlp, none"),
+        ("sequence_branch", "gru", r"model.sequence_branch='gru' is not one of: mamba, none"),
+        ("scan_backend", "triton", r"model.scan_backend='triton' is not one of: auto, reference, cpu, compiled, mamba_ssm"),
+        ("fixed_gate", 1.5, r"model.fixed_gate=1.5 must lie in \[0, 1\]"),
     ],
 )
 def test_bad_variant_settings_are_errors(field, value, message):
     cfg = dataclasses.replace(ModelConfig(fusion="fixed", **SMALL), **{field: value})
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigError, match=f"^{message}$"):
         build_model(cfg, VOCAB)
 
 
 def test_no_branch_at_all_is_an_error():
-    with pytest.raises(ValueError, match="cannot both be 'none'"):
+    with pytest.raises(ConfigError, match="model.static_branch and model.sequence_branch cannot both be 'none'"):
         build_model(ModelConfig(static_branch="none", sequence_branch="none"), VOCAB)
 
 

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mdaf_dist.data.layout import sample_files
+from mdaf_dist.data.loader import num_samples
 from mdaf_dist.distributed.env import distributed
 from mdaf_dist.errors import UserError
 from mdaf_dist.train.main import main
@@ -22,6 +24,8 @@ from tests.distributed import run_ranks, tiny_config
 
 BATCHES = {0: 3, 1: 2}
 SMOKE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
+# the smoke config's model on the tiny data's histories
+TINY_HISTORY = ["model.history_length=8", "loader.history_length=8"]
 
 
 class FewerBatches:
@@ -64,7 +68,7 @@ def test_padding_batch_uses_the_padding_id_of_every_feature():
 
 def test_smoke_config_run_writes_results_json(tiny_data_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    quiet = ["logging.tensorboard=false", "logging.progress_bar=false", "train.patience=0"]
+    quiet = ["logging.tensorboard=false", "logging.progress_bar=false", "train.patience=0", *TINY_HISTORY]
     assert main(["--config", str(SMOKE_CONFIG), f"data_dir={tiny_data_dir}", f"output_dir={out}", *quiet]) == 0
 
     results = json.loads((out / RESULTS_FILE).read_text())
@@ -85,7 +89,7 @@ def test_smoke_config_run_writes_results_json(tiny_data_dir, tmp_path, capsys):
 
 def test_resumed_finished_run_still_reports_the_final_model(tiny_data_dir, tmp_path):
     out = tmp_path / "run"
-    base = [f"data_dir={tiny_data_dir}", f"output_dir={out}", "logging.tensorboard=false", "logging.progress_bar=false"]
+    base = [f"data_dir={tiny_data_dir}", f"output_dir={out}", "logging.tensorboard=false", "logging.progress_bar=false", *TINY_HISTORY]
     assert main(["--config", str(SMOKE_CONFIG), *base, "train.max_epochs=1"]) == 0
     first = json.loads((out / RESULTS_FILE).read_text())
 
@@ -93,6 +97,64 @@ def test_resumed_finished_run_still_reports_the_final_model(tiny_data_dir, tmp_p
     again = json.loads((out / RESULTS_FILE).read_text())
     assert again["steps"] == first["steps"] and again["evaluations"] == first["evaluations"]
     assert again["valid"]["auc"] == pytest.approx(first["valid"]["auc"], abs=1e-9)
+
+
+def test_drop_last_drops_training_samples_only(tiny_data_dir, tmp_path):
+    cfg = tiny_config(tiny_data_dir, tmp_path / "run", "loader.drop_last=true", "loader.eval_batch_size=256")
+    with distributed("cpu") as env:
+        trainer = Trainer(cfg, env)
+        assert trainer.steps_per_epoch == num_samples(tiny_data_dir, "train") // cfg.loader.batch_size
+        assert trainer.evaluate()["num_samples"] == num_samples(tiny_data_dir, "valid") > 256
+
+
+def _fit(cfg):
+    with distributed("cpu") as env:
+        return Trainer(cfg, env).fit()
+
+
+def _scalars(log_dir, tag):
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return [(event.step, event.value) for event in events.Scalars(tag)]
+
+
+def test_tensorboard_after_a_resume_has_each_step_once(tiny_data_dir, tmp_path):
+    """A run killed after step 5 resumes from its step-4 checkpoint: steps 5 and 6 are logged twice
+    but the reader keeps the resumed run's, so the curves equal an uninterrupted run's."""
+    common = ["loader.batch_size=256", "train.max_epochs=1", "logging.tensorboard=true", "logging.log_every=1", "checkpoint.every_steps=2", "checkpoint.keep_last=10"]
+    _fit(tiny_config(tiny_data_dir, tmp_path / "whole", *common))
+    _fit(tiny_config(tiny_data_dir, tmp_path / "split", *common, "train.max_steps=6"))
+    _fit(tiny_config(tiny_data_dir, tmp_path / "split", *common, f"train.resume={tmp_path / 'split' / 'checkpoints' / 'step_00000004'}"))
+    for tag in ("train/loss", "valid/auc"):
+        assert _scalars(tmp_path / "split" / "tensorboard", tag) == _scalars(tmp_path / "whole" / "tensorboard", tag), tag
+    assert [step for step, _ in _scalars(tmp_path / "whole" / "tensorboard", "train/loss")] == list(range(1, 12))
+
+
+ALLOWED_SHARDING = "table_wise, row_wise, column_wise, data_parallel"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.fusion=concatt"], "model.fusion='concatt' is not one of: gate, concat, fixed, attention"),
+        (["model.static_branch=dcn"], "model.static_branch='dcn' is not one of: dcnv3, dcnv3_official, mlp, none"),
+        (["train.lr=abc"], "train.lr: Value 'abc' of type 'str' could not be converted to Float"),
+        (["data_dir="], "data_dir is empty: give a prepared data directory (`mdaf prepare`'s output) in the config or as data_dir=PATH"),
+        (["train.embedding_optimizer=adamw"], "train.embedding_optimizer='adamw' is not one of: auto, adam, rowwise_adagrad, adagrad, sgd"),
+        (["train.device=gpu"], "train.device='gpu' is not one of: auto, cpu, cuda"),
+        (["sharding.tables.item=rows"], f"sharding.tables.item='rows' is not one of: {ALLOWED_SHARDING}"),
+        (
+            ["model.history_length=10", "loader.history_length=10"],
+            "model.history_length=10 but {data} was prepared with history_length=8 (its meta.json; the category filter "
+            "looked at that many clicks): train with model.history_length=8 loader.history_length=8, or prepare the data "
+            "again with prepare.history_length=10",
+        ),
+    ],
+)
+def test_bad_settings_are_one_line_naming_key_value_and_choices(tiny_data_dir, tmp_path, capsys, overrides, message):
+    argv = [f"data_dir={tiny_data_dir}", f"output_dir={tmp_path}", "train.device=cpu", "model.history_length=8", "loader.history_length=8"]
+    assert main([*argv, *overrides]) == 2
+    assert capsys.readouterr().err == f"mdaf train: error: {message.format(data=tiny_data_dir)}\n"
 
 
 def test_loader_and_model_history_lengths_must_agree(tiny_data_dir, tmp_path):

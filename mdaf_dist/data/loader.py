@@ -223,6 +223,14 @@ class _RowGroupReader:
         return self.cached[1]
 
 
+def worker_seed_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
+    """The generator a DataLoader draws its workers' base seed from. Without one it draws from
+    the global torch generator, which belongs to the model (dropout): a resumed run, starting a
+    loader mid-epoch, would shift every dropout mask after it."""
+    state = np.random.SeedSequence([seed, epoch, rank]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state >> np.uint64(1)))
+
+
 class StreamingLoader:
     """Iterable of `Batch` for one rank, with a resumable position.
 
@@ -255,7 +263,7 @@ class StreamingLoader:
             self.data_dir, self.split, batch_size=self.batch_size, history_length=cfg.history_length,
             history_categories=cfg.history_categories, shuffle=self.shuffle, shuffle_buffer=cfg.shuffle_buffer,
             seed=cfg.seed, epoch=self.epoch, rank=self.rank, world_size=self.world_size,
-            drop_last=cfg.drop_last, start_batch=start_batch,
+            drop_last=cfg.drop_last and self.split == "train", start_batch=start_batch,
         )  # fmt: skip
 
     def __len__(self) -> int:
@@ -269,7 +277,10 @@ class StreamingLoader:
     def __iter__(self) -> Iterator[Batch]:
         stream = self._stream(self.position)
         workers = min(self.cfg.num_workers, max(0, len(stream) - self.position))
-        loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=self.pin_memory)
+        loader = DataLoader(
+            stream, batch_size=None, num_workers=workers, pin_memory=self.pin_memory,
+            generator=worker_seed_generator(self.cfg.seed, self.epoch, self.rank),
+        )  # fmt: skip
         for batch in loader:
             self.position += 1
             yield batch

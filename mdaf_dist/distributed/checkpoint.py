@@ -3,8 +3,10 @@
     <root>/step_00000120/          one checkpoint
         .metadata, __*_*.distcp    DCP: model (sharded tables as ShardedTensors, dense tensors)
                                    and optimizer state (AdamW + the fused tables' state)
-        rank_00000.pt ...          per rank: loader position, RNG states, lr schedule
-        trainer.json               step, epoch, best AUC so far, this checkpoint's metrics, world size
+        rank_00000.pt ...          per rank: loader position and RNG states (tensors and plain
+                                   values only: loaded with weights_only=True)
+        trainer.json               step, epoch, best AUC so far, this checkpoint's metrics, world
+                                   size, table sizes
         config.yaml                the resolved config of the run
         sharding_plan.{json,txt}   the plan the shards were written under
 
@@ -17,14 +19,18 @@ Resharding: DCP loads the saved tensors into whatever sharding the loading run h
 checkpoint written by N ranks resumes on M. The per-rank files cannot be remapped to another
 world size: the loader position counts batches of one rank's slice of the data, so a run resumed
 at a different world size restarts the checkpoint's epoch from its beginning (samples of that
-epoch seen before the checkpoint are seen again, none are skipped; a checkpoint written at the
-end of an epoch resumes at the next epoch's start, exactly), and RNG streams are reseeded from
-(seed, step, rank).
+epoch seen before the checkpoint are seen again, none are skipped, and the trainer warns how
+many; a checkpoint written at the end of an epoch resumes at the next epoch's start, exactly),
+and RNG streams are reseeded from (seed, step, rank).
+
+A checkpoint is loaded only into a run of the same settings (`check_compatible`), so that a
+changed model or data set is one line naming the differences, not a DCP size mismatch.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import shutil
 from dataclasses import dataclass
@@ -35,8 +41,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from omegaconf import OmegaConf
 from torch import nn
 
+from mdaf_dist.config import Config, to_dict
 from mdaf_dist.errors import UserError
 
 TRAINER_FILE = "trainer.json"
@@ -50,7 +58,15 @@ def rank_file(rank: int) -> str:
 
 
 def rng_state() -> Dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG stream of this process as tensors and plain values (numpy's and Python's
+    Mersenne Twister keys as int64 tensors), so that a rank file loads with weights_only=True."""
+    _, keys, pos, has_gauss, cached_gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "cached_gauss": float(cached_gauss)},
+        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss_next": gauss_next},
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -58,8 +74,11 @@ def rng_state() -> Dict[str, Any]:
 
 def set_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    numpy_state = state["numpy"]
+    keys = numpy_state["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, numpy_state["pos"], numpy_state["has_gauss"], numpy_state["cached_gauss"]))
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["internal"].tolist()), python["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
@@ -117,6 +136,42 @@ def resolve(resume: str, root: Path) -> Optional[Path]:
     if not found:
         raise UserError(f"no checkpoint at {resume} (expected a {PREFIX}* directory with {TRAINER_FILE}, or a folder of them)")
     return found[-1]
+
+
+# settings a run may change against its checkpoint: where it reads and writes, how long it runs,
+# how it logs, checkpoints and places the tables (DCP reshards); every other setting must match
+CHANGEABLE_SETTINGS = (
+    "output_dir", "data_dir", "prepare.", "train.max_epochs", "train.max_steps", "train.patience", "train.resume",
+    "train.device", "loader.num_workers", "loader.eval_batch_size", "logging.", "checkpoint.", "sharding.",
+)  # fmt: skip
+
+
+def _flat(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """{"model": {"dropout": 0.1}} -> {"model.dropout": 0.1}"""
+    flat: Dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_compatible(path: Path, cfg: Config, vocab: Dict[str, int]) -> None:
+    """Refuse, before DCP meets tensors of other shapes, a checkpoint written under other settings
+    (those not in CHANGEABLE_SETTINGS) or with other table sizes, naming each difference."""
+    saved = _flat(OmegaConf.to_container(OmegaConf.load(path / CONFIG_FILE)))
+    current = _flat(to_dict(cfg))
+    differ = [
+        f"{key}={current[key]!r} (checkpoint: {saved[key]!r})"
+        for key in current
+        if key in saved and current[key] != saved[key] and not key.startswith(CHANGEABLE_SETTINGS)
+    ]
+    saved_vocab = read_trainer_state(path).get("vocab")
+    if saved_vocab is not None and saved_vocab != vocab:
+        differ.append(f"table rows {vocab} (checkpoint: {saved_vocab})")
+    if differ:
+        raise UserError(f"{path} was written with other settings: {'; '.join(differ)}")
 
 
 class Checkpointer:
@@ -177,4 +232,9 @@ class Checkpointer:
         """This rank's loader/RNG state, or None when the checkpoint has another world size."""
         if read_trainer_state(path)["world_size"] != world_size:
             return None
-        return torch.load(path / rank_file(rank), weights_only=False)
+        file = path / rank_file(rank)
+        try:
+            # tensors and plain values only: unpickling anything else could run arbitrary code
+            return torch.load(file, weights_only=True)
+        except pickle.UnpicklingError:
+            raise UserError(f"{file} holds objects other than tensors and plain values: not loaded") from None

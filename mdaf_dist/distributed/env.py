@@ -17,6 +17,7 @@ from typing import Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from mdaf_dist.config import check_choice
 from mdaf_dist.errors import UserError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -42,8 +43,7 @@ def _int_env(name: str, default: int) -> int:
 
 def resolve_device(requested: str, local_rank: int) -> torch.device:
     """CUDA (one GPU per local rank) when asked for or available, else CPU."""
-    if requested not in DEVICES:
-        raise UserError(f"train.device must be one of {DEVICES}, got {requested!r}")
+    check_choice("train.device", requested, DEVICES)
     if requested == "cuda" and not torch.cuda.is_available():
         raise UserError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
     if requested == "cpu" or not torch.cuda.is_available():

@@ -32,7 +32,7 @@ from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterCons
 from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
 from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
 
-from mdaf_dist.config import ShardingConfig
+from mdaf_dist.config import ShardingConfig, check_choice
 from mdaf_dist.distributed.env import DistEnv
 from mdaf_dist.errors import UserError
 
@@ -59,11 +59,12 @@ def table_sharding_types(cfg: ShardingConfig, tables: List[str], device: torch.d
     unknown_tables = sorted(set(cfg.tables) - set(tables))
     if unknown_tables:
         raise UserError(f"sharding.tables names unknown tables {unknown_tables}; the tables are {tables}")
+    check_choice("sharding.default", cfg.default, list(SHARDING_TYPES))
+    for table, kind in cfg.tables.items():
+        check_choice(f"sharding.tables.{table}", kind, list(SHARDING_TYPES))
     chosen = {table: cfg.tables.get(table, cfg.default) for table in tables}
     runnable = supported_sharding_types(device)
     for table, kind in chosen.items():
-        if kind not in SHARDING_TYPES:
-            raise UserError(f"unknown sharding type {kind!r} for table {table}; expected one of {list(SHARDING_TYPES)}")
         if kind not in runnable:
             why = UNSUPPORTED[device.type][kind]
             raise UserError(

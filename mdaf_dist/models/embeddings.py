@@ -9,6 +9,7 @@ and machines without fbgemm. The item table is shared by the target item and the
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -21,24 +22,66 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 from mdaf_dist.data.batch import CATEGORY, HIST_CATEGORY, HIST_ITEM, ITEM, USER
 
 BACKENDS = ("torchrec", "plain")
+# where a model's tables sit in its state_dict: model.embeddings (the collection) .embeddings.<table>
+EMBEDDINGS_KEY = "embeddings.embeddings"
 
 
-def _uniform_init(num_embeddings: int):
-    """TorchRec's sharded kernels initialise uniform(+-sqrt(1/rows)); the unsharded
-    `EmbeddingCollection` would use nn.Embedding's N(0, 1). Giving every table this init_fn makes
-    sharded, unsharded and plain runs start from the same distribution."""
-    bound = math.sqrt(1.0 / num_embeddings)
+# rows drawn from one generator by `init_table_rows`
+INIT_BLOCK_ROWS = 4096
+
+
+def _block_seed(seed: int, table: str, block: int) -> int:
+    digest = hashlib.sha256(f"{seed}/{table}/{block}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+@torch.no_grad()
+def init_table_rows(weight: torch.Tensor, table: str, num_rows: int, dim: int, row_offset: int, col_offset: int, seed: int) -> None:
+    """Fill `weight`, the block [row_offset:, col_offset:] of table `table` ([num_rows, dim]), with
+    the values the whole table has under `seed`: uniform(+-sqrt(1/num_rows)) (TorchRec's sharded
+    kernels' distribution), drawn in blocks of INIT_BLOCK_ROWS rows, block b from its own
+    generator seeded by (seed, table, b). A table's values then depend on the seed and the global
+    row index only: 1 rank or N, any sharding type, sharded or plain start from the same weights,
+    each rank drawing only the blocks its shards overlap, one at a time. The global generator is
+    not touched, so what is built after the tables (dense modules) does not depend on them."""
+    if weight.is_meta or weight.dim() != 2 or weight.numel() == 0:
+        return  # nothing to fill (a rank that holds no shard of a table has an empty placeholder)
+    rows, cols = weight.shape
+    bound = math.sqrt(1.0 / num_rows)
+    for block in range(row_offset // INIT_BLOCK_ROWS, (row_offset + rows - 1) // INIT_BLOCK_ROWS + 1):
+        lo = block * INIT_BLOCK_ROWS
+        hi = min(lo + INIT_BLOCK_ROWS, num_rows)
+        generator = torch.Generator().manual_seed(_block_seed(seed, table, block))
+        values = torch.empty(hi - lo, dim).uniform_(-bound, bound, generator=generator)
+        first, last = max(lo, row_offset), min(hi, row_offset + rows)
+        weight[first - row_offset : last - row_offset].copy_(values[first - lo : last - lo, col_offset : col_offset + cols])
+
+
+def init_tables(model: nn.Module, tables: List[EmbeddingConfig], seed: int) -> None:
+    """`init_table_rows` on every table of `model` (its tables at `model.embeddings`), whole or
+    sharded: a sharded table (ShardedTensor in the state_dict) fills each of this rank's shards
+    in place, at its offsets in the table."""
+    state = model.state_dict()
+    for table in tables:
+        weight = state[f"{EMBEDDINGS_KEY}.{table.name}.weight"]
+        shards = [(s.tensor, *s.metadata.shard_offsets) for s in weight.local_shards()] if hasattr(weight, "local_shards") else [(weight, 0, 0)]
+        for tensor, row_offset, col_offset in shards:
+            init_table_rows(tensor, table.name, table.num_embeddings, table.embedding_dim, row_offset, col_offset, seed)
+
+
+def _seeded_init(table: str, num_rows: int, dim: int, seed: int):
+    """The init_fn of an unsharded table: `init_table_rows` over the whole table."""
 
     def init(weight: torch.Tensor) -> None:
-        with torch.no_grad():
-            weight.uniform_(-bound, bound)
+        init_table_rows(weight, table, num_rows, dim, 0, 0, seed)
 
     return init
 
 
-def table_configs(vocab: Dict[str, int], dim: int, history_categories: bool = False) -> List[EmbeddingConfig]:
+def table_configs(vocab: Dict[str, int], dim: int, history_categories: bool = False, seed: int = 0) -> List[EmbeddingConfig]:
     """Tables user, item (features item + hist_item) and category (category [+ hist_category]).
-    `vocab` maps table name -> rows, padding row 0 included."""
+    `vocab` maps table name -> rows, padding row 0 included; `seed` gives the initial weights
+    (see `init_table_rows`)."""
     missing = [t for t in (USER, ITEM, CATEGORY) if t not in vocab]
     if missing:
         raise ValueError(f"vocab lacks sizes for {missing}; expected keys user, item, category")
@@ -49,7 +92,7 @@ def table_configs(vocab: Dict[str, int], dim: int, history_categories: bool = Fa
             num_embeddings=int(vocab[table]),
             embedding_dim=dim,
             feature_names=names,
-            init_fn=_uniform_init(int(vocab[table])),
+            init_fn=_seeded_init(table, int(vocab[table]), dim, seed),
         )
         for table, names in features.items()
     ]
@@ -64,7 +107,9 @@ class PlainEmbeddingCollection(nn.Module):
         self.embeddings = nn.ModuleDict()
         self._features_by_table: Dict[str, List[str]] = {}
         for table in tables:
-            self.embeddings[table.name] = nn.Embedding(table.num_embeddings, table.embedding_dim, device=device)
+            # an explicit weight skips nn.Embedding's own N(0, 1) init and its draw from the global generator
+            weight = torch.empty(table.num_embeddings, table.embedding_dim, device=device)
+            self.embeddings[table.name] = nn.Embedding(table.num_embeddings, table.embedding_dim, _weight=weight)
             if table.init_fn is not None:
                 table.init_fn(self.embeddings[table.name].weight)
             self._features_by_table[table.name] = list(table.feature_names or [table.name])

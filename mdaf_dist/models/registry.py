@@ -7,24 +7,22 @@ from typing import Callable, Dict, Optional
 import torch
 from torch import nn
 
-from mdaf_dist.config import ModelConfig
+from mdaf_dist.config import ConfigError, ModelConfig, check_choice
 from mdaf_dist.models.autoint import AutoInt
 from mdaf_dist.models.bst import BST
 from mdaf_dist.models.dcnv2 import DCNv2
 from mdaf_dist.models.embeddings import build_embeddings, table_configs
 from mdaf_dist.models.mamba4rec import Mamba4Rec
-from mdaf_dist.models.mdaf import MDAF
+from mdaf_dist.models.fusion import FUSIONS
+from mdaf_dist.models.mdaf import MDAF, SEQUENCE_BRANCHES
+from mdaf_dist.models.selective_scan import BACKENDS as SCAN_BACKENDS
 from mdaf_dist.models.static_branch import STATIC_BRANCHES
 
 
 def _mdaf(cfg: ModelConfig, embeddings: nn.Module) -> nn.Module:
     if cfg.static_branch == "none":
-        if cfg.sequence_branch == "none":
-            raise ValueError("static_branch and sequence_branch cannot both be 'none'")
         # sequence only: the paper's ablation row equals its Mamba4Rec baseline (0.5716 in Tables 2 and 3)
         return Mamba4Rec(cfg, embeddings)
-    if cfg.static_branch not in STATIC_BRANCHES:
-        raise ValueError(f"unknown static_branch {cfg.static_branch!r}; expected one of {STATIC_BRANCHES + ('none',)}")
     return MDAF(cfg, embeddings)
 
 
@@ -37,16 +35,33 @@ MODELS: Dict[str, Callable[[ModelConfig, nn.Module], nn.Module]] = {
 }
 
 
+def check_model_config(cfg: ModelConfig) -> None:
+    """Every name in `model.*` against what the models offer, so that a typo is one line naming
+    the setting (ConfigError), not a traceback from deep in a constructor."""
+    check_choice("model.name", cfg.name, list(MODELS))
+    check_choice("model.static_branch", cfg.static_branch, STATIC_BRANCHES + ("none",))
+    check_choice("model.sequence_branch", cfg.sequence_branch, SEQUENCE_BRANCHES)
+    check_choice("model.fusion", cfg.fusion, FUSIONS)
+    check_choice("model.scan_backend", cfg.scan_backend, SCAN_BACKENDS)
+    if cfg.static_branch == "none" and cfg.sequence_branch == "none":
+        raise ConfigError("model.static_branch and model.sequence_branch cannot both be 'none'")
+    if not 0.0 <= cfg.fixed_gate <= 1.0:
+        raise ConfigError(f"model.fixed_gate={cfg.fixed_gate!r} must lie in [0, 1]")
+
+
 def build_model(
     cfg: ModelConfig,
     vocab: Dict[str, int],
     *,
     embedding_backend: str = "torchrec",
     embedding_device: Optional[torch.device] = None,
+    seed: int = 0,
 ) -> nn.Module:
     """The model named by cfg.name, with its tables in `model.embeddings` (built on
-    `embedding_device`, e.g. meta for sharding; the dense modules are built on the CPU)."""
-    if cfg.name not in MODELS:
-        raise ValueError(f"unknown model {cfg.name!r}; expected one of {sorted(MODELS)}")
-    embeddings = build_embeddings(table_configs(vocab, cfg.embedding_dim), backend=embedding_backend, device=embedding_device)
+    `embedding_device`, e.g. meta for sharding; the dense modules are built on the CPU). The
+    tables' initial values come from `seed` (see embeddings.init_table_rows), the dense modules'
+    from the global generator."""
+    check_model_config(cfg)
+    tables = table_configs(vocab, cfg.embedding_dim, seed=seed)
+    embeddings = build_embeddings(tables, backend=embedding_backend, device=embedding_device)
     return MODELS[cfg.name](cfg, embeddings)

@@ -2,7 +2,8 @@
 
 The run's resolved config is read from the checkpoint, the model is rebuilt and sharded for
 the current world size (DCP reshards), and the whole validation split is evaluated; the result
-is printed next to the metrics the checkpoint recorded when it was written.
+is printed (by rank 0) next to the metrics the checkpoint recorded when it was written. The
+run's own files (sharding plan, checkpoints, results) are left as they are.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from mdaf_dist.config import load_config
 from mdaf_dist.distributed import checkpoint as ckpt
@@ -25,8 +26,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="dotted overrides of the saved config, e.g. data_dir=PATH train.device=cpu")
 
 
-def evaluate_checkpoint(checkpoint: str, overrides: List[str] = (), best: bool = False) -> Dict[str, Any]:
-    """{"checkpoint", "step", "metrics" (recomputed), "recorded" (saved with the checkpoint)}."""
+def evaluate_checkpoint(checkpoint: str, overrides: List[str] = (), best: bool = False) -> Optional[Dict[str, Any]]:
+    """{"checkpoint", "step", "metrics" (recomputed), "recorded" (saved with the checkpoint)} on
+    rank 0, None on the other ranks. Nothing of the run's directory is written."""
     path = ckpt.best_checkpoint(Path(checkpoint)) if best else ckpt.resolve(checkpoint, Path(checkpoint))
     if path is None:
         raise UserError(f"no checkpoint with a validation AUC under {checkpoint}")
@@ -34,14 +36,18 @@ def evaluate_checkpoint(checkpoint: str, overrides: List[str] = (), best: bool =
     # this is not a training run: nothing to resume, no TensorBoard events
     cfg.train.resume, cfg.logging.tensorboard = "", False
     with distributed(cfg.train.device) as env:
-        trainer = Trainer(cfg, env)
+        trainer = Trainer(cfg, env, save_plan=False)
+        ckpt.check_compatible(path, cfg, trainer.vocab)
         ckpt.Checkpointer.load(path, trainer.model)
         metrics = trainer.evaluate()
+        if not env.is_main:
+            return None
     saved = ckpt.read_trainer_state(path)
     return {"checkpoint": str(path), "step": saved["step"], "metrics": metrics, "recorded": saved["metrics"]}
 
 
 def run(args: argparse.Namespace) -> int:
     result = evaluate_checkpoint(args.checkpoint, args.overrides, args.best)
-    print(json.dumps(result, indent=2, default=float))
+    if result is not None:
+        print(json.dumps(result, indent=2, default=float))
     return 0

@@ -29,7 +29,12 @@ class RunLogger:
         total_steps: Optional[int],
         samples_per_step: int,
         enabled_progress: bool = True,
+        start_step: int = 0,
     ) -> None:
+        """`start_step`: the step a resumed run starts after. Its TensorBoard writer purges the
+        events a killed run wrote past that step (they are trained again), so the curves have
+        neither duplicated nor backward steps; the events at that step, such as the validation
+        metrics logged before its checkpoint, stay."""
         self.active = rank == 0
         self.total_steps = total_steps
         self.samples_per_step = samples_per_step
@@ -40,7 +45,8 @@ class RunLogger:
         # right whether the loop reports every step or every log_every steps, and after a resume.
         self._previous: Optional[Tuple[int, float]] = None
         if self.active and log_dir is not None:
-            self._writer = SummaryWriter(log_dir=log_dir, flush_secs=30)
+            purge_step = start_step + 1 if start_step > 0 else None
+            self._writer = SummaryWriter(log_dir=log_dir, flush_secs=30, purge_step=purge_step)
 
     def step(self, step: int, scalars: Mapping[str, float]) -> None:
         """Report training progress at global step `step` (steps completed so far)."""

@@ -26,7 +26,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if not cfg.data_dir:
-        raise UserError("data_dir is not set (give it in the config or as data_dir=PATH)")
+        raise UserError("data_dir is empty: give a prepared data directory (`mdaf prepare`'s output) in the config or as data_dir=PATH")
     with distributed(cfg.train.device) as env:
         results = Trainer(cfg, env, embedding_backend=args.embedding_backend).fit()
         if env.is_main:

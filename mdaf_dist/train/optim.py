@@ -28,7 +28,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimiz
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-from mdaf_dist.config import TrainConfig
+from mdaf_dist.config import TrainConfig, check_choice
 from mdaf_dist.errors import UserError
 
 EMBEDDING_OPTIMIZERS: Dict[str, Type[torch.optim.Optimizer]] = {
@@ -43,10 +43,9 @@ EMBEDDINGS_PREFIX = "embeddings."
 
 
 def resolve_embedding_optimizer(name: str, device: torch.device) -> str:
+    check_choice("train.embedding_optimizer", name, ["auto", *EMBEDDING_OPTIMIZERS])
     if name == "auto":
         return "adam" if device.type == "cuda" else "rowwise_adagrad"
-    if name not in EMBEDDING_OPTIMIZERS:
-        raise UserError(f"unknown train.embedding_optimizer {name!r}; expected auto or one of {list(EMBEDDING_OPTIMIZERS)}")
     if device.type == "cpu" and name not in CPU_EMBEDDING_OPTIMIZERS:
         raise UserError(f"train.embedding_optimizer={name} has no fbgemm CPU kernel; use one of {list(CPU_EMBEDDING_OPTIMIZERS)}")
     return name

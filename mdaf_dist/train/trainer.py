@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from mdaf_dist.distributed import checkpoint as ckpt
 from mdaf_dist.distributed.env import DistEnv, collective_device
 from mdaf_dist.distributed.sharding import PLAN_JSON, PLAN_TEXT, describe_plan, shard_model
 from mdaf_dist.errors import UserError
+from mdaf_dist.models.embeddings import init_tables
 from mdaf_dist.models.loss import smoothed_bce
 from mdaf_dist.models.registry import build_model
 from mdaf_dist.train.logging import RunLogger
@@ -50,18 +52,26 @@ EMBEDDING_BACKENDS = ("torchrec", "plain")
 RESULTS_FILE = "results.json"
 
 
-def build_training_model(cfg: Config, vocab: Dict[str, int], env: DistEnv, backend: str, embedding_optimizer: str, out_dir: Optional[Path]) -> nn.Module:
+def build_training_model(cfg: Config, vocab: Dict[str, int], env: DistEnv, backend: str, embedding_optimizer: str, plan_dir: Optional[Path]) -> nn.Module:
     """torchrec: tables on the meta device, their optimizer fused, sharded by DMP (dense modules
-    in DDP). plain: the unsharded reference, in a world of one."""
+    in DDP), the plan saved in `plan_dir` unless None, each rank's shards then filled from
+    train.seed and their global rows. plain: the unsharded reference, in a world of one. Either
+    way the tables start from the same values, and so do the dense modules (built from the global
+    generator, which the tables never draw from)."""
     if backend not in EMBEDDING_BACKENDS:
         raise UserError(f"unknown embedding backend {backend!r}; expected one of {EMBEDDING_BACKENDS}")
     if backend == "plain":
         if env.world_size != 1:
             raise UserError("the plain embedding backend is unsharded: run it as a single process")
-        return build_model(cfg.model, vocab, embedding_backend="plain").to(env.device)
-    model = build_model(cfg.model, vocab, embedding_backend="torchrec", embedding_device=torch.device("meta"))
+        return build_model(cfg.model, vocab, embedding_backend="plain", seed=cfg.train.seed).to(env.device)
+    model = build_model(cfg.model, vocab, embedding_backend="torchrec", embedding_device=torch.device("meta"), seed=cfg.train.seed)
+    tables = model.embeddings.embedding_configs()
     fuse_embedding_optimizer(model.embeddings, embedding_optimizer, cfg.train)
-    return shard_model(model, cfg.sharding, env, out_dir)
+    sharded = shard_model(model, cfg.sharding, env, plan_dir)
+    # DMP runs each table's init_fn on this rank's local shard as if it began at row 0 and
+    # column 0: overwrite every shard with its own rows and columns of the whole table
+    init_tables(sharded, tables, cfg.train.seed)
+    return sharded
 
 
 def padding_batch(history_categories: bool) -> Batch:
@@ -82,6 +92,9 @@ class TrainState:
     best_epoch: int = -1
     epochs_without_improvement: int = 0
     samples_trained: int = 0
+    # samples trained since the current epoch began (0 once it is complete): what a resume at
+    # another world size, which restarts the epoch, trains on again
+    epoch_samples: int = 0
     # one {"epoch", "step", "auc", "logloss"} per validation pass, for the training curves
     evaluations: List[Dict[str, float]] = field(default_factory=list)
 
@@ -90,7 +103,9 @@ class Trainer:
     """Builds everything from a Config and runs `fit`. All methods are collective: every rank
     calls them in the same order."""
 
-    def __init__(self, cfg: Config, env: DistEnv, embedding_backend: str = "torchrec") -> None:
+    def __init__(self, cfg: Config, env: DistEnv, embedding_backend: str = "torchrec", save_plan: bool = True) -> None:
+        """`save_plan`: rank 0 writes the sharding plan into output_dir (off for a run that only
+        reads a checkpoint, such as `mdaf evaluate`)."""
         if cfg.loader.history_length != cfg.model.history_length:
             raise UserError(
                 f"loader.history_length ({cfg.loader.history_length}) must equal model.history_length "
@@ -99,9 +114,21 @@ class Trainer:
         self.cfg, self.env = cfg, env
         self.out_dir = Path(cfg.output_dir)
         ckpt.seed_everything(cfg.train.seed)
-        self.vocab = {name: int(size) for name, size in read_meta(cfg.data_dir)["vocab"].items()}
+        meta = read_meta(cfg.data_dir)
+        prepared = meta.get("history_length")
+        if prepared is not None and prepared != cfg.model.history_length:
+            raise UserError(
+                f"model.history_length={cfg.model.history_length} but {cfg.data_dir} was prepared with history_length={prepared} "
+                f"(its meta.json; the category filter looked at that many clicks): train with model.history_length={prepared} "
+                f"loader.history_length={prepared}, or prepare the data again with prepare.history_length={cfg.model.history_length}"
+            )
+        self.vocab = {name: int(size) for name, size in meta["vocab"].items()}
         self.embedding_optimizer = resolve_embedding_optimizer(cfg.train.embedding_optimizer, env.device)
-        self.model = build_training_model(cfg, self.vocab, env, embedding_backend, self.embedding_optimizer, self.out_dir)
+        plan_dir = self.out_dir if save_plan else None
+        self.model = build_training_model(cfg, self.vocab, env, embedding_backend, self.embedding_optimizer, plan_dir)
+        # seed again: whatever building and sharding drew, the dropout masks then do not depend
+        # on the plan or the backend
+        ckpt.seed_everything(cfg.train.seed)
         self.sharded = embedding_backend == "torchrec"
         self.optimizer = build_optimizer(self.model, cfg.train, self.embedding_optimizer)
         self.dense_params = list(dense_parameters(self.model).values())
@@ -135,17 +162,19 @@ class Trainer:
     # -- one step ---------------------------------------------------------------------------
     def train_step(self, batch: Batch, weight: float = 1.0) -> torch.Tensor:
         """Forward, backward (the tables update inside it), dense clip + AdamW step, warmup.
-        Returns this rank's mean loss over its batch."""
+        Returns the sum of this rank's per-sample losses in float64, where summing float32 values
+        is exact: the global mean the loop logs is then the same however the global batch is
+        split over ranks."""
         self.model.train()
         out = self.model(batch.features)
-        loss = smoothed_bce(out.logits, batch.labels, self.cfg.model.label_smoothing)
-        (loss * weight).backward()
+        losses = smoothed_bce(out.logits, batch.labels, self.cfg.model.label_smoothing, reduction="none")
+        (losses.mean() * weight).backward()
         if self.cfg.train.grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.dense_params, self.cfg.train.grad_clip_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return loss.detach()
+        return losses.detach().double().sum()
 
     # -- evaluation -------------------------------------------------------------------------
     @torch.no_grad()
@@ -169,13 +198,18 @@ class Trainer:
         batches = iter(self.train_loader)
         log_every = max(1, self.cfg.logging.log_every)
         every = self.cfg.checkpoint.every_steps
-        while not self._reached_max_steps() and (batch := self._next_or_padding(batches)) is not None:
+        while not self._reached_max_steps():
+            batch = self._next_or_padding(batches)
+            if batch is None:
+                self.state.epoch_samples = 0
+                return
             real = batch is not self.padding
             loss = self.train_step(batch, weight=1.0 if real else 0.0)
             n = batch.batch_size if real else 0
-            loss_sum, count = self._all_reduce([float(loss) * n, n], dist.ReduceOp.SUM)
+            loss_sum, count = self._all_reduce([float(loss) if real else 0.0, n], dist.ReduceOp.SUM)
             self.state.step += 1
             self.state.samples_trained += int(count)
+            self.state.epoch_samples += int(count)
             self.step_losses.append(loss_sum / count)
             if self.state.step % log_every == 0:
                 logger.step(self.state.step, {"loss": loss_sum / count, "lr": self.scheduler.get_last_lr()[0]})
@@ -207,15 +241,13 @@ class Trainer:
         resume_from = ckpt.resolve(self.cfg.train.resume, self.checkpointer.root)
         if resume_from is not None:
             self.restore(resume_from)
-        total = self.cfg.train.max_epochs * self.steps_per_epoch
-        if self.cfg.train.max_steps > 0:
-            total = min(total, self.cfg.train.max_steps)
         logger = RunLogger(
             str(self.out_dir / "tensorboard") if self.cfg.logging.tensorboard else None,
             self.env.rank,
-            total,
+            self._planned_steps(),
             self.cfg.loader.batch_size * self.env.world_size,
             enabled_progress=self.cfg.logging.progress_bar,
+            start_step=self.state.step,
         )
         logger.info(
             f"world_size={self.env.world_size} device={self.env.device} backend={self.env.backend} "
@@ -247,6 +279,14 @@ class Trainer:
             (self.out_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=float) + "\n")
         return results
 
+    def _planned_steps(self) -> int:
+        """The step count this run ends at unless it stops early: the steps taken, the rest of
+        the current epoch (ranks in lockstep: the furthest rank's position), then whole epochs."""
+        done_in_epoch = self._all_reduce_max(self.train_loader.position)
+        epochs_left = max(0, self.cfg.train.max_epochs - self.train_loader.epoch)
+        total = self.state.step + max(0, epochs_left * self.steps_per_epoch - done_in_epoch)
+        return min(total, self.cfg.train.max_steps) if self.cfg.train.max_steps > 0 else total
+
     def results(self, metrics: Dict[str, Any], samples: int, seconds: float) -> Dict[str, Any]:
         """The run's summary: "valid" = metrics of the final model (auc, logloss, num_samples,
         positive_rate, gate statistics), the best evaluation, every evaluation, and the throughput
@@ -273,6 +313,7 @@ class Trainer:
             **asdict(self.state),
             "epoch": self.train_loader.epoch,
             "world_size": self.env.world_size,
+            "vocab": self.vocab,
             "auc": None if metrics is None else float(metrics["auc"]),
             "metrics": metrics,
         }
@@ -285,7 +326,9 @@ class Trainer:
         return self.checkpointer.save(self.state.step, self.model, self.optimizer, snapshot)
 
     def restore(self, path: Path) -> None:
-        """Model, optimizer, loop state, and (same world size) loader position and RNG."""
+        """Model, optimizer, loop state, and (same world size) loader position and RNG. A
+        checkpoint of another model or data is refused, naming what differs."""
+        ckpt.check_compatible(path, self.cfg, self.vocab)
         # optimizer states must exist before DCP can load into them; the fused ones always do
         for name, optimizer in self.optimizer.optimizers:
             if not (self.sharded and name == "embeddings"):
@@ -299,6 +342,15 @@ class Trainer:
             self.train_loader.load_state_dict(local["loader"])
             ckpt.set_rng_state(local["rng"])
         else:
+            if self.env.is_main and self.state.epoch_samples:
+                print(
+                    f"warning: {path} was written by {saved['world_size']} ranks and this run has {self.env.world_size}: "
+                    f"epoch {saved['epoch']} restarts from its beginning, and the {self.state.epoch_samples} samples "
+                    "it trained on before the checkpoint are seen again",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            self.state.epoch_samples = 0
             self.train_loader.set_epoch(int(saved["epoch"]))
             ckpt.seed_everything(self.cfg.train.seed + self.state.step * 1000 + self.env.rank)
         # the warmup schedule continues from the restored step
