@@ -90,7 +90,7 @@ def test_world_size_axis_and_command_line_set_the_component_ranks():
 def test_unknown_axis_key_is_one_line(tmp_path, capsys):
     path = _write(tmp_path, _study("  - {key: model.fusoin, values: [gate, concat]}\n"))
     err = _error(capsys, "run", path, "--out", str(tmp_path / "out"))
-    assert err == f"mdaf study: error: {path}: axis 'model.fusoin': Key 'fusoin' not in 'ModelConfig'. Did you mean: 'fusion'?"
+    assert err == f"mdaf study: error: {path}: axis model.fusoin: Key 'fusoin' not in 'ModelConfig'. Did you mean: 'fusion'?"
     assert not (tmp_path / "out").exists()
 
 

@@ -182,7 +182,9 @@ def _check_value(path: str, axis_name: str, value: AxisValue) -> None:
     try:
         load_config(None, value.overrides())
     except ConfigError as e:
-        raise UserError(f"{path}: axis {axis_name!r}: {e}") from None
+        # the config's message names the key; an axis named after its key needs no second name
+        where = "axis" if str(e).startswith(f"{axis_name}:") else f"axis {axis_name!r}:"
+        raise UserError(f"{path}: {where} {e}") from None
 
 
 def load_study(path: str) -> Study:
