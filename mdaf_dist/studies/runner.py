@@ -68,11 +68,13 @@ def load_component() -> Callable[..., AppDef]:
 
 def _cell_app(component: Callable[..., AppDef], plan: Plan, cell: Cell, config_path: Path, scheduler: str) -> AppDef:
     per_rank, ranks = plan.study.file.resources, cell.nproc_per_node
-    # local_cwd starts `torchrun` from PATH: this environment's first
-    env = {"PATH": str(Path(sys.executable).parent)} if scheduler == "local_cwd" else None
+    env = dict(plan.study.file.env)
+    if scheduler == "local_cwd":
+        # local_cwd starts `torchrun` from PATH: this environment's first
+        env["PATH"] = str(Path(sys.executable).parent)
     return component(
         str(config_path), nnodes=cell.nnodes, nproc_per_node=ranks, name=f"mdaf/{cell.id}",
-        cpu=per_rank.cpu_per_rank * ranks, gpu=per_rank.gpu_per_rank * ranks, memMB=per_rank.memMB_per_rank * ranks, env=env,
+        cpu=per_rank.cpu_per_rank * ranks, gpu=per_rank.gpu_per_rank * ranks, memMB=per_rank.memMB_per_rank * ranks, env=env or None,
     )  # fmt: skip
 
 

@@ -16,6 +16,7 @@
     seeds: [42, 43, 44]                    # each cell is trained once per seed (train.seed, loader.seed)
     world_size: 1                          # ranks per node unless an axis (or world_size=N on the command line) sets it
     resources: {cpu_per_rank: 8, gpu_per_rank: 1, memMB_per_rank: 32768}
+    env: {NCCL_DEBUG: WARN}                # environment of every rank
     report: {kind: models, paper: table3, reference: "MDAF (Full)", dynamics: "MDAF (Full)"}
 
 OmegaConf checks the file's shape and types (an unknown field is an error naming it); this
@@ -100,6 +101,8 @@ class StudyFile:
     world_size: int = 1
     nnodes: int = 1
     resources: ResourcesSpec = field(default_factory=ResourcesSpec)
+    # environment variables of every rank, e.g. {OMP_NUM_THREADS: "1"} or {NCCL_DEBUG: WARN}
+    env: Dict[str, str] = field(default_factory=dict)
     report: ReportSpec = field(default_factory=ReportSpec)
 
 
