@@ -18,8 +18,8 @@ setup(
         "omegaconf>=2.3",
         "tqdm>=4.66",
         "tensorboard>=2.16",
-        "torchx==0.7.0",
         "matplotlib>=3.8",
+        "torchx==0.7.0",
         # torchrec's real dependencies (torchrec itself is installed with --no-deps)
         "tensordict",
         "torchmetrics==1.0.3",

@@ -17,6 +17,9 @@ COMMANDS = {
     "describe": ("mdaf_dist.models.describe", "print a model and its parameter counts"),
     "train": ("mdaf_dist.train.main", "train in this process (torchrun/TorchX: python -m mdaf_dist.train)"),
     "evaluate": ("mdaf_dist.train.evaluate", "evaluate a checkpoint on the validation split"),
+    "predict": ("mdaf_dist.analysis.predict", "per-sample predictions of a checkpoint -> Parquet (one part per rank)"),
+    "analyze": ("mdaf_dist.analysis.analyze", "the paper's gate and training tables of one trained model"),
+    "profile": ("mdaf_dist.analysis.profile", "parameters, memory, time, FLOPs per component (Tables 8, C1)"),
     "demo": ("mdaf_dist.demo", "synthetic data -> prepare -> train: the README's main job"),
     "study": ("mdaf_dist.studies.command", "many runs from a study file (run), their tables and plots (report)"),
 }

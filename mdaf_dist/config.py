@@ -49,7 +49,15 @@ class PrepareConfig:
     # "last_k": in the last category_last_k clicks; "none": keep all
     category_filter: str = "last_l"
     category_last_k: int = 10
+    # temporal split (samples.split_bounds). "days": training, then the last-but-test_days
+    # valid_days days as validation, then the last test_days days as test (the paper: one
+    # validation day, no test). "fraction": the same order over the clicks' time range cut by
+    # valid_fraction and test_fraction, for inputs that span less than a few days
+    split: str = "days"
     valid_days: int = 1
+    test_days: int = 0
+    valid_fraction: float = 0.1
+    test_fraction: float = 0.1
     # seeded user subsampling: keep this fraction of users (about 0.0053 gives the paper's
     # 1.05M training samples before filtering from the full data)
     user_fraction: float = 1.0
@@ -150,6 +158,13 @@ class TrainConfig:
     resume: str = ""
     # "auto": CUDA when available, else CPU; or "cpu" / "cuda"
     device: str = "auto"
+    # exact AUC over each epoch's training samples (results.json "evaluations", TensorBoard
+    # train/auc). Memory grows with the epoch's samples: every rank keeps 5 bytes (logit, label)
+    # per sample it trains on, in its checkpoint files too, and rank 0 gathers and sorts all of
+    # them at the epoch's end, at about 25 bytes a sample (the full data's 187M training samples:
+    # some 4.5 GB). Turn it off if that is too much: train_auc is then None (null) in results,
+    # "n/a" in reports
+    train_auc: bool = True
 
 
 @dataclass

@@ -139,6 +139,50 @@ def test_cli_on_the_real_slice_prints_the_table_and_reports_the_ts_15_row(tmp_pa
     assert len(rejects) == 2 and rejects[1].startswith("96169,ts_outside_window,") and rejects[1].endswith(',pv,15"')
 
 
+def _split_times(out: Path, meta) -> dict:
+    """(first ts, last ts) of every split prepared in `out`."""
+    times = {}
+    for split in meta["splits"]:
+        ts = np.array(read_split(out, split)["ts"])
+        assert len(ts) == meta["splits"][split]["rows"] > 0
+        times[split] = (ts.min(), ts.max())
+    return times
+
+
+def test_test_days_hold_out_the_last_days_with_no_time_overlap(synthetic_csv, tmp_path):
+    meta = prepare(PrepareConfig(input=str(synthetic_csv), out=str(tmp_path), valid_days=1, test_days=1), progress=False)
+    times = _split_times(tmp_path, meta)
+    assert list(times) == ["train", "valid", "test"]
+    assert times["train"][1] < meta["valid_start_ts"] <= times["valid"][0]
+    assert times["valid"][1] < meta["test_start_ts"] <= times["test"][0]
+    assert meta["test_start_ts"] == meta["valid_start_ts"] + 86400
+    last = meta["stages"][-1]
+    assert last["train"] + last["valid"] + last["test"] == last["rows"]
+    assert last["test_positives"] == meta["splits"]["test"]["positives"]
+
+
+@pytest.mark.skipif(not SLICE.is_file(), reason="real data slice not present")
+def test_split_fraction_on_the_one_hour_slice_gives_three_splits(tmp_path, capsys):
+    code = main(["prepare", "--input", str(SLICE), "--out", str(tmp_path), "--quiet", "prepare.category_filter=any",
+                 "prepare.split=fraction", "prepare.valid_fraction=0.2", "prepare.test_fraction=0.2"])  # fmt: skip
+    assert code == 0
+    header = capsys.readouterr().out.splitlines()[0].split()
+    assert header == ["stage", "rows", "dropped", "added", "train", "valid", "test", "pos", "%"]
+    meta = read_meta(tmp_path)
+    times = _split_times(tmp_path, meta)
+    assert times["train"][1] < times["valid"][0] and times["valid"][1] < times["test"][0]
+    # the cuts sit at 60 % and 80 % of the seconds the clicks span
+    ts = open_events(tmp_path).ts
+    span = int(ts.max()) - int(ts.min()) + 1
+    assert meta["valid_start_ts"] == pytest.approx(ts.min() + 0.6 * span, abs=1)
+    assert meta["test_start_ts"] == pytest.approx(ts.min() + 0.8 * span, abs=1)
+
+
+def test_unknown_split_mode_is_one_line_error(tmp_path, capsys):
+    assert main(["prepare", "--input", "x.csv", "--out", str(tmp_path), "prepare.split=weeks"]) == 2
+    assert capsys.readouterr().err.strip() == "mdaf prepare: error: prepare.split must be one of ('days', 'fraction'), got 'weeks'"
+
+
 def test_cli_bad_override_is_one_line_error(tmp_path, capsys):
     code = main(["prepare", "--input", "x.csv", "--out", str(tmp_path), "prepare.category_filter=sometimes"])
     assert code == 2

@@ -228,13 +228,25 @@ def test_empty_history_mask():
     assert S.has_history(S.positives(clicks)).tolist() == [False, True, False]
 
 
-def test_temporal_split_puts_the_last_days_in_valid():
-    start = S.valid_start(START, window_days=9, valid_days=2)
-    assert start == START + 7 * SECONDS_PER_DAY
-    ts = np.array([START, start - 1, start, START + 9 * SECONDS_PER_DAY - 1])
-    assert S.is_valid(ts, start).tolist() == [False, False, True, True]
-    with pytest.raises(UserError, match=r"prepare.valid_days must be in \[1, window_days - 1\], got 9"):
-        S.valid_start(START, window_days=9, valid_days=9)
+def test_temporal_split_by_days_puts_valid_then_test_last():
+    valid_start, test_start = S.split_bounds_by_days(START, window_days=9, valid_days=2, test_days=1)
+    assert (valid_start, test_start) == (START + 6 * SECONDS_PER_DAY, START + 8 * SECONDS_PER_DAY)
+    ts = np.array([START, valid_start - 1, valid_start, test_start - 1, test_start, START + 9 * SECONDS_PER_DAY - 1])
+    assert [S.SPLIT_NAMES[c] for c in S.assign_split(ts, valid_start, test_start)] == ["train", "train", "valid", "valid", "test", "test"]
+    # the paper's protocol: the last day is validation, no test day
+    assert S.split_bounds_by_days(START, 9, 1, 0) == (START + 8 * SECONDS_PER_DAY, START + 9 * SECONDS_PER_DAY)
+    with pytest.raises(UserError, match=r"prepare.valid_days must be >= 1, prepare.test_days >= 0 and together below window_days \(9\), got 8 and 1"):
+        S.split_bounds_by_days(START, window_days=9, valid_days=8, test_days=1)
+
+
+def test_temporal_split_by_fraction_cuts_the_time_range():
+    # 100 seconds [1000, 1099]: the last 10 are test, the 20 before validation
+    assert S.split_bounds_by_fraction(1000, 1099, 0.2, 0.1) == (1070, 1090)
+    labels = np.array([1, 0, 1, 1, 0], dtype=np.int8)
+    codes = S.assign_split(np.array([1000, 1069, 1070, 1089, 1090]), 1070, 1090)
+    assert S.split_counts(labels, codes).tolist() == [2, 2, 1, 1, 2, 0]
+    with pytest.raises(UserError, match=r"prepare.valid_fraction must be > 0, prepare.test_fraction >= 0 and together below 1, got 0.5 and 0.5"):
+        S.split_bounds_by_fraction(0, 99, 0.5, 0.5)
 
 
 def test_user_subsampling_is_deterministic_proportional_and_nested():

@@ -6,7 +6,7 @@
                                contiguous arrays
     DIR/user_offsets.npy       int64 [num_users + 1]: user u's clicks are
                                events[user_offsets[u]:user_offsets[u + 1]] (user 0 = padding, empty)
-    DIR/samples/{train,valid}/part-*.parquet
+    DIR/samples/{train,valid[,test]}/part-*.parquet
                                one row per CTR sample (SAMPLE_SCHEMA); its history is the
                                user's clicks before local position `pos`: events[off + max(0, pos - L): off + pos]
 
@@ -28,7 +28,7 @@ META_FILE = "meta.json"
 EVENTS_FILE = "events.arrow"
 OFFSETS_FILE = "user_offsets.npy"
 SAMPLES_DIR = "samples"
-SPLITS = ("train", "valid")
+SPLITS = ("train", "valid", "test")
 
 EVENT_SCHEMA = pa.schema([("item", pa.int32()), ("category", pa.int32()), ("ts", pa.int32())])
 SAMPLE_SCHEMA = pa.schema(
@@ -80,6 +80,7 @@ def open_events(data_dir: str | Path) -> Events:
 
 
 def sample_files(data_dir: str | Path, split: str) -> List[Path]:
+    """The split's part files; none for a split the directory was prepared without."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     return sorted((Path(data_dir) / SAMPLES_DIR / split).glob("part-*.parquet"))

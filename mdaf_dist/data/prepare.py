@@ -22,11 +22,13 @@ Stages, each counted in meta["stages"] so that every row is accounted for
    A positive without history gets negatives from the whole window: they are dropped with it
    by the empty-history filter, or kept (and failing any category filter) with
    drop_empty_history=false. meta["negatives"]["category"] records the choice.
-6. empty-history removal, 7. category filter (`samples.category_filter`), 8. temporal split.
+6. empty-history removal, 7. category filter (`samples.category_filter`), 8. temporal split
+   (`split_bounds`: train / valid [/ test] by days of the window or by fractions of the clicks'
+   time range; a split is cut in time, so no two splits overlap in time).
    Stages 6-8 and the writing run chunk by chunk of clicks: all samples (2.5 per click) are
    never in memory at once.
 
-Output: `mdaf_dist.data.layout` (events.arrow, user_offsets.npy, samples/{train,valid}/part-*.parquet
+Output: `mdaf_dist.data.layout` (events.arrow, user_offsets.npy, samples/{train,valid[,test]}/part-*.parquet
 in production order, meta.json). The loader shuffles; samples are written grouped by user and
 time, a positive followed by its negatives.
 """
@@ -51,11 +53,12 @@ import mdaf_dist
 from mdaf_dist.config import PrepareConfig, load_config, to_dict
 from mdaf_dist.data import samples as S
 from mdaf_dist.data.ingest import BEHAVIORS, RawEvents, ingest
-from mdaf_dist.data.layout import SAMPLE_SCHEMA, SAMPLES_DIR, SPLITS, Events, write_events, write_meta
+from mdaf_dist.data.layout import SAMPLE_SCHEMA, SAMPLES_DIR, Events, write_events, write_meta
 from mdaf_dist.data.vocab import dense_ids, save_vocab
 from mdaf_dist.errors import UserError
 
 REJECTS_FILE = "rejects.csv"
+SPLIT_MODES = ("days", "fraction")
 CLICK = BEHAVIORS.index("pv")
 _INT32 = np.iinfo(np.int32)
 
@@ -90,20 +93,22 @@ class _Stages:
 
 
 class _Tally:
-    """Train/valid rows and positives of one ledger stage, summed over the chunks of samples."""
+    """Rows and positives per split of one ledger stage, summed over the chunks of samples."""
+
+    KEYS = S.SPLIT_NAMES + tuple(f"{name}_positives" for name in S.SPLIT_NAMES)
 
     def __init__(self) -> None:
-        self.counts = np.zeros(4, dtype=np.int64)
+        self.counts = np.zeros(len(self.KEYS), dtype=np.int64)
 
-    def add(self, labels: np.ndarray, valid: np.ndarray) -> None:
-        self.counts += S.split_counts(labels, valid)
+    def add(self, labels: np.ndarray, split: np.ndarray) -> None:
+        self.counts += S.split_counts(labels, split)
 
     @property
     def rows(self) -> int:
-        return int(self.counts[:2].sum())
+        return int(self.counts[: len(S.SPLIT_NAMES)].sum())
 
     def split(self) -> Dict[str, int]:
-        return dict(zip(("train", "valid", "train_positives", "valid_positives"), map(int, self.counts)))
+        return dict(zip(self.KEYS, map(int, self.counts)))
 
 
 def _check_settings(cfg: PrepareConfig) -> None:
@@ -121,11 +126,28 @@ def _check_settings(cfg: PrepareConfig) -> None:
         raise UserError(f"prepare.neg_category must be one of {S.NEG_CATEGORIES}, got {cfg.neg_category!r}")
     if cfg.neg_sampling not in S.NEG_SAMPLING:
         raise UserError(f"prepare.neg_sampling must be one of {S.NEG_SAMPLING}, got {cfg.neg_sampling!r}")
-    S.valid_start(cfg.window_start, cfg.window_days, cfg.valid_days)
+    if cfg.split not in SPLIT_MODES:
+        raise UserError(f"prepare.split must be one of {SPLIT_MODES}, got {cfg.split!r}")
+    if cfg.split == "days":
+        S.split_bounds_by_days(cfg.window_start, cfg.window_days, cfg.valid_days, cfg.test_days)
+    else:
+        S.split_bounds_by_fraction(0, 1, cfg.valid_fraction, cfg.test_fraction)
     if not 0.0 < cfg.user_fraction <= 1.0:
         raise UserError(f"prepare.user_fraction must be in (0, 1], got {cfg.user_fraction}")
     if cfg.neg_ratio < 0:
         raise UserError(f"prepare.neg_ratio must be >= 0, got {cfg.neg_ratio}")
+
+
+def split_bounds(cfg: PrepareConfig, clicks: S.Clicks) -> tuple[int, Optional[int]]:
+    """(first validation ts, first test ts or None without a test split), by `prepare.split`."""
+    if cfg.split == "days":
+        valid_start, test_start = S.split_bounds_by_days(cfg.window_start, cfg.window_days, cfg.valid_days, cfg.test_days)
+        has_test = cfg.test_days > 0
+    else:
+        first, last = (int(clicks.ts.min()), int(clicks.ts.max())) if len(clicks.ts) else (0, 0)
+        valid_start, test_start = S.split_bounds_by_fraction(first, last, cfg.valid_fraction, cfg.test_fraction)
+        has_test = cfg.test_fraction > 0
+    return valid_start, test_start if has_test else None
 
 
 def source_fingerprint(source: str) -> Dict[str, Any]:
@@ -216,7 +238,7 @@ class _PartWriter:
 
 
 def _filter_and_write(
-    out: Path, clicks: S.Clicks, draw: S.NegativeDraw, cfg: PrepareConfig
+    out: Path, clicks: S.Clicks, draw: S.NegativeDraw, cfg: PrepareConfig, bounds: tuple[int, Optional[int]]
 ) -> tuple[Dict[str, Dict[str, Any]], List[_Tally]]:
     """Build, filter, split and write the samples chunk by chunk of clicks, so that at most
     about `samples.CHUNK` sample rows exist at a time (100M clicks make 250M samples).
@@ -224,24 +246,26 @@ def _filter_and_write(
     Returns the splits' summaries and the tallies after: positives, + negatives, - empty
     history, - category filter.
     """
-    start_of_valid = S.valid_start(cfg.window_start, cfg.window_days, cfg.valid_days)
+    valid_start, test_start = bounds
+    # without a test split the test code never occurs
+    test_start = np.iinfo(np.int64).max if test_start is None else test_start
     history = S.CategoryHistory(clicks)
-    writers = {split: _PartWriter(out, split, cfg) for split in SPLITS}
+    writers = {split: _PartWriter(out, split, cfg) for split in S.SPLIT_NAMES[: 2 if bounds[1] is None else 3]}
     tallies = [_Tally() for _ in range(4)]
     n_clicks = len(clicks.user)
     step = max(1, S.CHUNK * n_clicks // max(n_clicks + len(draw.owner), 1))
     for start in range(0, n_clicks, step):
         chunk = S.with_negatives(clicks, draw, start, min(start + step, n_clicks))
-        valid = S.is_valid(chunk.ts, start_of_valid)
+        split = S.assign_split(chunk.ts, valid_start, test_start)
         positive = chunk.label == 1
-        tallies[0].add(chunk.label[positive], valid[positive])
-        tallies[1].add(chunk.label, valid)
+        tallies[0].add(chunk.label[positive], split[positive])
+        tallies[1].add(chunk.label, split)
         keep = S.has_history(chunk) if cfg.drop_empty_history else np.ones(len(chunk), dtype=bool)
-        tallies[2].add(chunk.label[keep], valid[keep])
+        tallies[2].add(chunk.label[keep], split[keep])
         keep &= S.category_filter(history, chunk, cfg.category_filter, cfg.history_length, cfg.category_last_k)
-        tallies[3].add(chunk.label[keep], valid[keep])
-        writers["train"].write(chunk.select(keep & ~valid))
-        writers["valid"].write(chunk.select(keep & valid))
+        tallies[3].add(chunk.label[keep], split[keep])
+        for code, writer in enumerate(writers.values()):
+            writer.write(chunk.select(keep & (split == code)))
     return {split: writer.close() for split, writer in writers.items()}, tallies
 
 
@@ -287,8 +311,9 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> Dict[str, Any]:
         )
     negatives = {"requested": draw.requested, "unavailable": draw.unavailable, "category": cfg.neg_category}
 
+    bounds = split_bounds(cfg, clicks)
     with stages.timed("filter+write"):
-        splits, tallies = _filter_and_write(out, clicks, draw, cfg)
+        splits, tallies = _filter_and_write(out, clicks, draw, cfg, bounds)
     stages.add("positives", n_clicks, split=tallies[0].split())
     stages.add(
         f"+ negatives (ratio {cfg.neg_ratio:g}, {cfg.neg_sampling}, {cfg.neg_category})",
@@ -309,14 +334,13 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> Dict[str, Any]:
         dropped=tallies[2].rows - tallies[3].rows,
         split=tallies[3].split(),
     )
-    start_of_valid = S.valid_start(cfg.window_start, cfg.window_days, cfg.valid_days)
-
     meta = {
         "vocab": vocab,
         "num_users": len(clicks.user_offsets) - 1,
         "num_clicks": n_clicks,
         "history_length": cfg.history_length,
-        "valid_start_ts": start_of_valid,
+        "valid_start_ts": bounds[0],
+        "test_start_ts": bounds[1],
         "stages": stages.rows,
         "splits": splits,
         "negatives": negatives,
@@ -334,26 +358,26 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> Dict[str, Any]:
         reasons = ", ".join(f"{reason}={count}" for reason, count in report.rejected.items())
         print(f"rejected: {reasons} (lines in {report.rejects_path})")
     for split in (name for name, info in meta["splits"].items() if info["rows"] == 0):
-        print(f"warning: the {split} split is empty (validation is the last prepare.valid_days={cfg.valid_days} "
-              f"day(s) of the window; the input may cover less): training will report no {split} metrics")
+        print(f"warning: the {split} split is empty (prepare.split={cfg.split} cuts the time range; the input may cover "
+              f"less than the window, see prepare.split=fraction): training will report no {split} metrics")
     return meta
 
 
 def stage_table(meta: Dict[str, Any]) -> str:
     """The stage ledger as a text table, in the spirit of MDAF_paper.md Table 6."""
-    header = ("stage", "rows", "dropped", "added", "train", "valid", "pos %")
+    splits = list(meta["splits"])
+    header = ("stage", "rows", "dropped", "added", *splits, "pos %")
     lines = []
     for row in meta["stages"]:
         has_split = "train" in row
-        share = (row["train_positives"] + row["valid_positives"]) / max(row["rows"], 1) if has_split else None
+        share = sum(row[f"{split}_positives"] for split in splits) / max(row["rows"], 1) if has_split else None
         lines.append(
             (
                 row["stage"],
                 f"{row['rows']:,}",
                 f"{row['dropped']:,}" if row["dropped"] else "",
                 f"{row['added']:,}" if row["added"] else "",
-                f"{row['train']:,}" if has_split else "",
-                f"{row['valid']:,}" if has_split else "",
+                *(f"{row[split]:,}" if has_split else "" for split in splits),
                 f"{100 * share:.1f}" if share is not None else "",
             )
         )

@@ -381,23 +381,45 @@ def category_filter(history: CategoryHistory, samples: Samples, mode: str, histo
     return history.gap(samples) <= span
 
 
-def valid_start(window_start: int, window_days: int, valid_days: int) -> int:
-    """First timestamp of the validation period: the last `valid_days` days of the window."""
-    if not 0 < valid_days < window_days:
-        raise UserError(f"prepare.valid_days must be in [1, window_days - 1], got {valid_days}")
-    return window_start + (window_days - valid_days) * SECONDS_PER_DAY
+def split_bounds_by_days(window_start: int, window_days: int, valid_days: int, test_days: int) -> Tuple[int, int]:
+    """(first validation ts, first test ts): the last `test_days` days of the window are test,
+    the `valid_days` days before them validation, the rest training."""
+    if valid_days < 1 or test_days < 0 or valid_days + test_days >= window_days:
+        raise UserError(
+            f"prepare.valid_days must be >= 1, prepare.test_days >= 0 and together below window_days ({window_days}), "
+            f"got {valid_days} and {test_days}"
+        )
+    test_start = window_start + (window_days - test_days) * SECONDS_PER_DAY
+    return test_start - valid_days * SECONDS_PER_DAY, test_start
 
 
-def is_valid(ts: np.ndarray, start: int) -> np.ndarray:
-    """Temporal split: samples at or after `start` are validation, the rest training.
+def split_bounds_by_fraction(first_ts: int, last_ts: int, valid_fraction: float, test_fraction: float) -> Tuple[int, int]:
+    """(first validation ts, first test ts) cutting the seconds [first_ts, last_ts] so that the
+    last `test_fraction` of them are test and the `valid_fraction` before them validation."""
+    if not (0 < valid_fraction and 0 <= test_fraction and valid_fraction + test_fraction < 1):
+        raise UserError(
+            f"prepare.valid_fraction must be > 0, prepare.test_fraction >= 0 and together below 1, got {valid_fraction} and {test_fraction}"
+        )
+    span = last_ts - first_ts + 1
+    test_start = last_ts + 1 - int(round(test_fraction * span))
+    return test_start - int(round(valid_fraction * span)), test_start
 
-    Validation histories may hold training-period clicks: they are the past, not the future.
+
+# split codes of `assign_split`, in time order
+SPLIT_NAMES = ("train", "valid", "test")
+
+
+def assign_split(ts: np.ndarray, valid_start: int, test_start: int) -> np.ndarray:
+    """Split code per sample (index into SPLIT_NAMES): ts before `valid_start` is training, from
+    `test_start` on test, validation between. Cuts in time, so the splits never overlap in time.
+
+    Validation and test histories may hold earlier clicks: they are the past, not the future.
     """
-    return ts >= start
+    return (ts >= valid_start).astype(np.int8) + (ts >= test_start).astype(np.int8)
 
 
-def split_counts(labels: np.ndarray, valid: np.ndarray) -> Tuple[int, int, int, int]:
-    """(train rows, valid rows, train positives, valid positives)."""
-    n_valid = int(valid.sum())
-    pos_valid = int(labels[valid].sum(dtype=np.int64))
-    return len(labels) - n_valid, n_valid, int(labels.sum(dtype=np.int64)) - pos_valid, pos_valid
+def split_counts(labels: np.ndarray, split: np.ndarray) -> np.ndarray:
+    """Rows per split, then positives per split (the order of SPLIT_NAMES): int64 [6]."""
+    rows = np.bincount(split, minlength=len(SPLIT_NAMES))
+    positives = np.bincount(split, weights=labels, minlength=len(SPLIT_NAMES)).astype(np.int64)
+    return np.concatenate([rows, positives])

@@ -9,6 +9,17 @@ all-reduce) without contributing gradient: nothing hangs and no sample is droppe
 batches included (the last partial batch of each rank is trained on, unless loader.drop_last).
 On such a step the dense gradient is the mean over all ranks, the padding rank counting zero.
 Evaluation does the same, and only real batches reach the Evaluator.
+
+Train AUC per epoch (the paper's Table 7) is exact over the epoch's training samples and costs
+no second pass: each step's logits, from the training forward (dropout on, weights as they were
+before that step's update), go to an `Evaluator` whose rows only rank 0 gathers at the end of
+the epoch (the other ranks need the value alone, which rank 0 broadcasts so that every rank
+returns the same results; early stopping looks at validation AUC). Each rank's rows of the epoch
+are part of its checkpoint file, so an epoch resumed mid-way at the same world size reports the
+same train AUC as an uninterrupted run. `train.train_auc=false` keeps no rows (memory grows with
+the epoch's samples) and records train_auc as None.
+With a test split, the model is also evaluated on it after every epoch: the checkpoints (the best
+one included) and results.json carry those test metrics; early stopping looks at validation only.
 """
 
 from __future__ import annotations
@@ -19,7 +30,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -36,6 +47,7 @@ from mdaf_dist.distributed.sharding import PLAN_JSON, PLAN_TEXT, describe_plan, 
 from mdaf_dist.errors import UserError
 from mdaf_dist.models.embeddings import init_tables
 from mdaf_dist.models.loss import smoothed_bce
+from mdaf_dist.models.output import ModelOutput
 from mdaf_dist.models.registry import build_model
 from mdaf_dist.train.logging import RunLogger
 from mdaf_dist.train.metrics import Evaluator
@@ -50,6 +62,8 @@ from mdaf_dist.train.optim import (
 
 EMBEDDING_BACKENDS = ("torchrec", "plain")
 RESULTS_FILE = "results.json"
+# the key of this rank's train-AUC rows of the current epoch in its checkpoint file
+TRAIN_AUC_ROWS = "train_auc_rows"
 
 
 def build_training_model(cfg: Config, vocab: Dict[str, int], env: DistEnv, backend: str, embedding_optimizer: str, plan_dir: Optional[Path]) -> nn.Module:
@@ -95,7 +109,8 @@ class TrainState:
     # samples trained since the current epoch began (0 once it is complete): what a resume at
     # another world size, which restarts the epoch, trains on again
     epoch_samples: int = 0
-    # one {"epoch", "step", "auc", "logloss"} per validation pass, for the training curves
+    # one {"epoch", "step", "auc", "logloss", "train_auc"} per validation pass, for the training
+    # curves; train_auc is None with train.train_auc off
     evaluations: List[Dict[str, float]] = field(default_factory=list)
 
 
@@ -136,6 +151,12 @@ class Trainer:
         self.steps_per_epoch = self._all_reduce_max(len(self.train_loader))
         self.scheduler = linear_warmup(self.optimizer, warmup_steps(cfg.train, self.steps_per_epoch))
         self.evaluator = Evaluator()
+        # None with train.train_auc off: nothing is accumulated
+        self.train_evaluator: Optional[Evaluator] = Evaluator() if cfg.train.train_auc else None
+        # True while the current epoch's rows before a resume are missing (a checkpoint saved
+        # with train.train_auc off): that epoch's train AUC is then None, not a partial one
+        self._train_rows_missing = False
+        self.has_test = num_samples(cfg.data_dir, "test") > 0
         self.checkpointer = ckpt.Checkpointer(self.out_dir / "checkpoints", env.rank, cfg.checkpoint.keep_last)
         self.state = TrainState()
         # global mean training loss of every step this process ran
@@ -168,6 +189,8 @@ class Trainer:
         self.model.train()
         out = self.model(batch.features)
         losses = smoothed_bce(out.logits, batch.labels, self.cfg.model.label_smoothing, reduction="none")
+        if weight and self.train_evaluator is not None:
+            self.train_evaluator.update(out.logits, batch.labels)
         (losses.mean() * weight).backward()
         if self.cfg.train.grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.dense_params, self.cfg.train.grad_clip_norm)
@@ -178,17 +201,41 @@ class Trainer:
 
     # -- evaluation -------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self) -> Dict[str, Any]:
-        """Exact metrics over the whole validation split, every rank taking its slice."""
+    def scored_batches(
+        self, split: str, data_dir: Optional[str] = None, transform: Optional[Callable[[Batch], Batch]] = None
+    ) -> Iterator[Tuple[Batch, ModelOutput]]:
+        """This rank's slice of a split (of `data_dir`, default the training data) in file order,
+        each real batch (after `transform`) with the model's output in eval mode; the ranks step
+        in lockstep, so every rank must run the generator to its end."""
         self.model.eval()
-        self.evaluator.reset()
-        loader = make_loader(self.cfg.data_dir, "valid", self.cfg.loader, rank=self.env.rank, world_size=self.env.world_size, shuffle=False, device=self.env.device)
+        loader = make_loader(data_dir or self.cfg.data_dir, split, self.cfg.loader, rank=self.env.rank, world_size=self.env.world_size, shuffle=False, device=self.env.device)
         batches = iter(loader)
         while (batch := self._next_or_padding(batches)) is not None:
+            real = batch is not self.padding
+            if real and transform is not None:
+                batch = transform(batch)
             out = self.model(batch.features)
-            if batch is not self.padding:
-                self.evaluator.update(out.logits, batch.labels, out.gate, batch.features[HIST_ITEM].lengths())
+            if real:
+                yield batch, out
+
+    def evaluate(self, split: str = "valid") -> Dict[str, Any]:
+        """Exact metrics over a whole split, every rank taking its slice."""
+        self.evaluator.reset()
+        for batch, out in self.scored_batches(split):
+            self.evaluator.update(out.logits, batch.labels, out.gate, batch.features[HIST_ITEM].lengths(), batch.features[USER].values())
         return self.evaluator.compute()
+
+    def train_auc(self) -> Optional[float]:
+        """Exact AUC over the current epoch's training samples so far (collective); None with
+        train.train_auc off or the epoch's rows incomplete. The rows are dropped once the epoch
+        is complete, and kept after a max_steps stop, whose checkpoint continues the epoch."""
+        if self.train_evaluator is None:
+            return None
+        auc = None if self._train_rows_missing else self.train_evaluator.auc()
+        if self.state.epoch_samples == 0:
+            self.train_evaluator.reset()
+            self._train_rows_missing = False
+        return auc
 
     # -- the loop ---------------------------------------------------------------------------
     def _reached_max_steps(self) -> bool:
@@ -216,15 +263,18 @@ class Trainer:
             if every > 0 and self.state.step % every == 0:
                 self.save_checkpoint(None)
 
-    def _record(self, metrics: Dict[str, Any], logger: RunLogger) -> bool:
+    def _record(self, metrics: Dict[str, Any], train_auc: Optional[float], logger: RunLogger) -> bool:
         """Early stopping bookkeeping; True when patience has run out."""
         logger.scalars(self.state.step, {k: v for k, v in metrics.items() if isinstance(v, (int, float, dict))}, prefix="valid")
+        if train_auc is not None:
+            logger.scalars(self.state.step, {"auc": train_auc}, prefix="train")
         if self.evaluator.gates is not None:
             logger.histogram(self.state.step, "valid/gate", self.evaluator.gates)
         epoch = self.train_loader.epoch
-        logger.info(f"epoch={epoch} step={self.state.step} auc={metrics['auc']:.6f} logloss={metrics['logloss']:.6f}")
+        train_text = "n/a" if train_auc is None else f"{train_auc:.6f}"
+        logger.info(f"epoch={epoch} step={self.state.step} auc={metrics['auc']:.6f} logloss={metrics['logloss']:.6f} train_auc={train_text}")
         self.state.evaluations.append(
-            {"epoch": epoch, "step": self.state.step, "auc": float(metrics["auc"]), "logloss": float(metrics["logloss"])}
+            {"epoch": epoch, "step": self.state.step, "auc": float(metrics["auc"]), "logloss": float(metrics["logloss"]), "train_auc": train_auc}
         )
         if metrics["auc"] > self.state.best_auc:
             self.state.best_auc, self.state.best_step, self.state.best_epoch = float(metrics["auc"]), self.state.step, epoch
@@ -257,13 +307,16 @@ class Trainer:
         if num_samples(self.cfg.data_dir, "valid") == 0:
             logger.info("warning: the validation split is empty: AUC and logloss will be NaN, and no epoch counts as an improvement for early stopping")
         metrics: Dict[str, Any] = {}
+        test: Optional[Dict[str, Any]] = None
         started, samples_before = time.perf_counter(), self.state.samples_trained
         try:
             while self.train_loader.epoch < self.cfg.train.max_epochs and not self._reached_max_steps():
                 self._train_epoch(logger)
+                train_auc = self.train_auc()
                 metrics = self.evaluate()
-                stop = self._record(metrics, logger)
-                self.save_checkpoint(metrics)
+                stop = self._record(metrics, train_auc, logger)
+                test = self.evaluate("test") if self.has_test else None
+                self.save_checkpoint(metrics, test)
                 if stop:
                     logger.info(f"early stopping: no better validation AUC for {self.cfg.train.patience} evaluations")
                     break
@@ -273,7 +326,10 @@ class Trainer:
         if not metrics:
             # nothing left to train (a resumed, finished run): still report the model's metrics
             metrics = self.evaluate()
+            test = self.evaluate("test") if self.has_test else None
         results = self.results(metrics, self.state.samples_trained - samples_before, wall_seconds)
+        if test is not None:
+            results["test"] = test
         if self.env.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=float) + "\n")
@@ -289,9 +345,11 @@ class Trainer:
 
     def results(self, metrics: Dict[str, Any], samples: int, seconds: float) -> Dict[str, Any]:
         """The run's summary: "valid" = metrics of the final model (auc, logloss, num_samples,
-        positive_rate, gate statistics), the best evaluation, every evaluation, and the throughput
-        of this process's part of the run: `samples` trained in `seconds` of wall time, evaluation
-        and checkpoints included (a resumed run counts from its resume)."""
+        positive_rate, calibration, gauc, gate statistics), the best evaluation, every evaluation
+        (with the epoch's train AUC, None with train.train_auc off), "test" (set by `fit` with a
+        test split), and the throughput of this process's part of the run: `samples` trained in
+        `seconds` of wall time, evaluation and checkpoints included (a resumed run counts from its
+        resume)."""
         return {
             "valid": metrics,
             "best_auc": self.state.best_auc,
@@ -308,7 +366,7 @@ class Trainer:
         }
 
     # -- checkpoints ------------------------------------------------------------------------
-    def save_checkpoint(self, metrics: Optional[Dict[str, Any]]) -> Path:
+    def save_checkpoint(self, metrics: Optional[Dict[str, Any]], test: Optional[Dict[str, Any]] = None) -> Path:
         trainer = {
             **asdict(self.state),
             "epoch": self.train_loader.epoch,
@@ -316,18 +374,22 @@ class Trainer:
             "vocab": self.vocab,
             "auc": None if metrics is None else float(metrics["auc"]),
             "metrics": metrics,
+            "test_metrics": test,
         }
         files = {ckpt.CONFIG_FILE: to_yaml(self.cfg)}
         if self.sharded:
             files[PLAN_JSON] = json.dumps(describe_plan(self.model.plan), indent=2)
             files[PLAN_TEXT] = str(self.model.plan) + "\n"
         local = {"loader": self.train_loader.state_dict(), "rng": ckpt.rng_state()}
+        if self.train_evaluator is not None:
+            local[TRAIN_AUC_ROWS] = self.train_evaluator.state_dict()
         snapshot = ckpt.Snapshot(trainer=json.loads(json.dumps(trainer, default=float)), local=local, files=files)
         return self.checkpointer.save(self.state.step, self.model, self.optimizer, snapshot)
 
     def restore(self, path: Path) -> None:
-        """Model, optimizer, loop state, and (same world size) loader position and RNG. A
-        checkpoint of another model or data is refused, naming what differs."""
+        """Model, optimizer, loop state, and (same world size) loader position, RNG and the
+        epoch's train-AUC rows. A checkpoint of another model or data is refused, naming what
+        differs."""
         ckpt.check_compatible(path, self.cfg, self.vocab)
         # optimizer states must exist before DCP can load into them; the fused ones always do
         for name, optimizer in self.optimizer.optimizers:
@@ -341,6 +403,12 @@ class Trainer:
         if local is not None:
             self.train_loader.load_state_dict(local["loader"])
             ckpt.set_rng_state(local["rng"])
+            if self.train_evaluator is not None:
+                # a checkpoint saved with train.train_auc off has no rows of its epoch
+                self._train_rows_missing = TRAIN_AUC_ROWS not in local and self.state.epoch_samples > 0
+                self.train_evaluator.load_state_dict(local.get(TRAIN_AUC_ROWS, {}))
+                if self.env.is_main and self._train_rows_missing:
+                    print(f"warning: {path} holds no train-AUC rows of epoch {saved['epoch']}: its train_auc is recorded as None", file=sys.stderr, flush=True)
         else:
             if self.env.is_main and self.state.epoch_samples:
                 print(

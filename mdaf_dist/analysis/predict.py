@@ -1,0 +1,275 @@
+"""`mdaf predict`: one row per sample of a split, scored by a checkpoint, written as Parquet.
+
+    OUT.parquet/part-00000.parquet ...   one part file per rank, together every sample of the
+                                         split once, in the split's file order
+
+Columns (PREDICTION_SCHEMA): user, item, category (raw ids of the scored data), label, logit,
+probability, gate (models with a fusion gate only), hist_len (history clicks the model saw),
+day (days since the scored data's window start), ts. The parts' Parquet metadata (key "mdaf")
+holds the checkpoint, split, data directory, sample count, the split's metrics and the unseen-id
+counts. pyarrow and pandas read the directory as one table.
+
+Rank r scores rows [r N / W, (r + 1) N / W) of the split (the loader's unshuffled slice), so the
+rows of a 1-rank and an N-rank run are the same and none is lost or repeated. The sample
+columns are read from those rows of the Parquet files; the model's outputs come batch by batch
+in the same order (the labels are checked against each other).
+
+Scoring another prepared directory (`--data`): its dense ids are not the training run's. Each id
+goes back to its raw id (DIR/vocab) and to the training run's dense id; ids the training data
+never had map to row 0, the padding row, and are counted per feature in the metadata.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from mdaf_dist.config import SECONDS_PER_DAY, Config, load_config
+from mdaf_dist.data.batch import CATEGORY, HIST_CATEGORY, HIST_ITEM, ITEM, USER, Batch
+from mdaf_dist.data.layout import SPLITS, read_meta
+from mdaf_dist.data.loader import rank_pieces, row_groups
+from mdaf_dist.data.vocab import load_vocab
+from mdaf_dist.distributed import checkpoint as ckpt
+from mdaf_dist.distributed.env import DistEnv, collective_device, distributed
+from mdaf_dist.errors import UserError
+from mdaf_dist.train.trainer import Trainer
+
+PART_PATTERN = "part-*.parquet"
+METADATA_KEY = b"mdaf"
+# feature -> the table its ids index
+TABLE_OF = {USER: USER, ITEM: ITEM, HIST_ITEM: ITEM, CATEGORY: CATEGORY, HIST_CATEGORY: CATEGORY}
+SAMPLE_COLUMNS = ("user", "item", "category", "label", "ts")
+
+
+def part_file(rank: int) -> str:
+    return f"part-{rank:05d}.parquet"
+
+
+def prediction_schema(with_gate: bool) -> pa.Schema:
+    fields = [
+        ("user", pa.int64()), ("item", pa.int64()), ("category", pa.int64()), ("label", pa.int8()),
+        ("logit", pa.float32()), ("probability", pa.float32()),
+    ] + ([("gate", pa.float32())] if with_gate else []) + [
+        ("hist_len", pa.int32()), ("day", pa.int16()), ("ts", pa.int32()),
+    ]  # fmt: skip
+    return pa.schema(fields)
+
+
+def read_predictions(path: str | Path) -> pa.Table:
+    """Every part of a predictions directory (or one part file), in rank order."""
+    path = Path(path)
+    parts = sorted(path.glob(PART_PATTERN)) if path.is_dir() else [path]
+    if not parts or not parts[0].is_file():
+        raise UserError(f"no predictions at {path} (expected a directory of {PART_PATTERN} written by `mdaf predict`)")
+    return pa.concat_tables([pq.read_table(part) for part in parts])
+
+
+def prediction_metadata(path: str | Path) -> Dict[str, Any]:
+    """The "mdaf" metadata of a predictions directory (the same in every part)."""
+    path = Path(path)
+    first = sorted(path.glob(PART_PATTERN))[0] if path.is_dir() else path
+    return json.loads(pq.read_schema(first).metadata[METADATA_KEY])
+
+
+@dataclass
+class VocabMap:
+    """Dense ids of a scored directory -> dense ids of the training run, per table (0: unseen)."""
+
+    tables: Dict[str, np.ndarray]
+
+    @staticmethod
+    def between(scored_dir: str, training_dir: str) -> "VocabMap":
+        tables = {}
+        for table in (USER, ITEM, CATEGORY):
+            trained = np.asarray(load_vocab(training_dir, table))[1:]  # raw ids, ascending (vocab.py)
+            scored = np.asarray(load_vocab(scored_dir, table))
+            at = np.minimum(np.searchsorted(trained, scored), max(len(trained) - 1, 0))
+            known = (trained[at] == scored) if len(trained) else np.zeros(len(scored), dtype=bool)
+            known[0] = False
+            tables[table] = np.where(known, at + 1, 0).astype(np.int64)
+        return VocabMap(tables)
+
+    def apply(self, batch: Batch, unseen: Dict[str, int]) -> Batch:
+        """The batch with every feature's ids mapped; unseen ids (per feature) are added to `unseen`."""
+        features = batch.features
+        values = features.values().cpu().numpy()
+        mapped = np.empty_like(values)
+        for key, (start, stop) in zip(features.keys(), zip(features.offset_per_key()[:-1], features.offset_per_key()[1:])):
+            ids = self.tables[TABLE_OF[key]][values[start:stop]]
+            unseen[key] = unseen.get(key, 0) + int(np.count_nonzero(ids == 0))
+            mapped[start:stop] = ids
+        remapped = KeyedJaggedTensor(
+            keys=features.keys(), values=torch.from_numpy(mapped).to(features.values().device),
+            lengths=features.lengths(), stride=features.stride(),
+        )  # fmt: skip
+        return Batch(remapped, batch.labels)
+
+
+def resolve_checkpoint(checkpoint: str, best: bool = False) -> Path:
+    """A checkpoint directory, or of a folder of them the latest (the best by validation AUC
+    with `best`); a user error otherwise."""
+    if not Path(checkpoint).exists():
+        raise UserError(f"no checkpoint at {checkpoint}: the path does not exist")
+    path = ckpt.best_checkpoint(Path(checkpoint)) if best else ckpt.resolve(checkpoint, Path(checkpoint))
+    if path is None:
+        raise UserError(f"no checkpoint with a validation AUC under {checkpoint}")
+    return path
+
+
+def check_split(data_dir: str, split: str) -> None:
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}; expected one of {SPLITS}")
+    splits = read_meta(data_dir).get("splits", {})
+    if not splits.get(split, {}).get("rows"):
+        have = ", ".join(name for name, info in splits.items() if info.get("rows")) or "none"
+        raise UserError(f"{data_dir} has no {split} samples (splits with samples: {have}; a test split comes from prepare.test_days or prepare.split=fraction)")
+
+
+def rank_rows(data_dir: str, split: str, rank: int, world_size: int) -> Dict[str, np.ndarray]:
+    """SAMPLE_COLUMNS of the rows the loader gives `rank` when not shuffling, in its order."""
+    groups = row_groups(data_dir, split)
+    pieces = rank_pieces([g.num_rows for g in groups], np.arange(len(groups)), rank, world_size)
+    parts: List[pa.Table] = []
+    for piece in pieces:
+        group = groups[piece.row_group]
+        table = pq.ParquetFile(group.path).read_row_group(group.index, columns=list(SAMPLE_COLUMNS))
+        parts.append(table.slice(piece.start, piece.stop - piece.start))
+    if not parts:
+        return {name: np.empty(0, dtype=np.int64) for name in SAMPLE_COLUMNS}
+    table = pa.concat_tables(parts)
+    return {name: table.column(name).to_numpy() for name in SAMPLE_COLUMNS}
+
+
+def _all_reduce_counts(counts: Dict[str, int], keys: List[str]) -> Dict[str, int]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return {key: counts.get(key, 0) for key in keys}
+    t = torch.tensor([counts.get(key, 0) for key in keys], dtype=torch.int64, device=collective_device())
+    dist.all_reduce(t)
+    return dict(zip(keys, map(int, t.tolist())))
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def checkpoint_config(path: Path, overrides: List[str] = ()) -> Config:
+    """The run's saved config, as an evaluation needs it: nothing to resume, no TensorBoard."""
+    cfg = load_config(str(path / ckpt.CONFIG_FILE), overrides)
+    cfg.train.resume, cfg.logging.tensorboard = "", False
+    return cfg
+
+
+def load_trainer(path: Path, cfg: Config, env: DistEnv) -> Trainer:
+    """A Trainer over `cfg` with the checkpoint's weights; nothing of the run's directory is written."""
+    trainer = Trainer(cfg, env, save_plan=False)
+    ckpt.check_compatible(path, cfg, trainer.vocab)
+    ckpt.Checkpointer.load(path, trainer.model)
+    return trainer
+
+
+def predict(env: DistEnv, path: Path, out: str, split: str = "valid", data_dir: Optional[str] = None, overrides: List[str] = ()) -> Dict[str, Any]:
+    """Score a split with a checkpoint (`resolve_checkpoint`) and write this rank's part (a
+    collective: every rank calls it); returns the metadata, the same on every rank."""
+    out_dir = Path(out)
+    if not out_dir.parent.is_dir():
+        raise UserError(f"cannot write {out}: the directory {out_dir.parent} does not exist")
+    cfg = checkpoint_config(path, overrides)
+    scored_dir = data_dir or cfg.data_dir
+    check_split(scored_dir, split)
+    trainer = load_trainer(path, cfg, env)
+    training_dir = cfg.data_dir
+    remap = VocabMap.between(scored_dir, training_dir) if Path(scored_dir).resolve() != Path(training_dir).resolve() else None
+    unseen: Dict[str, int] = {}
+    transform = (lambda batch: remap.apply(batch, unseen)) if remap is not None else None
+    outputs: Dict[str, List[np.ndarray]] = {"label": [], "logit": [], "gate": [], "hist_len": []}
+    for batch, result in trainer.scored_batches(split, scored_dir, transform):
+        outputs["label"].append(batch.labels.cpu().numpy())
+        outputs["logit"].append(result.logits.float().cpu().numpy())
+        outputs["hist_len"].append(batch.features[HIST_ITEM].lengths().cpu().numpy())
+        if result.gate is not None:
+            outputs["gate"].append(result.gate.float().cpu().numpy())
+    rows = rank_rows(scored_dir, split, env.rank, env.world_size)
+    columns = {name: np.concatenate(values) if values else np.empty(0, np.float32) for name, values in outputs.items()}
+    if not np.array_equal(columns["label"], rows["label"].astype(np.float32)):
+        raise AssertionError("the loader's batches and the split's rows disagree: predictions would be misaligned")
+    # users by the scored data's ids: unseen users all score as padding but stay apart for GAUC
+    trainer.evaluator.reset()
+    trainer.evaluator.update(
+        *(torch.from_numpy(columns[name]) for name in ("logit", "label")),
+        torch.from_numpy(columns["gate"]) if outputs["gate"] else None,
+        torch.from_numpy(columns["hist_len"]), torch.tensor(rows["user"]),  # a copy: pyarrow's arrays are read-only
+    )  # fmt: skip
+    metrics = trainer.evaluator.compute()
+    feature_keys = [USER, ITEM, CATEGORY, HIST_ITEM] + ([HIST_CATEGORY] if cfg.loader.history_categories else [])
+    meta = {
+        "checkpoint": str(path),
+        "step": ckpt.read_trainer_state(path)["step"],
+        "split": split,
+        "data_dir": str(scored_dir),
+        "training_data_dir": str(training_dir),
+        "world_size": env.world_size,
+        "num_samples": int(metrics["num_samples"]),
+        "metrics": metrics,
+        "unseen_ids": _all_reduce_counts(unseen, feature_keys) if remap is not None else None,
+    }
+    if env.is_main:
+        out_dir.mkdir(exist_ok=True)
+        for stale in out_dir.glob(PART_PATTERN):
+            stale.unlink()
+    _barrier()
+    _write_part(out_dir / part_file(env.rank), rows, columns, scored_dir, meta, with_gate="gate_mean" in metrics)
+    _barrier()
+    return meta
+
+
+def _write_part(path: Path, rows: Dict[str, np.ndarray], columns: Dict[str, np.ndarray], data_dir: str, meta: Dict[str, Any], with_gate: bool) -> None:
+    window_start = int(read_meta(data_dir)["settings"]["window_start"])
+    raw = {name: np.asarray(load_vocab(data_dir, name))[rows[name]] for name in (USER, ITEM, CATEGORY)}
+    logits = columns["logit"].astype(np.float32)
+    data = {
+        **raw,
+        "label": rows["label"].astype(np.int8),
+        "logit": logits,
+        "probability": (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32),
+        **({"gate": columns["gate"].astype(np.float32)} if with_gate else {}),
+        "hist_len": columns["hist_len"].astype(np.int32),
+        "day": ((rows["ts"].astype(np.int64) - window_start) // SECONDS_PER_DAY).astype(np.int16),
+        "ts": rows["ts"].astype(np.int32),
+    }
+    schema = prediction_schema(with_gate).with_metadata({METADATA_KEY: json.dumps(meta, default=float).encode()})
+    pq.write_table(pa.table(data, schema=schema), path)
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint directory, or a folder of them (latest)")
+    parser.add_argument("--best", action="store_true", help="with a folder of checkpoints: the best by validation AUC")
+    parser.add_argument("--split", default="valid", help="valid (default), test or train")
+    parser.add_argument("--data", help="a prepared directory to score (default: the training run's); ids unseen in training score as padding")
+    parser.add_argument("--out", required=True, help="predictions directory, e.g. preds.parquet (one part file per rank)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides of the saved config, e.g. train.device=cpu loader.eval_batch_size=8192")
+
+
+def run(args: argparse.Namespace) -> int:
+    path = resolve_checkpoint(args.checkpoint, args.best)
+    with distributed(checkpoint_config(path, args.overrides).train.device) as env:
+        meta = predict(env, path, args.out, args.split, args.data, args.overrides)
+    if env.is_main:
+        m = meta["metrics"]
+        print(
+            f"{meta['num_samples']} {meta['split']} predictions -> {args.out} ({meta['world_size']} part files); "
+            f"auc {m['auc']:.4f} gauc {m.get('gauc', float('nan')):.4f} logloss {m['logloss']:.4f} calibration {m['calibration']:.3f}"
+        )
+        if meta["unseen_ids"] is not None:
+            print("ids unseen in training (scored as padding): " + ", ".join(f"{k}={v}" for k, v in meta["unseen_ids"].items()))
+    return 0
