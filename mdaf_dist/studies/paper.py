@@ -1,5 +1,6 @@
 """The paper's published numbers (MDAF_paper.md), typed from its tables for the reports to show
-beside ours. They are never used as our results.
+beside ours. They are never used as our results. (Table 7's are in mdaf_dist.analysis.dynamics,
+whose table the reports reuse.)
 
 Each table names its source; rows are keyed by the labels the study files give their values.
 """
@@ -64,18 +65,6 @@ TABLE6 = PaperTable(
         "+ Category filtering": PaperRow(0.5931, None, +105, train_samples=473_044),
     },
 )
-
-# Table 7: epoch -> (train AUC, val AUC, val log loss)
-TABLE7_SOURCE = "MDAF_paper.md 5.6, Table 7 (Train AUC, Val AUC, Log Loss (Val)), MDAF"
-TABLE7: Dict[int, tuple[float, float, float]] = {
-    1: (0.5363, 0.6007, 0.652),
-    2: (0.7738, 0.5416, 0.685),
-    3: (0.9162, 0.5308, 0.694),
-    4: (0.9707, 0.5268, 0.698),
-    5: (0.9916, 0.5247, 0.701),
-    6: (0.9970, 0.5436, 0.699),
-}
-
 
 @dataclass(frozen=True)
 class Sensitivity:

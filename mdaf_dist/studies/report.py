@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+from mdaf_dist.analysis.dynamics import table7
 from mdaf_dist.studies import paper, plots
 from mdaf_dist.studies.results import CellRecord, Row, Stat, load_cells, rows
 from mdaf_dist.studies.workdir import StudyDir
@@ -145,21 +146,12 @@ def _epoch_means(row: Row) -> Dict[int, Dict[str, Optional[float]]]:
 
 
 def _dynamics(row: Row, parts: _Parts) -> str:
-    """Table 7: per-epoch train and validation AUC of one row, beside the paper's MDAF."""
+    """Table 7 (the analysis module's table, the paper's epochs beside ours) of one row, its
+    per-epoch numbers the means over the row's seeds."""
     means = _epoch_means(row)
-    body = []
-    for epoch in sorted(set(means) | set(paper.TABLE7)):
-        ours = means.get(epoch, {})
-        train, val = ours.get("train_auc"), ours.get("auc")
-        gap = None if train is None or val is None else train - val
-        published = paper.TABLE7.get(epoch)
-        body.append([
-            str(epoch), fmt_value(train), fmt_value(val), fmt_value(gap), fmt_value(ours.get("logloss"), 3),
-            *(fmt_value(v, d) for v, d in zip(published or (None, None, None), (4, 4, 3))),
-        ])  # fmt: skip
     parts.data["dynamics"] = {"label": row.label, "epochs": means}
-    header = ["Epoch", "Train AUC", "Val AUC", "Train-Val Gap", "Log Loss (Val)", "Paper Train AUC", "Paper Val AUC", "Paper Log Loss"]
-    return f"### Training dynamics of {row.label} (Table 7)\n\n{markdown_table(header, body)}\n\nPaper numbers: {paper.TABLE7_SOURCE}."
+    evaluations = [{"epoch": epoch, **values} for epoch, values in means.items() if values["auc"] is not None]
+    return f"Training dynamics of {row.label} (mean over {len(row.cells)} seed(s)):\n\n{table7(evaluations).markdown()}"
 
 
 def _filtering(plan: Dict[str, Any], cells: Dict[str, CellRecord], out: Path) -> _Parts:
