@@ -95,6 +95,19 @@ def test_fused_backend_splits_the_batch_over_threads():
         torch.set_num_threads(threads)
 
 
+def test_flop_counter_counts_the_fused_kernels():
+    """`mdaf profile` counts FLOPs with FlopCounterMode: the fused ops count by their formulas."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    require_fused_kernel()
+    inputs = random_inputs(batch=3, d_inner=5, length=7, d_state=4)
+    x, weight_t, bias = torch.randn(3, 7, 5), torch.randn(4, 5), torch.randn(5)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        selective_scan(**inputs, backend="fused_cpu")
+        cpu_kernels.load().causal_conv_silu_fwd(x, weight_t, bias)
+    assert counter.get_total_flops() == 8 * 3 * 5 * 7 * 4 + 2 * 3 * 7 * 5 * 4
+
+
 def test_auto_picks_fused_backend_on_cpu():
     require_fused_kernel()
     assert resolve_backend("auto", torch.device("cpu")) == "fused_cpu"
