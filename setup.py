@@ -9,6 +9,8 @@ setup(
     version="0.1.0",
     description="Distributed trainer for MDAF (Mamba-DCN with Adaptive Fusion) CTR models",
     packages=find_packages(include=["mdaf_dist", "mdaf_dist.*"]),
+    # the fused CPU kernels of the Mamba block, compiled on first use (mdaf_dist/models/cpu_kernels.py)
+    package_data={"mdaf_dist.models": ["csrc/*.cpp"]},
     python_requires=">=3.10",
     install_requires=[
         "torch==2.13.0",
@@ -25,6 +27,8 @@ setup(
         "torchmetrics==1.0.3",
         "pyre-extensions",
         "iopath",
+        # builds the fused CPU selective scan with torch.utils.cpp_extension (needs a C++ compiler)
+        "ninja",
     ],
     extras_require={
         "cpu": ["fbgemm-gpu-cpu==1.8.0"],

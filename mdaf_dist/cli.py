@@ -21,6 +21,7 @@ COMMANDS = {
     "analyze": ("mdaf_dist.analysis.analyze", "the paper's gate and training tables of one trained model"),
     "profile": ("mdaf_dist.analysis.profile", "parameters, memory, time, FLOPs per component (Tables 8, C1)"),
     "demo": ("mdaf_dist.demo", "synthetic data -> prepare -> train: the README's main job"),
+    "study": ("mdaf_dist.studies.command", "many runs from a study file (run), their tables and plots (report)"),
 }
 
 

@@ -158,6 +158,13 @@ class TrainConfig:
     resume: str = ""
     # "auto": CUDA when available, else CPU; or "cpu" / "cuda"
     device: str = "auto"
+    # exact AUC over each epoch's training samples (results.json "evaluations", TensorBoard
+    # train/auc). Memory grows with the epoch's samples: every rank keeps 5 bytes (logit, label)
+    # per sample it trains on, in its checkpoint files too, and rank 0 gathers and sorts all of
+    # them at the epoch's end, at about 25 bytes a sample (the full data's 187M training samples:
+    # some 4.5 GB). Turn it off if that is too much: train_auc is then None (null) in results,
+    # "n/a" in reports
+    train_auc: bool = True
 
 
 @dataclass

@@ -1,8 +1,8 @@
-"""Checkpoints: stop + resume equals an uninterrupted run bit for bit (mid-epoch, dropout on); a
-save killed before its rename leaves the previous checkpoint loadable; rank files are loaded
-without unpickling objects; a checkpoint of other settings is refused naming them; a 2-rank
-checkpoint evaluates on 2 ranks (printed once) and on 1 (the run's files untouched) and resumes on
-1 rank, restarting its epoch with a warning."""
+"""Checkpoints: stop + resume equals an uninterrupted run bit for bit (mid-epoch, dropout on, the
+epochs' train AUC included); a save killed before its rename leaves the previous checkpoint
+loadable; rank files are loaded without unpickling objects; a checkpoint of other settings is
+refused naming them; a 2-rank checkpoint evaluates on 2 ranks (printed once) and on 1 (the run's
+files untouched) and resumes on 1 rank, restarting its epoch with a warning."""
 
 from __future__ import annotations
 
@@ -73,15 +73,22 @@ def _fit_results(cfg):
 
 
 def test_resume_mid_epoch_with_dropout_equals_uninterrupted_bit_for_bit(tiny_data_dir, tmp_path):
-    """A run killed after step 5 resumes from its step-4 checkpoint (mid-epoch, dropout on)."""
+    """A run killed after step 5 resumes from its step-4 checkpoint (mid-epoch, dropout on): losses,
+    final metrics and every evaluation, the epochs' train AUC included, equal the uninterrupted
+    run's (the first epoch's train AUC covers steps 1-4 from the checkpoint's rows)."""
     common = ["model.dropout=0.3", "loader.batch_size=256", "train.max_epochs=2", "checkpoint.every_steps=2", "checkpoint.keep_last=10"]
     losses, whole = _fit_results(tiny_config(tiny_data_dir, tmp_path / "whole", *common))
     first, _ = _fit_results(tiny_config(tiny_data_dir, tmp_path / "split", *common, "train.max_steps=5"))
     step_4 = tmp_path / "split" / "checkpoints" / "step_00000004"
+    rows = torch.load(step_4 / ckpt.rank_file(0), weights_only=True)[trainer_module.TRAIN_AUC_ROWS]
+    assert {name: (column.dtype, column.numel()) for name, column in rows.items()} == {"logits": (torch.float32, 4 * 256), "labels": (torch.uint8, 4 * 256)}
     rest, resumed = _fit_results(tiny_config(tiny_data_dir, tmp_path / "split", *common, f"train.resume={step_4}"))
     assert len(losses) == whole["steps"] > 5
     assert first[:4] + rest == losses
     assert (resumed["valid"]["auc"], resumed["valid"]["logloss"]) == (whole["valid"]["auc"], whole["valid"]["logloss"])
+    assert [e["epoch"] for e in whole["evaluations"]] == [1, 2] and whole["evaluations"][0]["step"] > 5
+    assert all(0.0 < e["train_auc"] < 1.0 for e in whole["evaluations"])
+    assert resumed["evaluations"] == whole["evaluations"]
 
 
 def test_save_killed_before_rename_leaves_previous_checkpoint_loadable(tiny_data_dir, tmp_path, monkeypatch):

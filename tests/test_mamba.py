@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from mdaf_dist.models.mamba import Mamba
+from mdaf_dist.models.mamba4rec import Mamba4RecLayer
+from tests.test_selective_scan import require_fused_kernel
 
 
 def test_state_dict_has_mamba_ssm_names_and_shapes():
@@ -44,8 +46,10 @@ def test_initialisation_follows_mamba_ssm():
     assert block.dt_proj.weight.abs().max() <= bound
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "fused_cpu"])
 def test_real_steps_do_not_depend_on_left_padding(backend):
+    if backend == "fused_cpu":
+        require_fused_kernel()
     torch.manual_seed(0)
     block = Mamba(8, d_state=4, scan_backend=backend)
     sequence = torch.randn(1, 6, 8)
@@ -65,22 +69,60 @@ def test_padding_matters_without_a_mask():
     assert not torch.allclose(block(padded)[:, 3:], block(sequence), atol=1e-4)
 
 
-def test_cpu_backend_matches_reference_through_the_block():
+@pytest.mark.parametrize("backend,d_model,threads", [("cpu", 16, 1), ("fused_cpu", 16, 1), ("fused_cpu", 12, 2)])
+def test_backend_matches_reference_through_the_block(backend, d_model, threads):
+    """Output, input gradient and every parameter gradient (conv1d's too: fused_cpu fuses the conv),
+    with padded sequences; d_inner 24 has a channel tail past whole 16-lane vectors."""
+    if backend == "fused_cpu":
+        require_fused_kernel()
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        run_block_against_reference(backend, d_model)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def run_block_against_reference(backend, d_model):
     torch.manual_seed(0)
-    block = Mamba(16, d_state=8, scan_backend="reference")
-    x = torch.randn(3, 7, 16, requires_grad=True)
+    block = Mamba(d_model, d_state=8, scan_backend="reference")
+    x = torch.randn(3, 7, d_model, requires_grad=True)
     mask = torch.arange(7).unsqueeze(0) >= torch.tensor([[0], [2], [5]])
     results = {}
-    for backend in ("reference", "cpu"):
-        block.scan_backend = backend
+    for backend_name in ("reference", backend):
+        block.scan_backend = backend_name
         block.zero_grad()
         x.grad = None
-        block(x, mask=mask).pow(2).sum().backward()
-        results[backend] = [x.grad.clone()] + [p.grad.clone() for p in block.parameters()]
-    for got, want in zip(results["cpu"], results["reference"]):
+        out = block(x, mask=mask)
+        out.pow(2).sum().backward()
+        results[backend_name] = [out.detach(), x.grad.clone()] + [p.grad.clone() for p in block.parameters()]
+    for got, want in zip(results[backend], results["reference"]):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_unknown_scan_backend_is_rejected_at_construction():
     with pytest.raises(ValueError, match="unknown selective-scan backend 'fast'"):
         Mamba(8, scan_backend="fast")
+
+
+@pytest.mark.parametrize("module", ["block", "layer"])
+def test_last_only_is_the_last_step_of_the_full_output(module):
+    """Mamba(last_only=True) and the Mamba4Rec layer built on it: the last step's output and the
+    same gradients as taking [:, -1] of the full [B, L, D] output."""
+    torch.manual_seed(0)
+    if module == "block":
+        net = Mamba(16, d_state=8, scan_backend="reference")
+    else:
+        net = Mamba4RecLayer(16, d_state=8, d_conv=4, expand=2, dropout=0.0, scan_backend="reference")
+    x = torch.randn(3, 7, 16, requires_grad=True)
+    mask = torch.arange(7).unsqueeze(0) >= torch.tensor([[0], [2], [5]])
+    results = []
+    for last_only in (False, True):
+        net.zero_grad()
+        x.grad = None
+        out = net(x, mask, last_only=last_only)
+        out = out if last_only else out[:, -1]
+        out.pow(2).sum().backward()
+        results.append([out.detach(), x.grad.clone()] + [p.grad.clone() for p in net.parameters()])
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

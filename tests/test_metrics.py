@@ -1,5 +1,6 @@
 """Exact AUC / logloss / GAUC / calibration against scikit-learn and plain loops, on one process
-and gathered over 2 gloo ranks."""
+and gathered over 2 gloo ranks (onto every rank, or onto rank 0 only for the train AUC); an
+Evaluator keeps only the columns given and resumes from its state_dict."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 from sklearn.metrics import log_loss, roc_auc_score
 
+from mdaf_dist.train import metrics
 from mdaf_dist.train.metrics import Evaluator, calibration, exact_auc, gate_statistics, gauc, logloss_from_logits
 from tests.distributed import run_ranks
 
@@ -58,10 +60,15 @@ def _gauc_by_loop(logits, labels, users):
     return total / weight, skipped
 
 
-def test_exact_auc_matches_sklearn_with_many_ties():
+@pytest.mark.parametrize("block", [7, metrics.AUC_BLOCK])
+def test_exact_auc_matches_sklearn_with_many_ties(block, monkeypatch):
+    """Also summed in blocks far smaller than a group of tied scores (each block then ends with
+    its last group), for float32 and float64 scores."""
+    monkeypatch.setattr(metrics, "AUC_BLOCK", block)
     logits, labels, *_ = _predictions(5000, seed=1)
     assert len(np.unique(logits)) < 200
-    assert exact_auc(logits, labels) == pytest.approx(roc_auc_score(labels, logits), abs=1e-6)
+    assert exact_auc(logits, labels) == pytest.approx(roc_auc_score(labels, logits), abs=1e-12)
+    assert exact_auc(logits.astype(np.float64), labels) == pytest.approx(roc_auc_score(labels, logits), abs=1e-12)
 
 
 def test_exact_auc_counts_a_tie_between_classes_as_half():
@@ -148,6 +155,31 @@ def test_evaluator_rejects_gates_for_only_some_batches():
         evaluator.compute()
 
 
+def test_evaluator_keeps_only_the_columns_given_and_resumes_from_its_state_dict():
+    """Logits and labels alone (the train AUC) are 5 bytes a sample; a state_dict saved halfway and
+    loaded into a fresh Evaluator gives the metrics of an uninterrupted pass."""
+    logits, labels, *_ = _predictions(700, seed=7)
+    whole = Evaluator()
+    _feed(whole, logits, labels)
+    halfway = Evaluator()
+    _feed(halfway, logits[:300], labels[:300])
+    state = halfway.state_dict()
+    assert {name: (column.dtype, column.numel()) for name, column in state.items()} == {"logits": (torch.float32, 300), "labels": (torch.uint8, 300)}
+    resumed = Evaluator()
+    resumed.load_state_dict(state)
+    _feed(resumed, logits[300:], labels[300:])
+    assert len(resumed) == 700
+    assert resumed.compute() == whole.compute()
+    assert resumed.auc() == pytest.approx(roc_auc_score(labels, logits), abs=1e-6)
+
+
+def test_evaluator_rejects_soft_labels_before_storing_them_as_uint8():
+    evaluator = Evaluator()
+    with pytest.raises(ValueError, match="labels must be 0 or 1"):
+        evaluator.update(torch.zeros(2), torch.tensor([0.0, 0.99]))
+    assert len(evaluator) == 0
+
+
 def test_evaluator_rejects_a_gate_of_the_wrong_length():
     with pytest.raises(ValueError, match="gate has 3 values for 4 logits"):
         Evaluator().update(torch.zeros(4), torch.zeros(4), gate=torch.zeros(3))
@@ -164,7 +196,10 @@ def _evaluate_on_rank():
     if rank == 0:
         _feed(evaluator, *_predictions(RANK_SIZES[rank], seed=10 + rank))
     only_rank0 = evaluator.compute()
-    return full, gates, only_rank0
+    # the train AUC's path: logits and labels gathered on rank 0 only, the value broadcast
+    evaluator.reset()
+    _feed(evaluator, *_predictions(RANK_SIZES[rank], seed=10 + rank)[:2])
+    return full, gates, only_rank0, evaluator.auc(root=0)
 
 
 def test_evaluator_gathers_unequal_ranks_exactly():
@@ -172,8 +207,9 @@ def test_evaluator_gathers_unequal_ranks_exactly():
     per_rank = [_predictions(n, seed=10 + rank) for rank, n in enumerate(RANK_SIZES)]
     logits, labels, gates, hist_len, users = (np.concatenate(column) for column in zip(*per_rank))
 
-    full, gathered_gates, only_rank0 = rank0
+    full, gathered_gates, only_rank0, auc_on_rank0 = rank0
     assert rank1[0] == full and rank1[2] == only_rank0
+    assert auc_on_rank0 == rank1[3] == full["auc"]
     np.testing.assert_array_equal(rank1[1], gathered_gates)
     assert full["num_samples"] == sum(RANK_SIZES)
     assert full["auc"] == pytest.approx(roc_auc_score(labels, logits), abs=1e-6)

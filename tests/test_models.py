@@ -145,7 +145,7 @@ def test_unknown_model_names_the_choices():
         ("fusion", "concatt", r"model.fusion='concatt' is not one of: gate, concat, fixed, attention"),
         ("static_branch", "dcn", r"model.static_branch='dcn' is not one of: dcnv3, dcnv3_official, mlp, none"),
         ("sequence_branch", "gru", r"model.sequence_branch='gru' is not one of: mamba, none"),
-        ("scan_backend", "triton", r"model.scan_backend='triton' is not one of: auto, reference, cpu, compiled, mamba_ssm"),
+        ("scan_backend", "triton", r"model.scan_backend='triton' is not one of: auto, reference, fused_cpu, cpu, compiled, mamba_ssm"),
         ("fixed_gate", 1.5, r"model.fixed_gate=1.5 must lie in \[0, 1\]"),
     ],
 )
@@ -222,14 +222,15 @@ def train_on_planted(variant, steps):
 
 
 # Mamba4Rec alone must first learn to carry the history through the SSM (dt starts small): it
-# stays near 0.5 for ~100 steps, then climbs; every other model learns within 60 steps.
-STEPS = {"mamba4rec": 160}
+# stays near 0.5 for ~100 steps, then climbs at a point that depends on the seeds' trajectory
+# (160 steps are too few for some); every other model learns within 60 steps.
+STEPS = {"mamba4rec": 200}
 # AUC measured with these seeds on CPU (the planted rule's own AUC is about 0.85); each test asserts
 # a margin of 0.05 below it. "sequence_only" builds the Mamba4Rec model and is not trained twice.
 MEASURED_AUC = {
     "mdaf": 0.822, "concat": 0.826, "fixed_gate": 0.824, "attention_fusion": 0.830,
     "dcnv3_official": 0.823, "mlp_static": 0.793, "static_only": 0.825, "autoint": 0.825,
-    "dcnv2": 0.825, "bst": 0.789, "mamba4rec": 0.774,
+    "dcnv2": 0.825, "bst": 0.789, "mamba4rec": 0.801,
 }
 
 

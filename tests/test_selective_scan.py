@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from mdaf_dist.models import cpu_kernels
 from mdaf_dist.models import selective_scan as scan_module
 from mdaf_dist.models.selective_scan import BACKENDS, resolve_backend, selective_scan
 
@@ -37,9 +38,120 @@ def assert_matches_reference(backend, inputs, delta_softplus):
     y_ref, grads_ref = run_scan(inputs, "reference", delta_softplus)
     y, grads = run_scan(inputs, backend, delta_softplus)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
-    for name in INPUT_NAMES:
+    for name in inputs:
         torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-5, atol=1e-5,
                                    msg=lambda message: f"grad of {name}: {message}")
+
+
+def require_fused_kernel():
+    """Skip (saying why) where the fused kernel cannot be built; builds it once per machine."""
+    try:
+        cpu_kernels.load()
+    except cpu_kernels.ExtensionUnavailable as error:
+        pytest.skip(f"fused CPU kernel unavailable: {error}")
+
+
+# batch, d_inner, length, d_state, padded_steps: odd lengths, L 1, N of one vector (16), two (32,
+# the kernel's unrolled paths) and more (40, its generic path), padded steps up to all but one
+FUSED_SHAPES = [(5, 6, 9, 4, 3), (3, 5, 1, 5, 0), (2, 3, 17, 32, 16), (4, 7, 13, 16, 5), (3, 4, 11, 40, 2)]
+OPTIONAL_SETS = [("D", "z", "delta_bias"), (), ("D",), ("z",), ("delta_bias",)]
+
+
+@pytest.mark.parametrize("shape", FUSED_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("optional", OPTIONAL_SETS, ids=lambda names: "+".join(names) or "none")
+@pytest.mark.parametrize("delta_softplus", [True, False])
+def test_fused_backend_matches_reference(shape, optional, delta_softplus):
+    require_fused_kernel()
+    batch, d_inner, length, d_state, padded_steps = shape
+    inputs = random_inputs(batch, d_inner, length, d_state, padded_steps, seed=sum(shape))
+    inputs = {k: v for k, v in inputs.items() if k in ("u", "delta", "A", "B", "C") + optional}
+    assert_matches_reference("fused_cpu", inputs, delta_softplus)
+
+
+def test_fused_backend_reads_strided_views():
+    """The Mamba block passes [B, L, d] tensors as [B, d, L] views and B, C as slices: no copies."""
+    require_fused_kernel()
+    inputs = random_inputs(batch=4, d_inner=6, length=7, d_state=5, seed=11)
+    strided = {k: v.transpose(1, 2).contiguous().transpose(1, 2) if k in ("u", "delta", "z") else v
+               for k, v in inputs.items()}
+    bc = torch.cat([inputs["B"], inputs["C"], torch.zeros_like(inputs["C"])], dim=1).transpose(1, 2).contiguous()
+    strided["B"], strided["C"] = bc[..., :5].transpose(1, 2), bc[..., 5:10].transpose(1, 2)
+    assert not strided["u"].is_contiguous() and not strided["B"].is_contiguous()
+    y_ref, grads_ref = run_scan(inputs, "reference", True)
+    y, grads = run_scan(strided, "fused_cpu", True)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for name in INPUT_NAMES:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-5, atol=1e-5)
+
+
+def test_fused_backend_splits_the_batch_over_threads():
+    """Two threads take half the batch each and sum their parts of grad A and grad D."""
+    require_fused_kernel()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert_matches_reference("fused_cpu", random_inputs(batch=7, seed=12), delta_softplus=True)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_flop_counter_counts_the_fused_kernels():
+    """`mdaf profile` counts FLOPs with FlopCounterMode: the fused ops count by their formulas."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    require_fused_kernel()
+    inputs = random_inputs(batch=3, d_inner=5, length=7, d_state=4)
+    x, weight_t, bias = torch.randn(3, 7, 5), torch.randn(4, 5), torch.randn(5)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        selective_scan(**inputs, backend="fused_cpu")
+        cpu_kernels.load().causal_conv_silu_fwd(x, weight_t, bias)
+    assert counter.get_total_flops() == 8 * 3 * 5 * 7 * 4 + 2 * 3 * 7 * 5 * 4
+
+
+def test_auto_picks_fused_backend_on_cpu():
+    require_fused_kernel()
+    assert resolve_backend("auto", torch.device("cpu")) == "fused_cpu"
+
+
+def unbuildable(monkeypatch):
+    """Make the kernel fail to load, as on a machine without a compiler."""
+    def fail():
+        raise cpu_kernels.ExtensionUnavailable("no C++ compiler")
+
+    monkeypatch.setattr(cpu_kernels, "load", fail)
+    cpu_kernels.available.cache_clear()
+
+
+def test_auto_falls_back_to_cpu_saying_why_once(monkeypatch, capsys):
+    unbuildable(monkeypatch)
+    try:
+        assert resolve_backend("auto", torch.device("cpu")) == "cpu"
+        assert resolve_backend("auto", torch.device("cpu")) == "cpu"
+        selective_scan(**random_inputs(), backend="auto")
+    finally:
+        cpu_kernels.available.cache_clear()  # the real kernel again for later tests
+    assert capsys.readouterr().err.splitlines() == [
+        "mdaf_dist: fused CPU kernels unavailable (no C++ compiler); using the 'cpu' scan backend"]
+
+
+def test_fused_backend_named_explicitly_fails_with_the_reason(monkeypatch):
+    unbuildable(monkeypatch)
+    try:
+        with pytest.raises(cpu_kernels.ExtensionUnavailable, match="no C\\+\\+ compiler"):
+            selective_scan(**random_inputs(), backend="fused_cpu")
+    finally:
+        cpu_kernels.available.cache_clear()
+
+
+def test_a_failed_build_reports_the_compiler_error(monkeypatch, tmp_path):
+    """The one line names the compiler's error, not the build tool's last words."""
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("#error the kernel source is broken\n")
+    monkeypatch.setattr(cpu_kernels, "SOURCE", broken)
+    monkeypatch.setattr(cpu_kernels, "NAME", "mdaf_dist_broken_kernel")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "build"))
+    with pytest.raises(cpu_kernels.ExtensionUnavailable, match="error: #error the kernel source is broken"):
+        cpu_kernels.load.__wrapped__()
 
 
 @pytest.mark.parametrize("delta_softplus", [True, False])
@@ -91,10 +203,6 @@ def test_compiled_backend_matches_reference_on_cpu():
 @pytest.mark.parametrize("backend", ["compiled", "auto"])
 def test_cuda_backends_match_reference(backend):
     assert_matches_reference(backend, random_inputs(seed=7, device="cuda"), delta_softplus=True)
-
-
-def test_auto_picks_cpu_backend_on_cpu():
-    assert resolve_backend("auto", torch.device("cpu")) == "cpu"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")

@@ -2,7 +2,8 @@
 others' steps with a weight-0 padding batch, so nothing hangs (collectives time out after 60 s in
 the harness) and every sample of the longer rank is still trained on. The entry point with the
 shipped smoke config trains, evaluates after every epoch and writes <output_dir>/results.json with
-the numbers `mdaf demo` and the reproduction tools read."""
+the numbers `mdaf demo` and the reproduction tools read. train.train_auc=false records no train AUC
+and changes nothing else."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
+from sklearn.metrics import roc_auc_score
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from mdaf_dist.analysis.dynamics import table7
 from mdaf_dist.data.layout import sample_files
 from mdaf_dist.data.loader import num_samples
 from mdaf_dist.distributed.env import distributed
@@ -128,6 +132,53 @@ def test_tensorboard_after_a_resume_has_each_step_once(tiny_data_dir, tmp_path):
     for tag in ("train/loss", "valid/auc"):
         assert _scalars(tmp_path / "split" / "tensorboard", tag) == _scalars(tmp_path / "whole" / "tensorboard", tag), tag
     assert [step for step, _ in _scalars(tmp_path / "whole" / "tensorboard", "train/loss")] == list(range(1, 12))
+
+
+def _fit_recording_train_rows(cfg):
+    """fit() on one rank, with the (logits, labels) each training step passes to the train
+    evaluator, and whether an evaluator existed at all."""
+    with distributed("cpu") as env:
+        trainer = Trainer(cfg, env)
+        seen = []
+        if trainer.train_evaluator is not None:
+            update = trainer.train_evaluator.update
+            trainer.train_evaluator.update = lambda logits, labels: seen.append((logits.detach().clone(), labels.clone())) or update(logits, labels)
+        return trainer.fit(), seen, trainer.steps_per_epoch, trainer.train_evaluator is not None
+
+
+def test_train_auc_switch_off_keeps_nothing_and_reports_none(tiny_data_dir, tmp_path, capsys):
+    """On: each epoch's train_auc is the exact AUC of that epoch's training logits, also in
+    TensorBoard. Off: no evaluator, train_auc None in results ("n/a" in the log line and Table 7),
+    no TensorBoard scalar; everything else as with it on. A resume may switch it on."""
+    common = ["loader.batch_size=256", "train.max_epochs=2", "logging.tensorboard=true"]
+    on, seen, steps_per_epoch, _ = _fit_recording_train_rows(tiny_config(tiny_data_dir, tmp_path / "on", *common))
+    capsys.readouterr()
+    checkpoints = ["checkpoint.every_steps=7", "checkpoint.keep_last=10"]
+    off, nothing, _, evaluator_built = _fit_recording_train_rows(tiny_config(tiny_data_dir, tmp_path / "off", *common, *checkpoints, "train.train_auc=false"))
+    assert f"step={off['steps']} auc={off['valid']['auc']:.6f} logloss={off['valid']['logloss']:.6f} train_auc=n/a" in capsys.readouterr().err
+
+    assert len(seen) == 2 * steps_per_epoch
+    for epoch, evaluation in enumerate(on["evaluations"]):
+        logits, labels = (torch.cat(column).numpy() for column in zip(*seen[epoch * steps_per_epoch : (epoch + 1) * steps_per_epoch]))
+        assert evaluation["train_auc"] == pytest.approx(roc_auc_score(labels, logits), abs=1e-9)
+    on_tb, off_tb = tmp_path / "on" / "tensorboard", tmp_path / "off" / "tensorboard"
+    assert [value for _, value in _scalars(on_tb, "train/auc")] == pytest.approx([e["train_auc"] for e in on["evaluations"]])
+
+    assert not evaluator_built and nothing == []
+    assert [e["train_auc"] for e in off["evaluations"]] == [None, None]
+    assert [{**e, "train_auc": None} for e in on["evaluations"]] == off["evaluations"]
+    assert off["valid"] == on["valid"]
+    assert "train/auc" not in EventAccumulator(str(off_tb)).Reload().Tags()["scalars"]
+    assert _scalars(off_tb, "valid/auc") == _scalars(on_tb, "valid/auc")
+    assert [row[1:4] for row in table7(off["evaluations"]).rows[:2]] == [["n/a", e["auc"], "n/a"] for e in off["evaluations"]]
+
+    # switched on when resuming mid-epoch from a checkpoint saved with it off: that epoch's rows
+    # before the checkpoint are missing, so its train_auc is None, not a partial one; the next is exact
+    assert on["evaluations"][0]["step"] == steps_per_epoch > 7
+    step_7 = tmp_path / "off" / "checkpoints" / "step_00000007"
+    resumed, *_ = _fit_recording_train_rows(tiny_config(tiny_data_dir, tmp_path / "off", *common, f"train.resume={step_7}"))
+    assert f"{step_7} holds no train-AUC rows of epoch 0: its train_auc is recorded as None" in capsys.readouterr().err
+    assert resumed["evaluations"] == [off["evaluations"][0], on["evaluations"][1]]
 
 
 ALLOWED_SHARDING = "table_wise, row_wise, column_wise, data_parallel"

@@ -2,20 +2,27 @@
 
 Each backend runs in its own subprocess so that its peak memory is its own: on CPU the growth of
 the peak resident set (ru_maxrss) over the state after building the block and its input, on CUDA
-torch.cuda.max_memory_allocated over the same baseline.
+torch.cuda.max_memory_allocated over the same baseline. Besides wall seconds it reports the
+process' CPU seconds, which a busy shared machine inflates less (with one thread).
 
-    python tools/bench_mamba.py --batch 2048 --device cpu --threads 2
+``mambapy`` in --backends is a peer rather than one of ours: the ``mambapy`` package's pure-PyTorch
+``MambaBlock`` (parallel scan) at the same shape, skipped with one line when not installed.
+
+    python tools/bench_mamba.py --batch 512 --threads 1
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
 import subprocess
 import sys
 import time
+
+import torch
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -30,47 +37,60 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="torch.set_num_threads (default: all cores)")
     parser.add_argument("--iters", type=int, default=3, help="timed iterations after one warm-up")
-    parser.add_argument("--backends", default="reference,cpu", help="comma-separated; the first is the baseline")
+    parser.add_argument("--backends", default="cpu,fused_cpu,mambapy",
+                        help="comma-separated selective-scan backends, or mambapy; the first is the baseline")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # run one backend in this process
     return parser.parse_args(argv)
 
 
 def peak_bytes(device) -> int:
-    import torch
-
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def measure(args: argparse.Namespace) -> dict:
-    """Seconds per forward+backward iteration and peak-memory growth of one backend."""
-    import torch
+PEER = "mambapy"
 
+
+def build_block(args: argparse.Namespace, backend: str):
+    """The block under test: ours with ``backend``, or mambapy's; a function x -> output."""
     from mdaf_dist.models.mamba import Mamba
 
+    if backend == PEER:
+        from mambapy.mamba import MambaBlock, MambaConfig
+
+        config = MambaConfig(d_model=args.d_model, n_layers=1, d_state=args.d_state,
+                             expand_factor=args.expand, d_conv=args.d_conv, pscan=True)
+        return MambaBlock(config)
+    block = Mamba(args.d_model, d_state=args.d_state, d_conv=args.d_conv, expand=args.expand, scan_backend=backend)
+    mask = torch.ones(args.batch, args.length, dtype=torch.bool)
+    return lambda x: block(x, mask=mask)
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Seconds per forward+backward iteration and peak-memory growth of one backend."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
-    block = Mamba(args.d_model, d_state=args.d_state, d_conv=args.d_conv, expand=args.expand,
-                  scan_backend=args.worker).to(device)
+    with device:
+        block = build_block(args, args.worker)
     x = torch.randn(args.batch, args.length, args.d_model, device=device, requires_grad=True)
-    mask = torch.ones(args.batch, args.length, dtype=torch.bool, device=device)
 
     def step():
-        block(x, mask=mask).square().mean().backward()
+        block(x).square().mean().backward()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     baseline = peak_bytes(device)
-    step()  # warm-up (and compilation, for the compiled backend)
-    start = time.perf_counter()
+    step()  # warm-up (and compilation, for the compiled backends)
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(args.iters):
         step()
-    seconds = (time.perf_counter() - start) / args.iters
-    return {"seconds_per_iter": seconds, "peak_memory_mb": (peak_bytes(device) - baseline) / 2**20}
+    return {"seconds_per_iter": round((time.perf_counter() - start) / args.iters, 4),
+            "cpu_seconds_per_iter": round((time.process_time() - cpu_start) / args.iters, 4),
+            "peak_memory_mb": round((peak_bytes(device) - baseline) / 2**20, 1)}
 
 
 def run_worker(argv: list, backend: str) -> dict:
@@ -87,11 +107,17 @@ def main(argv=None) -> int:
         print(json.dumps(measure(args)))
         return 0
     backends = args.backends.split(",")
+    if PEER in backends and importlib.util.find_spec(PEER) is None:
+        print(f"bench_mamba: {PEER} is not installed (pip install {PEER}); skipping it", file=sys.stderr)
+        backends.remove(PEER)
     results = {name: run_worker(argv, name) for name in backends}
     base = results[backends[0]]
     for name in backends[1:]:
-        results[name]["speedup_vs_" + backends[0]] = base["seconds_per_iter"] / results[name]["seconds_per_iter"]
-        results[name]["memory_fraction_of_" + backends[0]] = results[name]["peak_memory_mb"] / base["peak_memory_mb"]
+        for measure_name in ("seconds_per_iter", "cpu_seconds_per_iter"):
+            ratio = base[measure_name] / results[name][measure_name]
+            results[name][measure_name.replace("seconds_per_iter", "speedup_vs_") + backends[0]] = round(ratio, 2)
+        fraction = results[name]["peak_memory_mb"] / base["peak_memory_mb"]
+        results[name]["memory_fraction_of_" + backends[0]] = round(fraction, 3)
     shape = {k: getattr(args, k) for k in ("batch", "length", "d_model", "d_state", "expand", "d_conv")}
     print(json.dumps({"device": args.device, "threads": args.threads, "iters": args.iters,
                       "shape": shape, "backends": results}, indent=2))

@@ -1,8 +1,9 @@
 """Full-model forward+backward throughput (samples/s per core) at the paper's size; prints JSON.
 
 One process, plain (unsharded) embeddings, full 50-item histories, an AdamW step included, so
-the number is what one CPU rank can train at before any communication. Compare models or
-backends within one run:
+the number is what one CPU rank can train at before any communication. CPU seconds are reported
+too: a busy shared machine inflates them less than wall seconds (with one thread). Compare models
+or backends within one run:
 
     python tools/bench_model.py --models mdaf,static_only --threads 1
 """
@@ -24,6 +25,7 @@ from mdaf_dist.models.registry import build_model
 # model name -> overrides of configs/paper.yaml's model section
 VARIANTS = {
     "mdaf": {},
+    "mdaf_cpu_scan": {"scan_backend": "cpu"},  # MDAF with the eager-op CPU scan, the fused kernel's fallback
     "static_only": {"sequence_branch": "none"},
     "mamba4rec": {"name": "mamba4rec"},
     "bst": {"name": "bst"},
@@ -50,12 +52,14 @@ def measure(cfg: ModelConfig, batch: int, iters: int, vocab: dict) -> dict:
         smoothed_bce(model(features).logits, labels, cfg.label_smoothing).backward()
         optimizer.step()
 
-    step()  # warm-up
-    start = time.perf_counter()
+    step()  # warm-up (and the first build of the fused CPU scan, if any)
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(iters):
         step()
     seconds = (time.perf_counter() - start) / iters
-    return {"seconds_per_step": round(seconds, 4), "samples_per_s": round(batch / seconds, 1)}
+    cpu_seconds = (time.process_time() - cpu_start) / iters
+    return {"seconds_per_step": round(seconds, 4), "samples_per_s": round(batch / seconds, 1),
+            "cpu_seconds_per_step": round(cpu_seconds, 4), "samples_per_cpu_s": round(batch / cpu_seconds, 1)}
 
 
 def main() -> None:

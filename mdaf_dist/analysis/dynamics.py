@@ -2,7 +2,8 @@
 
 Each evaluation the trainer records (results.json "evaluations", or a checkpoint's trainer.json)
 holds the epoch's train AUC (exact, over that epoch's training samples, from the training-mode
-forward: dropout on, weights as they were at each step), the validation AUC and logloss.
+forward: dropout on, weights as they were at each step; None, shown "n/a", when the run had
+train.train_auc off), the validation AUC and logloss.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ PAPER_TABLE7 = {
     5: (0.9916, 0.5247, 0.4669, 0.701, "Extreme overfitting"),
     6: (0.9970, 0.5436, 0.4534, 0.699, "Model diverging"),
 }
+NOT_RECORDED = "n/a"
 COLUMNS = [
     "Epoch", "Train AUC", "Val AUC", "Train-Val Gap", "Log Loss (Val)", "Status",
     "Paper Train AUC", "Paper Val AUC", "Paper Gap", "Paper Log Loss", "Paper Status",
@@ -40,8 +42,10 @@ def table7(evaluations: Sequence[Dict[str, Any]]) -> Table:
         if e is None:
             rows.append([epoch, None, None, None, None, None, *paper])
             continue
-        train_auc = e.get("train_auc", math.nan)
         status = "Best" if best is not None and e["auc"] == best else ""
-        rows.append([epoch, train_auc, e["auc"], train_auc - e["auc"], e["logloss"], status, *paper])
+        # None: not recorded (train.train_auc=false)
+        train_auc = e.get("train_auc")
+        gap = NOT_RECORDED if train_auc is None else train_auc - e["auc"]
+        rows.append([epoch, NOT_RECORDED if train_auc is None else train_auc, e["auc"], gap, e["logloss"], status, *paper])
     return Table("table7", "Table 7: training dynamics across epochs", COLUMNS, rows,
                  "Train AUC: exact over each epoch's training samples, from the training forward (dropout on).")  # fmt: skip

@@ -13,7 +13,8 @@ peak), libraries included.
 
 Table C1 splits one forward pass by component (embedding lookup, static branch, sequential
 branch, gate, head): FLOPs from `torch.utils.flop_counter.FlopCounterMode` (matmuls,
-convolutions and attention; an embedding lookup is a gather and counts 0), and latency from
+convolutions and attention, and the fused CPU scan and convolution by the formulas registered in
+`models/cpu_kernels.py`; an embedding lookup is a gather and counts 0), and latency from
 module hooks: a component runs from the first call of one of its modules to the first call of
 the next component's, so the glue code in between (reshapes, the history's right alignment)
 counts with the component it follows, and the components together cover the whole forward.

@@ -3,8 +3,9 @@
     <root>/step_00000120/          one checkpoint
         .metadata, __*_*.distcp    DCP: model (sharded tables as ShardedTensors, dense tensors)
                                    and optimizer state (AdamW + the fused tables' state)
-        rank_00000.pt ...          per rank: loader position and RNG states (tensors and plain
-                                   values only: loaded with weights_only=True)
+        rank_00000.pt ...          per rank: loader position, RNG states and the current epoch's
+                                   train-AUC rows (tensors and plain values only: loaded with
+                                   weights_only=True)
         trainer.json               step, epoch, best AUC so far, this checkpoint's metrics, world
                                    size, table sizes
         config.yaml                the resolved config of the run
@@ -21,7 +22,7 @@ world size: the loader position counts batches of one rank's slice of the data, 
 at a different world size restarts the checkpoint's epoch from its beginning (samples of that
 epoch seen before the checkpoint are seen again, none are skipped, and the trainer warns how
 many; a checkpoint written at the end of an epoch resumes at the next epoch's start, exactly),
-and RNG streams are reseeded from (seed, step, rank).
+RNG streams are reseeded from (seed, step, rank), and the epoch's train-AUC rows start empty.
 
 A checkpoint is loaded only into a run of the same settings (`check_compatible`), so that a
 changed model or data set is one line naming the differences, not a DCP size mismatch.
@@ -139,10 +140,11 @@ def resolve(resume: str, root: Path) -> Optional[Path]:
 
 
 # settings a run may change against its checkpoint: where it reads and writes, how long it runs,
-# how it logs, checkpoints and places the tables (DCP reshards); every other setting must match
+# what it reports, how it logs, checkpoints and places the tables (DCP reshards); every other
+# setting must match
 CHANGEABLE_SETTINGS = (
     "output_dir", "data_dir", "prepare.", "train.max_epochs", "train.max_steps", "train.patience", "train.resume",
-    "train.device", "loader.num_workers", "loader.eval_batch_size", "logging.", "checkpoint.", "sharding.",
+    "train.device", "train.train_auc", "loader.num_workers", "loader.eval_batch_size", "logging.", "checkpoint.", "sharding.",
 )  # fmt: skip
 
 
@@ -229,7 +231,7 @@ class Checkpointer:
 
     @staticmethod
     def load_local(path: Path, rank: int, world_size: int) -> Optional[Dict[str, Any]]:
-        """This rank's loader/RNG state, or None when the checkpoint has another world size."""
+        """This rank's loader/RNG/train-AUC state, or None when the checkpoint has another world size."""
         if read_trainer_state(path)["world_size"] != world_size:
             return None
         file = path / rank_file(rank)

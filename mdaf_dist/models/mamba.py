@@ -5,8 +5,8 @@ dt_proj, A_log, D, out_proj), so a ``state_dict`` moves between this module and 
 The forward reads top to bottom next to Algorithm 1 (mamba-minimal style); the selective scan
 itself is ``selective_scan`` with a choice of backends.
 
-Padding: sequences are right-aligned (left-padded). On padded steps the convolution input is
-zeroed and delta is set to 0, so the state stays exactly zero until the first real step and the
+Padding: sequences are right-aligned (left-padded). On padded steps the block's input is zeroed
+and delta is set to 0, so the state stays exactly zero until the first real step and the
 outputs on real steps do not depend on how much padding precedes them. Outputs on padded steps
 carry no meaning.
 """
@@ -20,11 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mdaf_dist.models.selective_scan import resolve_backend, selective_scan
+from mdaf_dist.models import cpu_kernels
+from mdaf_dist.models.selective_scan import check_backend, resolve_backend, selective_scan
 
 
 class Mamba(nn.Module):
-    """x [B, L, d_model] (+ mask [B, L], True on real steps) -> [B, L, d_model]."""
+    """x [B, L, d_model] (+ mask [B, L], True on real steps) -> [B, L, d_model] (or [B, d_model])."""
 
     def __init__(
         self,
@@ -39,7 +40,7 @@ class Mamba(nn.Module):
         dt_init_floor: float = 1e-4,
     ):
         super().__init__()
-        resolve_backend(scan_backend, torch.device("cpu"))  # fail early on an unknown name
+        check_backend(scan_backend)  # fail early on an unknown name
         self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
         self.d_inner = expand * d_model
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
@@ -67,24 +68,56 @@ class Mamba(nn.Module):
         self.A_log.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).expand(self.d_inner, -1))
         self.D.fill_(1.0)
 
-    def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-        L = x.shape[1]
-        keep = None if mask is None else mask.unsqueeze(1).to(x.dtype)  # [B, 1, L]
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None, last_only: bool = False) -> Tensor:
+        """last_only: return only the last step's output [B, d_model], what a reader of right-aligned
+        sequences takes; out_proj then runs on that step alone."""
+        if mask is not None:
+            # in_proj has no bias: zero input on padded steps makes H_x and H_z zero there too
+            x = x * mask.unsqueeze(-1).to(x.dtype)
 
-        # 1. H_x, H_z <- Linear(H_seq)
-        h_x, h_z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)  # [B, d_inner, L] each
-        # 2. H'_x <- SiLU(Conv1d(H_x)), causal: the conv pads both sides, keep the first L outputs
-        if keep is not None:
-            h_x = h_x * keep
-        h_x = F.silu(self.conv1d(h_x)[..., :L])
+        # 1. H_x, H_z <- Linear(H_seq), in_proj's two halves as two products: each result and its
+        #    gradient is one contiguous [B, L, d_inner] tensor (no split of the output, no cat of the grads)
+        w_x, w_z = self.in_proj.weight.chunk(2, dim=0)
+        h_x, h_z = F.linear(x, w_x), F.linear(x, w_z)
+        # 2. H'_x <- SiLU(Conv1d(H_x)), causal
+        h_x = self._conv_silu(h_x)  # [B, L, d_inner]
         # 3.-5. A <- -exp(A_log); B, C, dt <- Linear(H'_x); delta <- softplus(dt_proj(dt))
-        dt, B, C = self.x_proj(h_x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.softplus(self.dt_proj(dt)).transpose(1, 2)  # [B, d_inner, L]
-        if keep is not None:
-            delta = delta * keep  # delta = 0: exp(0 A) = 1 and no input, the state is carried over
+        dt, B, C = self.x_proj(h_x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        # dt_proj as dt @ W^T + b rather than F.linear: autograd then forms W's gradient as
+        # (dt^T grad)^T, which BLAS computes several times faster than grad^T dt for this thin shape
+        delta = F.softplus(torch.matmul(dt, self.dt_proj.weight.t()) + self.dt_proj.bias)
+        if mask is not None:
+            delta = delta * mask.unsqueeze(-1)  # delta = 0: exp(0 A) = 1 and no input, the state is carried over
         A = -torch.exp(self.A_log.float())
-        # 6.-7. H_y <- SelectiveSSM(discretize(delta, A, B), C)(H'_x), gated by SiLU(H_z)
-        y = selective_scan(h_x, delta, A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(),
-                           z=h_z, backend=self.scan_backend)
+        # 6.-7. H_y <- SelectiveSSM(discretize(delta, A, B), C)(H'_x), gated by SiLU(H_z); the
+        #    [B, L, d_inner] tensors go in as [B, d_inner, L] views
+        u, delta, B, C, z = (t.transpose(1, 2) for t in (h_x, delta, B, C, h_z))
+        y = selective_scan(u, delta, A, B, C, self.D.float(), z=z, backend=self.scan_backend)
         # 8. H_o <- Linear(H_y * SiLU(H_z))
-        return self.out_proj(y.transpose(1, 2))
+        return self.out_proj(y[..., -1] if last_only else y.transpose(1, 2))
+
+    def _conv_silu(self, h_x: Tensor) -> Tensor:
+        """SiLU(causal depthwise conv1d) of [B, L, d_inner], in that layout. With the fused CPU scan
+        the conv is fused too (no layout change); otherwise torch's conv1d with K - 1 zero steps on
+        the left only, so that it returns exactly L steps (conv1d's own two-sided padding is kept
+        for mamba_ssm's parameter layout only)."""
+        if h_x.dtype == torch.float32 and resolve_backend(self.scan_backend, h_x.device) == "fused_cpu":
+            return _FusedCausalConvSiLU.apply(h_x, self.conv1d.weight, self.conv1d.bias)
+        x = F.pad(h_x.transpose(1, 2), (self.d_conv - 1, 0))
+        return F.silu(F.conv1d(x, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)).transpose(1, 2)
+
+
+class _FusedCausalConvSiLU(torch.autograd.Function):
+    """The causal conv + SiLU kernel of ``csrc/mamba_cpu.cpp``; saves its input, not its output."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        x, weight_t = x.contiguous(), weight.squeeze(1).t().contiguous()  # weight [d, 1, K] -> [K, d]
+        ctx.save_for_backward(x, weight_t, bias)
+        return cpu_kernels.load().causal_conv_silu_fwd(x, weight_t, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight_t, bias = ctx.saved_tensors
+        grad_x, grad_weight_t, grad_bias = cpu_kernels.load().causal_conv_silu_bwd(x, weight_t, bias, grad.contiguous())
+        return grad_x, grad_weight_t.t().unsqueeze(1), grad_bias

@@ -27,8 +27,11 @@ class Mamba4RecLayer(nn.Module):
         self.ffn_norm = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = self.mamba_norm(x + self.dropout(self.mamba(x, mask)))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """[B, L, D] -> [B, L, D], or with last_only the last step's [B, D]: everything after the
+        Mamba block is position-wise, so the other steps need not be computed at all."""
+        mamba = self.mamba(x, mask, last_only=last_only)
+        x = self.mamba_norm((x[:, -1] if last_only else x) + self.dropout(mamba))
         return self.ffn_norm(x + self.dropout(self.ffn(x)))
 
 
@@ -48,8 +51,8 @@ class SequenceBranch(nn.Module):
         self.layer = Mamba4RecLayer(dim, cfg.d_state, cfg.d_conv, cfg.expand, cfg.dropout, cfg.scan_backend)
 
     def forward(self, sequence: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        out = self.layer(self.input_norm(self.input_dropout(sequence)), mask)
-        return out[:, -1] * mask[:, -1:].to(out.dtype)
+        out = self.layer(self.input_norm(self.input_dropout(sequence)), mask, last_only=True)
+        return out * mask[:, -1:].to(out.dtype)
 
 
 class Mamba4Rec(nn.Module):

@@ -12,11 +12,16 @@ A step with delta_t = 0 leaves the state untouched, which is how padded steps ar
 Backends:
 - ``reference``: the loop above under autograd; the ground truth, and slow (its autograd graph
   holds every per-step [batch, d_inner, N] state).
-- ``cpu``: a hand-written forward and reverse-time backward over batch blocks (``_ChunkedScan``).
+- ``fused_cpu``: one C++ pass over time per (batch, channel), states in L1, the loop over N
+  vectorised, batches over torch's threads (``csrc/mamba_cpu.cpp``, built on first use by
+  ``cpu_kernels``); several times faster than ``cpu``, and saves nothing but its inputs.
+- ``cpu``: a hand-written forward and reverse-time backward over batch blocks (``_ChunkedScan``),
+  in eager PyTorch ops; the fallback where the fused kernel cannot be built.
 - ``compiled``: the same blocked algorithm with its kernels run through ``torch.compile``
   (Triton on CUDA, C++ on CPU), for GPUs without ``mamba_ssm``.
 - ``mamba_ssm``: the fused CUDA kernel of the ``mamba_ssm`` package.
-- ``auto``: ``mamba_ssm`` on CUDA if installed, else ``compiled`` on CUDA, else ``cpu``.
+- ``auto``: ``mamba_ssm`` on CUDA if installed, else ``compiled`` on CUDA; on CPU ``fused_cpu``, or
+  ``cpu`` (with one printed line saying why) where the kernel does not build.
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-BACKENDS = ("auto", "reference", "cpu", "compiled", "mamba_ssm")
+from mdaf_dist.models import cpu_kernels
+
+BACKENDS = ("auto", "reference", "fused_cpu", "cpu", "compiled", "mamba_ssm")
 
 
 def selective_scan(
@@ -59,19 +66,29 @@ def selective_scan(
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 
         return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    if name == "fused_cpu":
+        return _FusedScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     kernels = _EAGER_KERNELS if name == "cpu" else _compiled_kernels()
     return _ChunkedScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, kernels)
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend ``backend`` names on ``device`` ("auto" resolved); ValueError if unknown."""
+def check_backend(backend: str) -> None:
+    """ValueError naming the choices if ``backend`` is not one."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown selective-scan backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend ``backend`` names on ``device`` ("auto" resolved); ValueError if unknown.
+
+    Resolving "auto" on CPU builds the fused kernel if this machine has not yet (once, cached).
+    """
+    check_backend(backend)
     if backend != "auto":
         return backend
     if device.type == "cuda":
         return "mamba_ssm" if mamba_ssm_available() else "compiled"
-    return "cpu"
+    return "fused_cpu" if cpu_kernels.available() else "cpu"
 
 
 def mamba_ssm_available() -> bool:
@@ -100,6 +117,43 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     if z is not None:
         y = y * F.silu(z.float())
     return y.to(dtype_in)
+
+
+class _FusedScan(torch.autograd.Function):
+    """The fused C++ kernel's forward and backward (``csrc/mamba_cpu.cpp``).
+
+    delta_bias and softplus are applied here, once, and only delta's final value is saved: the
+    softplus' derivative sigmoid(x) is 1 - exp(-softplus(x)). The kernel's output is stored as
+    [batch, L, d_inner] (a transposed view is returned), which is the layout out_proj reads.
+    """
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        ops = cpu_kernels.load()
+        dt = delta.float()
+        if delta_bias is not None:
+            dt = dt + delta_bias.float()[:, None]
+        if delta_softplus:
+            dt = F.softplus(dt)
+        inputs = (u.float(), dt, A.float().contiguous(), B.float(), C.float(),
+                  None if D is None else D.float().contiguous(), None if z is None else z.float())
+        out = ops.selective_scan_fwd(*inputs)
+        ctx.save_for_backward(*inputs)
+        ctx.dtypes = [None if x is None else x.dtype for x in (u, delta, A, B, C, D, z, delta_bias)]
+        ctx.delta_softplus = delta_softplus
+        return out.to(u.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        u, dt, A, B, C, D, z = ctx.saved_tensors
+        grad_u, grad_dt, grad_A, grad_B, grad_C, grad_D, grad_z = cpu_kernels.load().selective_scan_bwd(
+            u, dt, A, B, C, D, z, grad_out.float())
+        if ctx.delta_softplus:
+            grad_dt = grad_dt * -torch.expm1(-dt)  # sigmoid(x) = 1 - exp(-softplus(x))
+        grad_bias = None if ctx.dtypes[7] is None else grad_dt.sum(dim=(0, 2))
+        grads = (grad_u, grad_dt, grad_A, grad_B, grad_C, None if D is None else grad_D,
+                 None if z is None else grad_z, grad_bias)
+        return (*(None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)), None)
 
 
 # --------------------------------------------------------------------------------------------

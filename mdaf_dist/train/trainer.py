@@ -12,8 +12,12 @@ Evaluation does the same, and only real batches reach the Evaluator.
 
 Train AUC per epoch (the paper's Table 7) is exact over the epoch's training samples and costs
 no second pass: each step's logits, from the training forward (dropout on, weights as they were
-before that step's update), go to an `Evaluator` that is gathered at the end of the epoch. An
-epoch resumed from a mid-epoch checkpoint reports it over the samples trained since the resume.
+before that step's update), go to an `Evaluator` whose rows only rank 0 gathers at the end of
+the epoch (the other ranks need the value alone, which rank 0 broadcasts so that every rank
+returns the same results; early stopping looks at validation AUC). Each rank's rows of the epoch
+are part of its checkpoint file, so an epoch resumed mid-way at the same world size reports the
+same train AUC as an uninterrupted run. `train.train_auc=false` keeps no rows (memory grows with
+the epoch's samples) and records train_auc as None.
 With a test split, the model is also evaluated on it after every epoch: the checkpoints (the best
 one included) and results.json carry those test metrics; early stopping looks at validation only.
 """
@@ -58,6 +62,8 @@ from mdaf_dist.train.optim import (
 
 EMBEDDING_BACKENDS = ("torchrec", "plain")
 RESULTS_FILE = "results.json"
+# the key of this rank's train-AUC rows of the current epoch in its checkpoint file
+TRAIN_AUC_ROWS = "train_auc_rows"
 
 
 def build_training_model(cfg: Config, vocab: Dict[str, int], env: DistEnv, backend: str, embedding_optimizer: str, plan_dir: Optional[Path]) -> nn.Module:
@@ -103,7 +109,8 @@ class TrainState:
     # samples trained since the current epoch began (0 once it is complete): what a resume at
     # another world size, which restarts the epoch, trains on again
     epoch_samples: int = 0
-    # one {"epoch", "step", "auc", "logloss", "train_auc"} per validation pass, for the training curves
+    # one {"epoch", "step", "auc", "logloss", "train_auc"} per validation pass, for the training
+    # curves; train_auc is None with train.train_auc off
     evaluations: List[Dict[str, float]] = field(default_factory=list)
 
 
@@ -144,7 +151,11 @@ class Trainer:
         self.steps_per_epoch = self._all_reduce_max(len(self.train_loader))
         self.scheduler = linear_warmup(self.optimizer, warmup_steps(cfg.train, self.steps_per_epoch))
         self.evaluator = Evaluator()
-        self.train_evaluator = Evaluator()
+        # None with train.train_auc off: nothing is accumulated
+        self.train_evaluator: Optional[Evaluator] = Evaluator() if cfg.train.train_auc else None
+        # True while the current epoch's rows before a resume are missing (a checkpoint saved
+        # with train.train_auc off): that epoch's train AUC is then None, not a partial one
+        self._train_rows_missing = False
         self.has_test = num_samples(cfg.data_dir, "test") > 0
         self.checkpointer = ckpt.Checkpointer(self.out_dir / "checkpoints", env.rank, cfg.checkpoint.keep_last)
         self.state = TrainState()
@@ -178,7 +189,7 @@ class Trainer:
         self.model.train()
         out = self.model(batch.features)
         losses = smoothed_bce(out.logits, batch.labels, self.cfg.model.label_smoothing, reduction="none")
-        if weight:
+        if weight and self.train_evaluator is not None:
             self.train_evaluator.update(out.logits, batch.labels)
         (losses.mean() * weight).backward()
         if self.cfg.train.grad_clip_norm > 0:
@@ -214,10 +225,16 @@ class Trainer:
             self.evaluator.update(out.logits, batch.labels, out.gate, batch.features[HIST_ITEM].lengths(), batch.features[USER].values())
         return self.evaluator.compute()
 
-    def train_auc(self) -> float:
-        """Exact AUC over the training samples of the steps since the last call (collective)."""
-        auc = float(self.train_evaluator.compute()["auc"])
-        self.train_evaluator.reset()
+    def train_auc(self) -> Optional[float]:
+        """Exact AUC over the current epoch's training samples so far (collective); None with
+        train.train_auc off or the epoch's rows incomplete. The rows are dropped once the epoch
+        is complete, and kept after a max_steps stop, whose checkpoint continues the epoch."""
+        if self.train_evaluator is None:
+            return None
+        auc = None if self._train_rows_missing else self.train_evaluator.auc()
+        if self.state.epoch_samples == 0:
+            self.train_evaluator.reset()
+            self._train_rows_missing = False
         return auc
 
     # -- the loop ---------------------------------------------------------------------------
@@ -246,14 +263,16 @@ class Trainer:
             if every > 0 and self.state.step % every == 0:
                 self.save_checkpoint(None)
 
-    def _record(self, metrics: Dict[str, Any], train_auc: float, logger: RunLogger) -> bool:
+    def _record(self, metrics: Dict[str, Any], train_auc: Optional[float], logger: RunLogger) -> bool:
         """Early stopping bookkeeping; True when patience has run out."""
         logger.scalars(self.state.step, {k: v for k, v in metrics.items() if isinstance(v, (int, float, dict))}, prefix="valid")
-        logger.scalars(self.state.step, {"auc": train_auc}, prefix="train")
+        if train_auc is not None:
+            logger.scalars(self.state.step, {"auc": train_auc}, prefix="train")
         if self.evaluator.gates is not None:
             logger.histogram(self.state.step, "valid/gate", self.evaluator.gates)
         epoch = self.train_loader.epoch
-        logger.info(f"epoch={epoch} step={self.state.step} auc={metrics['auc']:.6f} logloss={metrics['logloss']:.6f} train_auc={train_auc:.6f}")
+        train_text = "n/a" if train_auc is None else f"{train_auc:.6f}"
+        logger.info(f"epoch={epoch} step={self.state.step} auc={metrics['auc']:.6f} logloss={metrics['logloss']:.6f} train_auc={train_text}")
         self.state.evaluations.append(
             {"epoch": epoch, "step": self.state.step, "auc": float(metrics["auc"]), "logloss": float(metrics["logloss"]), "train_auc": train_auc}
         )
@@ -327,9 +346,10 @@ class Trainer:
     def results(self, metrics: Dict[str, Any], samples: int, seconds: float) -> Dict[str, Any]:
         """The run's summary: "valid" = metrics of the final model (auc, logloss, num_samples,
         positive_rate, calibration, gauc, gate statistics), the best evaluation, every evaluation
-        (with the epoch's train AUC), "test" (set by `fit` with a test split), and the throughput
-        of this process's part of the run: `samples` trained in `seconds` of wall time, evaluation
-        and checkpoints included (a resumed run counts from its resume)."""
+        (with the epoch's train AUC, None with train.train_auc off), "test" (set by `fit` with a
+        test split), and the throughput of this process's part of the run: `samples` trained in
+        `seconds` of wall time, evaluation and checkpoints included (a resumed run counts from its
+        resume)."""
         return {
             "valid": metrics,
             "best_auc": self.state.best_auc,
@@ -361,12 +381,15 @@ class Trainer:
             files[PLAN_JSON] = json.dumps(describe_plan(self.model.plan), indent=2)
             files[PLAN_TEXT] = str(self.model.plan) + "\n"
         local = {"loader": self.train_loader.state_dict(), "rng": ckpt.rng_state()}
+        if self.train_evaluator is not None:
+            local[TRAIN_AUC_ROWS] = self.train_evaluator.state_dict()
         snapshot = ckpt.Snapshot(trainer=json.loads(json.dumps(trainer, default=float)), local=local, files=files)
         return self.checkpointer.save(self.state.step, self.model, self.optimizer, snapshot)
 
     def restore(self, path: Path) -> None:
-        """Model, optimizer, loop state, and (same world size) loader position and RNG. A
-        checkpoint of another model or data is refused, naming what differs."""
+        """Model, optimizer, loop state, and (same world size) loader position, RNG and the
+        epoch's train-AUC rows. A checkpoint of another model or data is refused, naming what
+        differs."""
         ckpt.check_compatible(path, self.cfg, self.vocab)
         # optimizer states must exist before DCP can load into them; the fused ones always do
         for name, optimizer in self.optimizer.optimizers:
@@ -380,6 +403,12 @@ class Trainer:
         if local is not None:
             self.train_loader.load_state_dict(local["loader"])
             ckpt.set_rng_state(local["rng"])
+            if self.train_evaluator is not None:
+                # a checkpoint saved with train.train_auc off has no rows of its epoch
+                self._train_rows_missing = TRAIN_AUC_ROWS not in local and self.state.epoch_samples > 0
+                self.train_evaluator.load_state_dict(local.get(TRAIN_AUC_ROWS, {}))
+                if self.env.is_main and self._train_rows_missing:
+                    print(f"warning: {path} holds no train-AUC rows of epoch {saved['epoch']}: its train_auc is recorded as None", file=sys.stderr, flush=True)
         else:
             if self.env.is_main and self.state.epoch_samples:
                 print(

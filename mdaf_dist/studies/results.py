@@ -1,0 +1,141 @@
+"""What a study's cells measured, read back from their records, and mean +- std over seeds.
+
+Per cell: results.json (written by training) and the meta.json of the prepared data it trained
+on. "Val AUC" is the best validation AUC (`best_auc`, the epoch early stopping keeps, as the
+paper reports) and its log loss (and train AUC, when training records one) are that epoch's;
+"test AUC" is `results["test"]["auc"]` when the run had a test split. A metric a record lacks is
+None, shown as "n/a".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import OmegaConf
+
+from mdaf_dist.data.layout import META_FILE
+from mdaf_dist.studies.workdir import CELL_CONFIG, StudyDir
+
+METRICS = ("auc", "logloss", "train_auc", "test_auc", "samples_per_sec", "samples_trained", "wall_seconds", "train_samples", "valid_samples", "train_positive_share")
+
+
+@dataclass
+class CellRecord:
+    id: str
+    coords: Dict[str, str]
+    seed: int
+    world_size: int
+    state: str
+    error: Optional[str]
+    results: Optional[Dict[str, Any]]
+    meta: Optional[Dict[str, Any]]
+
+    def best_evaluation(self) -> Dict[str, Any]:
+        if not self.results:
+            return {}
+        evaluations = self.results.get("evaluations") or []
+        best = [e for e in evaluations if e.get("step") == self.results.get("best_step")]
+        best = best or [e for e in evaluations if e.get("epoch") == self.results.get("best_epoch")]
+        return best[-1] if best else {}
+
+    def metric(self, name: str) -> Optional[float]:
+        r, meta, best = self.results or {}, self.meta or {}, self.best_evaluation()
+        value: Any = {
+            "auc": r.get("best_auc"),
+            "logloss": best.get("logloss"),
+            "train_auc": best.get("train_auc"),
+            "test_auc": (r.get("test") or {}).get("auc"),
+            "samples_per_sec": r.get("samples_per_sec"),
+            "samples_trained": r.get("samples_trained"),
+            "wall_seconds": r.get("wall_seconds"),
+            "train_samples": meta.get("splits", {}).get("train", {}).get("rows"),
+            "valid_samples": meta.get("splits", {}).get("valid", {}).get("rows"),
+            "train_positive_share": meta.get("splits", {}).get("train", {}).get("positive_share"),
+        }[name]
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return None
+        return float(value)
+
+    def curve(self) -> List[Dict[str, Any]]:
+        """Per-epoch evaluations (epoch, auc, logloss, train_auc when recorded)."""
+        return list((self.results or {}).get("evaluations") or [])
+
+
+@dataclass
+class Stat:
+    """Mean and sample standard deviation (n - 1) of one metric over a row's seeds."""
+
+    values: List[float]
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def std(self) -> Optional[float]:
+        return statistics.stdev(self.values) if self.n > 1 else None
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {"mean": self.mean, "std": self.std, "n": self.n, "values": self.values}
+
+
+@dataclass
+class Row:
+    """One row of a study's table: one point of the grid, over its seeds."""
+
+    label: str
+    coords: Dict[str, str]
+    cells: List[CellRecord] = field(default_factory=list)
+
+    def stat(self, metric: str) -> Optional[Stat]:
+        values = [v for v in (cell.metric(metric) for cell in self.cells) if v is not None]
+        return Stat(values) if values else None
+
+    @property
+    def world_size(self) -> int:
+        return self.cells[0].world_size
+
+
+def _read_json(path: Path) -> Optional[Dict[str, Any]]:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def load_cells(study_dir: StudyDir, plan: Dict[str, Any]) -> Dict[str, CellRecord]:
+    status = study_dir.read_status()
+    records = {}
+    for cell in plan["cells"]:
+        cell_id = cell["id"]
+        config_path = study_dir.cell(cell_id) / CELL_CONFIG
+        meta = None
+        if config_path.is_file():
+            meta = _read_json(Path(OmegaConf.load(config_path).data_dir) / META_FILE)
+        results = _read_json(study_dir.results(cell_id))
+        state = "done" if results is not None else status.get(cell_id, {}).get("state", "not run")
+        records[cell_id] = CellRecord(
+            cell_id, cell["coords"], cell["seed"], cell["nnodes"] * cell["nproc_per_node"], state,
+            status.get(cell_id, {}).get("error"), results, meta,
+        )  # fmt: skip
+    return records
+
+
+def rows(plan: Dict[str, Any], cells: Dict[str, CellRecord], axis: Optional[str] = None) -> List[Row]:
+    """The table's rows in the study file's order: one per distinct point (all axes, or the
+    points of `axis` alone in a one-at-a-time study), each holding its seeds' cells."""
+    by_label: Dict[str, Row] = {}
+    for point in plan["points"]:
+        coords = point["coords"]
+        if axis is not None and set(coords) != {axis}:
+            continue
+        label = " / ".join(coords.values()) or "base"
+        row = by_label.setdefault(label, Row(label, coords))
+        row.cells.append(cells[point["cell"]])
+    return list(by_label.values())

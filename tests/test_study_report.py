@@ -1,0 +1,140 @@
+"""`mdaf study report` for every kind of report, on study directories whose cells' records are
+written here (results.json, the prepared data's meta.json) instead of trained: each table's
+numbers are the records' numbers, and each plot is a valid PNG."""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+from pathlib import Path
+from typing import Dict
+
+import pytest
+
+from mdaf_dist.config import to_yaml
+from mdaf_dist.studies.datacache import prepare_key
+from mdaf_dist.studies.grid import Plan, expand, plan_record
+from mdaf_dist.studies.report import write_report
+from mdaf_dist.studies.spec import load_study
+from mdaf_dist.studies.workdir import CELL_CONFIG, StudyDir
+from tests.test_study_run import _assert_png, _markdown_rows
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _in_repo(monkeypatch):
+    monkeypatch.chdir(REPO)
+
+
+def _recorded_study(tmp_path: Path, study_file: str) -> tuple[Plan, StudyDir, Dict[str, dict]]:
+    """The study's directory as a finished run leaves it, with made-up numbers per cell."""
+    plan = expand(load_study(study_file), ["prepare.input=raw.csv"])
+    study_dir = StudyDir(tmp_path / "out")
+    study_dir.claim(plan_record(plan))
+    rng = random.Random(0)
+    results = {}
+    for cell in plan.cells:
+        data_dir = study_dir.data(prepare_key(cell.config.prepare))
+        if not data_dir.is_dir():
+            data_dir.mkdir(parents=True)
+            train = rng.randrange(1000, 9000)
+            (data_dir / "meta.json").write_text(json.dumps({"splits": {"train": {"rows": train, "positive_share": 0.4}, "valid": {"rows": train // 5}}}))
+        cell_dir = study_dir.cell(cell.id)
+        cell_dir.mkdir(parents=True)
+        config = cell.config
+        config.data_dir = str(data_dir)
+        (cell_dir / CELL_CONFIG).write_text(to_yaml(config))
+        evaluations = [{"epoch": e, "step": 10 * e, "auc": rng.uniform(0.55, 0.65), "logloss": rng.uniform(0.6, 0.7)} for e in (1, 2)]
+        best = max(evaluations, key=lambda e: e["auc"])
+        results[cell.id] = {
+            "best_auc": best["auc"], "best_step": best["step"], "best_epoch": best["epoch"], "evaluations": evaluations,
+            "samples_per_sec": 1000.0 * cell.world_size * rng.uniform(0.7, 1.0), "wall_seconds": rng.uniform(10, 20),
+            "world_size": cell.world_size,
+        }  # fmt: skip
+        study_dir.results(cell.id).write_text(json.dumps(results[cell.id]))
+    return plan, study_dir, results
+
+
+def _bp(delta: float) -> str:
+    bp = round(delta * 1e4)
+    return f"{bp:+d}bp" if bp else "0bp"
+
+
+def test_sensitivity_report_measures_each_value_against_the_base_cell(tmp_path):
+    plan, study_dir, results = _recorded_study(tmp_path, "configs/studies/tableA1_sensitivity.yaml")
+    report = write_report(study_dir.root)
+    detail = {(cells["Hyperparameter"], cells["Value"]): cells for cells in _rows_of(report.markdown, "Hyperparameter", "Value")}
+    base = results["base_seed-42"]["best_auc"]
+    dropout = results["model-dropout-0-25_seed-42"]["best_auc"]
+    row = detail[("Dropout", "0.25")]
+    assert row["Val AUC"] == f"{dropout:.4f}" and row["Δ vs base"] == _bp(dropout - base)
+    assert row["Paper Val AUC"] == "0.5826" and row["Paper Δ vs paper's best"] == "-181bp"
+    assert detail[("Learning rate", "0.0005")]["Δ vs base"] == "0bp"
+    summary = {row["Hyperparameter"]: row for row in _rows_of(report.markdown, "Hyperparameter", "Values tested")}
+    lr = [results[f"train-lr-{v}_seed-42"]["best_auc"] for v in ("0-0001", "0-001")] + [base]
+    assert summary["Learning rate"]["AUC range"] == f"{round((max(lr) - min(lr)) * 1e4)}bp"
+    assert summary["Learning rate"]["Paper AUC range"] == "131bp"
+    assert summary["Learning rate"]["Paper best value"] == "0.0005" and summary["Learning rate"]["Paper sensitivity"] == "High"
+    _assert_png(study_dir.report / "sensitivity.png")
+    _assert_png(study_dir.report / "curves.png")
+
+
+def _rows_of(markdown: str, *first_headers: str):
+    """Every body row of the table whose header starts with `first_headers`, as dicts."""
+    lines = markdown.splitlines()
+    prefix = "| " + " | ".join(first_headers) + " |"
+    start = next(i for i, line in enumerate(lines) if line.startswith(prefix))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            return
+        yield dict(zip(header, (c.strip() for c in line.strip("|").split("|"))))
+
+
+def test_world_size_report_gives_speedup_and_parallel_efficiency(tmp_path):
+    plan, study_dir, results = _recorded_study(tmp_path, "configs/studies/scaling_world.yaml")
+    report = write_report(study_dir.root)
+    rows = _markdown_rows(report.markdown, "Ranks")
+    rate = {n: results[f"ranks-{n}_seed-42"]["samples_per_sec"] for n in (1, 2, 4)}
+    for n in (1, 2, 4):
+        assert rows[str(n)]["Samples/s"] == f"{rate[n]:.0f}"
+        assert rows[str(n)]["Speedup vs 1"] == f"{rate[n] / rate[1]:.2f}x"
+        assert rows[str(n)]["Parallel efficiency"] == f"{rate[n] / (n * rate[1]):.2f}"
+    assert [row["efficiency"] for row in report.data["rows"]] == pytest.approx([rate[n] / (n * rate[1]) for n in (1, 2, 4)])
+    _assert_png(study_dir.report / "scaling_world.png")
+
+
+def test_data_scaling_report_and_filtering_report_count_each_prepared_directory(tmp_path):
+    plan, study_dir, results = _recorded_study(tmp_path / "data", "configs/studies/tiny/scaling_data.yaml")
+    report = write_report(study_dir.root)
+    rows = _markdown_rows(report.markdown, "User fraction")
+    for label in ("0.1", "1.0"):
+        cells = [c for c in plan.cells if c.coords == {"User fraction": label}]
+        meta = json.loads((study_dir.data(prepare_key(cells[0].config.prepare)) / "meta.json").read_text())
+        auc = [results[c.id]["best_auc"] for c in cells]
+        assert rows[label]["Train samples"] == f"{meta['splits']['train']['rows']:,}"
+        assert rows[label]["Val AUC"] == f"{statistics.fmean(auc):.4f} ± {statistics.stdev(auc):.4f}"
+    _assert_png(study_dir.report / "scaling_data.png")
+
+    plan, study_dir, results = _recorded_study(tmp_path / "filters", "configs/studies/table6_filtering.yaml")
+    report = write_report(study_dir.root)
+    rows = _markdown_rows(report.markdown, "Preprocessing stage")
+    assert rows["Raw data"]["Paper train samples"] == "1,052,081" and rows["+ Category filtering"]["Paper Δ"] == "+105bp"
+    raw, empty = (results[f"preprocessing-stage-{s}_seed-42"]["best_auc"] for s in ("raw-data", "empty-sequence-removal"))
+    assert rows["+ Empty sequence removal"]["Δ vs previous row"] == _bp(empty - raw)
+    assert len({row["Train samples"] for row in rows.values()}) == 3
+    _assert_png(study_dir.report / "filtering.png")
+
+
+def test_models_report_puts_the_papers_numbers_beside_each_row(tmp_path):
+    plan, study_dir, results = _recorded_study(tmp_path, "configs/studies/table2_baselines.yaml")
+    report = write_report(study_dir.root)
+    rows = _markdown_rows(report.markdown, "Model")
+    bst = results["model-bst_seed-42"]["best_auc"]
+    mdaf = results["model-mdaf_seed-42"]["best_auc"]
+    assert rows["BST"]["Δ vs BST"] == "baseline" and rows["MDAF"]["Δ vs BST"] == _bp(mdaf - bst)
+    assert rows["MDAF"]["Paper Val AUC"] == "0.6007" and rows["MDAF"]["Paper Δ vs BST"] == "+296bp" and rows["BST"]["Paper Δ vs BST"] == "baseline"
+    epochs = _markdown_rows(report.markdown, "Epoch")
+    assert epochs["2"]["Val AUC"] == f"{results['model-mdaf_seed-42']['evaluations'][1]['auc']:.4f}" and epochs["2"]["Paper Train AUC"] == "0.7738"
