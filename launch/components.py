@@ -9,16 +9,30 @@ way this project thinks about them, so one command line serves every TorchX sche
 
 Everything after the options (after `--`, if an override could be read as an option) is passed
 to `python -m mdaf_dist.train` as dotted config overrides.
+
+The component file can be named by its path from any directory (`torchx run
+/path/to/launch/components.py:train ...`): the workers run the installed `mdaf_dist`. What does
+depend on the directory `torchx run` starts in: `.torchxconfig` is read from there (elsewhere,
+name the scheduler, e.g. `-s local_cwd`, or point `TORCHXCONFIG` at the repository's file), and
+relative paths (the config file, data_dir, output_dir) are resolved against the job's working
+directory, which is that directory for local_cwd and Slurm.
 """
 
 # no `from __future__ import annotations`: TorchX reads the parameter types at run time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torchx
 import torchx.specs as specs
 from torchx.components.dist import ddp
 
 ENTRY_MODULE = "mdaf_dist.train"
+# torchrun reads every option from a PET_<OPTION> variable too; dist.ddp has no --max-restarts
+MAX_RESTARTS_ENV = "PET_MAX_RESTARTS"
+# torch 2.13's agent shares its rendezvous store with the workers' process group and keeps it
+# across restarts: restarted workers find their predecessors' addresses there and fail to
+# connect (gloo: "connectFullMesh failed ... Connection refused"); a store of their own avoids it
+UNSHARED_STORE_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+RESUME_LATEST = "train.resume=auto"
 
 
 def train(
@@ -34,6 +48,7 @@ def train(
     h: Optional[str] = None,
     env: Optional[Dict[str, str]] = None,
     max_retries: int = 0,
+    max_restarts: int = 0,
     rdzv_port: int = 29500,
     mounts: Optional[List[str]] = None,
 ) -> specs.AppDef:
@@ -53,9 +68,13 @@ def train(
         h: a registered named resource, used instead of cpu, gpu and memMB
         env: extra environment variables, e.g. LOGLEVEL=INFO,NCCL_DEBUG=WARN
         max_retries: how many times the scheduler may restart the job after a failure
+        max_restarts: how many times torchrun restarts all workers after one fails (torchrun --max-restarts); the restarted workers resume from the latest checkpoint (train.resume=auto unless an override sets train.resume)
         rdzv_port: port of the c10d rendezvous store on the first node (multi-node only)
         mounts: volumes for the workers, e.g. type=bind,src=/data,dst=/data
     """
+    if max_restarts > 0:
+        env = {**(env or {}), MAX_RESTARTS_ENV: str(max_restarts), **UNSHARED_STORE_ENV}
+        overrides = _with_resume(overrides)
     return ddp(
         "--config",
         config,
@@ -73,3 +92,10 @@ def train(
         rdzv_port=rdzv_port,
         mounts=mounts,
     )
+
+
+def _with_resume(overrides: Sequence[str]) -> List[str]:
+    """The overrides, with train.resume=auto added unless they set train.resume already."""
+    if any(override.startswith("train.resume=") for override in overrides):
+        return list(overrides)
+    return [*overrides, RESUME_LATEST]

@@ -1,5 +1,6 @@
 """Ingest of raw UserBehavior CSV: every malformed line is classified, counted and written out with
-its line number; compressed, archived and remote inputs and block boundaries do not change results."""
+its line number; a header is skipped and quoted fields read as CSV reads them; compressed, archived
+and remote inputs and block boundaries do not change results."""
 
 from __future__ import annotations
 
@@ -13,13 +14,17 @@ import fsspec
 import numpy as np
 import pytest
 
+from mdaf_dist.cli import main
 from mdaf_dist.config import SECONDS_PER_DAY, TAOBAO_START_TS, PrepareConfig
 from mdaf_dist.data.ingest import BEHAVIORS, RawEvents, ingest
+from mdaf_dist.data.layout import read_meta, sample_files
+from mdaf_dist.data.synth import generate
 from mdaf_dist.errors import UserError
 
 T0 = TAOBAO_START_TS
 SLICE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "taobao_userbehavior_1h_slice.csv"
 BLOCK_SIZES = (64 << 20, 16, 1)  # one block; blocks shorter than a line; one byte at a time
+HEADER = "user_id,item_id,category_id,behavior_type,timestamp"
 
 
 def good_rows(n: int = 8) -> list[str]:
@@ -50,6 +55,11 @@ def config(block_size: int = 64 << 20, **overrides) -> PrepareConfig:
     return PrepareConfig(max_bad_fraction=0.5, block_size_bytes=block_size, **overrides)
 
 
+def quoted(row: str) -> str:
+    """The row with every field in double quotes, as spreadsheet exports write it."""
+    return ",".join(f'"{field}"' for field in row.split(","))
+
+
 def write(tmp_path: Path, text: str | bytes, name: str = "in.csv") -> Path:
     path = tmp_path / name
     path.write_bytes(text.encode() if isinstance(text, str) else text)
@@ -73,9 +83,17 @@ BAD_LINES = [
     ("1,2,3,pv,15", "ts_outside_window"),
     (f"1,2,3,pv,{T0 - 1}", "ts_outside_window"),
     (f"1,2,3,pv,{T0 + 9 * SECONDS_PER_DAY}", "ts_outside_window"),  # the window's end is exclusive
-    ("user_id,item_id,category_id,behavior_type,timestamp", "header"),
+    (HEADER, "header"),  # a header anywhere but the first line is a bad line
     ("", "blank_line"),
     ("  ", "blank_line"),
+    # quoted fields are unquoted first; what is inside must be valid
+    (quoted("1,2,3,pv,15"), "ts_outside_window"),
+    (quoted(f"1,2,3,click,{T0}"), "unknown_behavior"),
+    (f'1,"",3,pv,{T0}', "non_integer_id"),
+    (f'1,"2"x,3,pv,{T0}', "non_integer_id"),
+    (f'1,"2""",3,pv,{T0}', "non_integer_id"),  # "" inside quotes is a quote character
+    (f'1,2,3,"pv,{T0}"', "field_count"),  # a quoted comma does not separate fields
+    (f'"1,2,3,pv,{T0}', "field_count"),  # an unclosed quote runs to the end of the line
 ]
 
 
@@ -114,44 +132,107 @@ def test_last_line_without_newline(tmp_path, last, reason, block_size):
 
 def test_the_exact_rejects_file(tmp_path):
     rows = good_rows()
-    bad = ["user_id,item_id,category_id,behavior_type,timestamp", '1,"2",3,pv,15', ""]
-    path = write(tmp_path, "\n".join(bad[:1] + rows[:4] + bad[1:] + rows[4:]) + "\n")
+    bad = [HEADER, '1,"2",3,pv,15', ""]
+    path = write(tmp_path, "\n".join(rows[:1] + bad[:1] + rows[1:4] + bad[1:] + rows[4:]) + "\n")
     _, report = ingest(str(path), config(), tmp_path / "rejects.csv", progress=False)
-    assert report.rejected == {"blank_line": 1, "header": 1, "non_integer_id": 1}
+    assert report.rejected == {"blank_line": 1, "header": 1, "ts_outside_window": 1}
     assert Path(report.rejects_path).read_text() == (
         "line,reason,raw\n"
-        '1,header,"user_id,item_id,category_id,behavior_type,timestamp"\n'
-        '6,non_integer_id,"1,""2"",3,pv,15"\n'
+        '2,header,"user_id,item_id,category_id,behavior_type,timestamp"\n'
+        '6,ts_outside_window,"1,""2"",3,pv,15"\n'
         "7,blank_line,\n"
     )
 
 
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+@pytest.mark.parametrize("header", [HEADER, quoted(HEADER), "User ID,Item ID,Category ID,Behavior,Timestamp"])
+def test_a_first_line_of_column_names_is_skipped_as_a_header(tmp_path, header, newline, block_size):
+    """Under the default max_bad_fraction: one header in a small file is no bad line."""
+    rows = good_rows()
+    path = write(tmp_path, b"\xef\xbb\xbf" + newline.join([header] + rows).encode())
+    rejects = tmp_path / "rejects.csv"
+    events, report = ingest(str(path), PrepareConfig(block_size_bytes=block_size), rejects, progress=False)
+    assert_events_equal(events, reference(rows))
+    assert (report.header, report.lines, report.valid, report.rejected, report.rejects_path) == (header, 8, 8, {}, None)
+    assert not rejects.exists()
+
+
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+def test_a_header_needs_five_names_on_the_first_line(tmp_path, block_size):
+    rows = good_rows()
+    not_headers = {
+        "user_id,item_id,category_id,behavior_type": "header",  # four names
+        f"user_id,item_id,category_id,behavior_type,{T0}": "header",  # a number is no column name
+    }
+    for first, reason in not_headers.items():
+        path = write(tmp_path, "\n".join([first] + rows) + "\n")
+        events, report = ingest(str(path), config(block_size), tmp_path / "rejects.csv", progress=False)
+        assert_events_equal(events, reference(rows))
+        assert (report.header, report.lines, report.rejected) == (None, 9, {reason: 1})
+        assert read_rejects(report.rejects_path)[1:] == [["1", reason, first]]
+    only_header = write(tmp_path, HEADER + "\n", "header_only.csv")
+    with pytest.raises(UserError) as error:
+        ingest(str(only_header), config(block_size), tmp_path / "rejects.csv", progress=False)
+    assert str(error.value) == f"{only_header}: the file has a header line and no data"
+
+
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+def test_quoted_fields_parse_as_the_unquoted_row(tmp_path, block_size):
+    rows = good_rows(12)
+    partly = [f'{u},"{i}",{c},"{b}",{t}' for u, i, c, b, t in (row.split(",") for row in rows[8:])]
+    lines = [quoted(row) for row in rows[:8]] + partly + ["1,2"]  # a bad line sends the block down the per-row path too
+    path = write(tmp_path, "\n".join(lines) + "\n")
+    events, report = ingest(str(path), config(block_size), tmp_path / "rejects.csv", progress=False)
+    assert_events_equal(events, reference(rows))
+    assert (report.lines, report.rejected) == (13, {"field_count": 1})
+
+
+def test_prepare_of_a_headed_quoted_file_equals_prepare_of_the_plain_file(tmp_path, capsys):
+    """The whole chain: same stage counts and samples; the header is printed once and kept in meta."""
+    plain = tmp_path / "plain.csv"
+    generate(str(plain), 3000, seed=5, progress=False)
+    headed = write(tmp_path, "\n".join([HEADER] + [quoted(row) for row in plain.read_text().splitlines()]) + "\n", "headed.csv")
+    metas, samples = [], []
+    for source in (plain, headed):
+        out = tmp_path / source.stem
+        assert main(["prepare", "--input", str(source), "--out", str(out), "--quiet"]) == 0
+        metas.append(read_meta(out))
+        samples.append([f.read_bytes() for split in ("train", "valid") for f in sample_files(out, split)])
+    printed = capsys.readouterr().out
+    assert printed.count("skipped the header line") == 1
+    assert f"skipped the header line: {HEADER}\n" in printed
+    assert (metas[0]["ingest"]["header"], metas[1]["ingest"]["header"]) == (None, HEADER)
+    assert metas[1]["ingest"]["rejected"] == {} and metas[1]["stages"] == metas[0]["stages"]
+    assert samples[1] == samples[0] and samples[0]
+
+
 def test_mixed_file_is_the_same_for_every_block_size_and_line_ending(tmp_path):
-    """A header in the first block sends it through the per-row path; with tiny blocks the same
-    value errors go through pyarrow and the vectorised checks: both must agree."""
+    """A field-count error in the first block sends it through the per-row path; with tiny blocks
+    the same value errors go through pyarrow and the vectorised checks: both must agree."""
     rows = good_rows(42)
     padded = f" 7 ,8,9,cart,{T0}"  # padded integers are integers, as pyarrow reads them
-    bad = [f"-5,2,3,pv,{T0}", f"5,2,3,fav2,{T0}", "5,2,3,pv,15", padded, "1,2", ""]
-    pairs = list(zip(rows, bad * 7))
-    lines = ["user_id,item_id,category_id,behavior_type,timestamp"] + [line for pair in pairs for line in pair]
-    expected_valid = [line.replace(" ", "") for pair in pairs for line in pair if line in (pair[0], padded)]
+    in_quotes = f'"8"," 9 ",7,"buy",{T0}'
+    bad = [f"-5,2,3,pv,{T0}", f"5,2,3,fav2,{T0}", "5,2,3,pv,15", padded, "1,2", "", in_quotes, quoted("5,2,3,pv,15")]
+    pairs = list(zip(rows, bad * 6))
+    lines = [HEADER] + [line for pair in pairs for line in pair]
+    valid_bad = {padded: f"7,8,9,cart,{T0}", in_quotes: f"8,9,7,buy,{T0}"}
+    expected_valid = [valid_bad.get(line, line) for pair in pairs for line in pair if line in (pair[0], *valid_bad)]
     results = []
     for newline in ("\n", "\r\n"):
         path = write(tmp_path, newline.join(lines) + newline, f"in{len(newline)}.csv")
         for block_size in BLOCK_SIZES:
             rejects = tmp_path / f"rejects-{len(newline)}-{block_size}.csv"
             events, report = ingest(str(path), config(block_size), rejects, progress=False)
-            assert (report.lines, report.valid) == (len(lines), len(expected_valid))
+            assert (report.header, report.lines, report.valid) == (HEADER, len(lines) - 1, len(expected_valid))
             results.append((events, report.rejected, read_rejects(str(rejects))))
     events, rejected, rejected_rows = results[0]
     assert_events_equal(events, reference(expected_valid))
     assert rejected == {
-        "blank_line": 7, "header": 1, "field_count": 7,
-        "negative_id": 7, "unknown_behavior": 7, "ts_outside_window": 7,
+        "blank_line": 5, "field_count": 5, "negative_id": 6, "unknown_behavior": 6, "ts_outside_window": 10,
     }
-    assert rejected_rows[1:4] == [
-        ["1", "header", lines[0]], ["3", "negative_id", bad[0]], ["5", "unknown_behavior", bad[1]]
-    ]
+    assert rejected_rows[1:4] == [["3", "negative_id", bad[0]], ["5", "unknown_behavior", bad[1]], ["7", "ts_outside_window", bad[2]]]
+    assert ["17", "ts_outside_window", bad[7]] in rejected_rows
     for other_events, other_rejected, other_rows in results[1:]:
         assert_events_equal(other_events, events)
         assert (other_rejected, other_rows) == (rejected, rejected_rows)
@@ -160,8 +241,8 @@ def test_mixed_file_is_the_same_for_every_block_size_and_line_ending(tmp_path):
 def test_bad_lines_deep_inside_a_large_block_keep_their_line_numbers(tmp_path):
     """A large block pyarrow rejects is halved until the pieces holding the bad lines are small."""
     rows = good_rows(6000)
-    bad = {1: "user_id,item_id,category_id,behavior_type,timestamp", 3001: "1,2", 4500: "", 4501: "x,1,2,pv,3"}
-    reasons = {1: "header", 3001: "field_count", 4500: "blank_line", 4501: "non_integer_id"}
+    bad = {2: HEADER, 3001: "1,2", 4500: "", 4501: "x,1,2,pv,3"}
+    reasons = {2: "header", 3001: "field_count", 4500: "blank_line", 4501: "non_integer_id"}
     lines = list(rows)
     for number, text in sorted(bad.items()):
         lines.insert(number - 1, text)

@@ -1,11 +1,11 @@
-"""Streaming, validating ingest of raw UserBehavior CSV (`user,item,category,behavior,ts`, no header).
+"""Streaming, validating ingest of raw UserBehavior CSV (`user,item,category,behavior,ts`).
 
 The byte stream is read in blocks of `block_size_bytes` cut at newlines, so memory beyond the
 output arrays stays bounded. Each block is parsed by pyarrow's CSV reader with explicit column
 types; value checks (negative ids, unknown behavior, timestamp outside the window) are vectorised
 on the parsed columns, so that scattered out-of-window timestamps (the real file has them) do not
 send whole blocks down the slow path.
-A block that pyarrow cannot parse (wrong field count, a non-integer, a blank line, a header) is
+A block that pyarrow cannot parse (wrong field count, a non-integer, a blank line) is
 halved at a newline and each half tried again, down to pieces of `_CAREFUL_BYTES`, which the
 careful per-row path classifies with the same rules: a few bad lines cost little more than a
 fast parse, while a file with bad lines in every piece is parsed row by row, an order of
@@ -16,6 +16,13 @@ Inputs: plain `.csv`, `.csv.gz`, or `.zip` holding exactly one CSV (the official
 local path or any fsspec URI (`file://`, `memory://`, `s3://` with s3fs, ...). A UTF-8 byte-order
 mark at the start of the file is stripped and the first row kept if valid. An integer is what
 pyarrow accepts: optional `-`, digits, surrounding spaces or tabs, inside int64.
+
+The official file has no header and no quotes; exports from other tools often have both. A first
+line of five column names (`user_id,item_id,category_id,behavior_type,timestamp`) is taken as a
+header: skipped, returned in the report, and neither a row nor a rejected line. A header-like line
+anywhere else is rejected as `header` (two files pasted together, say). Fields may be quoted as
+standard CSV has it (RFC 4180: `"1","2","3","pv","1511544070"` is the row `1,2,3,pv,1511544070`,
+`""` inside quotes is one quote); a quoted value must still be a valid value.
 """
 
 from __future__ import annotations
@@ -62,10 +69,11 @@ _BOM = b"\xef\xbb\xbf"
 _INTEGER = re.compile(rb"[ \t]*-?[0-9]+[ \t]*")
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 _BEHAVIOR_CODE = {name.encode(): code for code, name in enumerate(BEHAVIORS)}
+_COLUMN_NAME = re.compile(rb"[ \t]*[A-Za-z_][A-Za-z0-9_ ]*")
 
 _READ_OPTIONS = pacsv.ReadOptions(column_names=list(COLUMNS))
-# no quoting and no null values: a field is taken as it is written, and an empty id is an error
-_PARSE_OPTIONS = pacsv.ParseOptions(quote_char=False, ignore_empty_lines=False)
+# standard CSV quoting and no null values: an empty id, quoted or not, is an error
+_PARSE_OPTIONS = pacsv.ParseOptions(quote_char='"', double_quote=True, newlines_in_values=False, ignore_empty_lines=False)
 _CONVERT_OPTIONS = pacsv.ConvertOptions(
     column_types={name: pa.string() if name == "behavior" else pa.int64() for name in COLUMNS},
     null_values=[],
@@ -93,10 +101,11 @@ class RawEvents:
 @dataclass
 class IngestReport:
     source: str
-    lines: int
+    lines: int  # data lines: every line of the file but a header
     valid: int
     rejected: Dict[str, int]  # reason -> count, reasons in REJECT_REASONS order
     rejects_path: Optional[str]  # None when nothing was rejected
+    header: Optional[str] = None  # the skipped header line, if the file has one
 
 
 @dataclass
@@ -185,7 +194,8 @@ def ingest(
     window = (cfg.window_start, window_end) if cfg.check_window else None
     rejects = _Rejects(rejects_path)
     columns = _Columns()
-    lines = 0
+    lines = 0  # lines of the file read so far, a header included
+    header: Optional[bytes] = None
     with ExitStack() as stack:
         stack.callback(rejects.close)
         raw, stream, size = stack.enter_context(_open_source(source))
@@ -194,6 +204,12 @@ def ingest(
                  disable=not progress)
         )
         for block, last_without_newline in _blocks(stream, cfg.block_size_bytes):
+            bar.update(raw.tell() - bar.n)
+            if lines == 0:
+                header, block = _split_header(block)
+                lines = int(header is not None)
+                if not block:
+                    continue
             block_lines = block.count(b"\n") + last_without_newline
             for first_line, piece, parsed in _parse(block, block_lines, last_without_newline, window, lines + 1):
                 texts = _line_texts(piece, parsed.reject_rows) if len(parsed.reject_rows) else []
@@ -201,14 +217,14 @@ def ingest(
                     rejects.add(first_line + row, REJECT_REASONS[code], text)
                 columns.append(parsed.columns, fraction_read=raw.tell() / size if size else None)
             lines += block_lines
-            bar.update(raw.tell() - bar.n)
     events = columns.events()
     report = IngestReport(
         source=source,
-        lines=lines,
+        lines=lines - (header is not None),
         valid=len(events),
         rejected=rejects.by_reason(),
         rejects_path=rejects.path if rejects.counts else None,
+        header=None if header is None else header.decode("utf-8", errors="backslashreplace"),
     )
     _check_report(report, rejects, cfg)
     return events, report
@@ -216,7 +232,7 @@ def ingest(
 
 def _check_report(report: IngestReport, rejects: _Rejects, cfg: PrepareConfig) -> None:
     if report.lines == 0:
-        raise UserError(f"{report.source}: the file is empty")
+        raise UserError(f"{report.source}: " + ("the file is empty" if report.header is None else "the file has a header line and no data"))
     bad = report.lines - report.valid
     by_reason = ", ".join(f"{reason}={count}" for reason, count in report.rejected.items())
     where = (
@@ -288,6 +304,16 @@ def _blocks(stream: IO[bytes], block_size: int) -> Iterator[Tuple[bytes, bool]]:
         yield block, False
     if carry:
         yield carry, not carry.endswith(b"\n")
+
+
+def _split_header(block: bytes) -> Tuple[Optional[bytes], bytes]:
+    """(header line without its line ending, the rest of the block) when the block's first line is
+    five column names, else (None, block)."""
+    end = block.find(b"\n") + 1 or len(block)
+    fields = _fields(block[:end].rstrip(b"\r\n"))
+    if fields is not None and len(fields) == len(COLUMNS) and all(_COLUMN_NAME.fullmatch(f) for f in fields):
+        return block[:end].rstrip(b"\r\n"), block[end:]
+    return None, block
 
 
 def _parse(
@@ -362,7 +388,9 @@ def _classify(
     """(parsed row, None) for a valid line, else (None, the first reason in REJECT_REASONS that applies)."""
     if not line.strip():
         return None, "blank_line"
-    fields = line.split(b",")
+    fields = _fields(line)
+    if fields is None:
+        return None, "field_count"
     if _integer(fields[0]) is None and fields[0].strip().lower().startswith(b"user"):
         return None, "header"
     if len(fields) != len(COLUMNS):
@@ -381,6 +409,17 @@ def _classify(
     if window is not None and not window[0] <= ts < window[1]:
         return None, "ts_outside_window"
     return (ids[0], ids[1], ids[2], behavior, ts), None
+
+
+def _fields(line: bytes) -> Optional[List[bytes]]:
+    """The line's fields under standard CSV quoting, as pyarrow splits them; None when the line
+    is not one record (a lone carriage return inside it, which pyarrow takes as a row end).
+    Latin-1 maps bytes to characters one to one, so the fields come back byte for byte."""
+    try:
+        (fields,) = csv.reader([line.decode("latin-1")])
+    except csv.Error:
+        return None
+    return [field.encode("latin-1") for field in fields]
 
 
 def _integer(field: bytes) -> Optional[int]:

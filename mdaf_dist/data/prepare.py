@@ -344,7 +344,7 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> Dict[str, Any]:
         "stages": stages.rows,
         "splits": splits,
         "negatives": negatives,
-        "ingest": {"lines": report.lines, "valid": report.valid, "rejected": report.rejected, "rejects_path": report.rejects_path},
+        "ingest": {"lines": report.lines, "valid": report.valid, "rejected": report.rejected, "rejects_path": report.rejects_path, "header": report.header},
         "source": fingerprint,
         "settings": to_dict(cfg),
         "versions": {"mdaf_dist": mdaf_dist.__version__, "numpy": np.__version__, "pyarrow": pa.__version__, "python": sys.version.split()[0]},
@@ -353,6 +353,8 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> Dict[str, Any]:
         "peak_rss_gb": stages.peak_rss_gb,
     }
     write_meta(out, meta)
+    if report.header is not None:
+        print(f"skipped the header line: {report.header}")
     print(stage_table(meta))
     if report.rejected:
         reasons = ", ".join(f"{reason}={count}" for reason, count in report.rejected.items())

@@ -51,9 +51,22 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
+def check_restartable() -> None:
+    """torchrun --max-restarts, unless its agent keeps the rendezvous store to itself: torch 2.13's
+    agent shares that store with the workers' process group and keeps it across restarts, so a
+    restarted attempt finds its predecessors' addresses there and fails to connect, or hangs until
+    the collective timeout. Refuse to start rather than fail at the first restart."""
+    if _int_env("TORCHELASTIC_MAX_RESTARTS", 0) > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        raise UserError(
+            "torchrun --max-restarts needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment: "
+            "without it the restarted workers cannot connect to each other (torch 2.13)"
+        )
+
+
 def init_distributed(device: str = "auto", timeout: Optional[datetime.timedelta] = None) -> DistEnv:
     """Join (or create) the default process group: NCCL on CUDA, gloo on CPU. A group that the
     caller initialised already (tests, notebooks) is used as it is."""
+    check_restartable()
     local_rank = _int_env("LOCAL_RANK", 0)
     chosen = resolve_device(device, local_rank)
     backend = "nccl" if chosen.type == "cuda" else "gloo"
