@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import log_loss, roc_auc_score
 
+from mdaf_dist.analysis.analyze import evaluations_of
 from mdaf_dist.analysis.dynamics import PAPER_TABLE7
 from mdaf_dist.analysis.gate_tables import PAPER_TABLE4, PAPER_TABLE5, PAPER_TABLEB1, PAPER_TABLEB2, gate_tables
 from mdaf_dist.analysis.predict import predict, prediction_metadata, read_predictions, resolve_checkpoint
@@ -20,6 +21,7 @@ from mdaf_dist.config import PrepareConfig
 from mdaf_dist.data.layout import read_meta
 from mdaf_dist.data.prepare import prepare
 from mdaf_dist.data.vocab import load_vocab
+from mdaf_dist.distributed import checkpoint as ckpt
 from mdaf_dist.distributed.env import distributed
 from mdaf_dist.train.trainer import RESULTS_FILE, Trainer
 from tests.distributed import prepare_tiny_data, run_ranks, tiny_config
@@ -158,6 +160,14 @@ def test_analyze_from_predictions_of_the_best_checkpoint(trained, tmp_path, caps
     ours = json.loads((tmp_path / "a" / "tables.json").read_text())
     assert set(ours) == {"metrics", "table4", "table5", "tableB1", "tableB2", "table7"}
     assert pq.read_schema(next(preds.iterdir())).metadata[b"mdaf"]
+
+
+def test_table7_of_an_earlier_checkpoint_covers_the_whole_run(trained):
+    """The best checkpoint only knows the epochs up to itself: Table 7 reads the run's results."""
+    run, results = trained
+    first = sorted((run / "checkpoints").glob("step_*"))[0]
+    assert len(ckpt.read_trainer_state(first)["evaluations"]) < len(results["evaluations"])
+    assert evaluations_of(first, None) == results["evaluations"]
 
 
 def _error(capsys, argv):

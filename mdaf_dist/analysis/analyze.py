@@ -26,6 +26,7 @@ from mdaf_dist.analysis.report import Table, write_tables
 from mdaf_dist.distributed import checkpoint as ckpt
 from mdaf_dist.distributed.env import distributed
 from mdaf_dist.errors import UserError
+from mdaf_dist.train.trainer import RESULTS_FILE
 from mdaf_dist.train.metrics import calibration, exact_auc, gauc, logloss_from_logits
 
 PREDICTIONS_DIR = "predictions.parquet"
@@ -51,11 +52,16 @@ def metrics_table(columns: Dict[str, np.ndarray], split: str) -> Table:
 
 
 def evaluations_of(checkpoint: Optional[Path], results: Optional[str]) -> Optional[List[Dict[str, Any]]]:
-    """The run's per-epoch evaluations: from results.json if given, else from the checkpoint."""
+    """The run's per-epoch evaluations: from `results` if given, else from the run's results.json
+    beside its checkpoints folder (the whole run: the best checkpoint only knows the epochs up to
+    itself), else from the checkpoint."""
     if results:
         if not Path(results).is_file():
             raise UserError(f"no results file at {results}")
         return json.loads(Path(results).read_text()).get("evaluations")
+    run_results = None if checkpoint is None else checkpoint.parent.parent / RESULTS_FILE
+    if run_results is not None and run_results.is_file():
+        return json.loads(run_results.read_text()).get("evaluations")
     if checkpoint is not None and (checkpoint / ckpt.TRAINER_FILE).is_file():
         return ckpt.read_trainer_state(checkpoint).get("evaluations")
     return None
@@ -86,7 +92,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--predictions", help="predictions written by `mdaf predict`")
     parser.add_argument("--best", action="store_true", help="with a folder of checkpoints: the best by validation AUC (the paper's Table 4 model)")
     parser.add_argument("--split", default="valid", help="with --checkpoint: the split to score (default valid)")
-    parser.add_argument("--results", help="the run's results.json, for Table 7 (default: the checkpoint's records)")
+    parser.add_argument("--results", help="the run's results.json, for Table 7 (default: RUN/results.json beside the checkpoints, else the checkpoint's records)")
     parser.add_argument("--out", help="output folder (default RUN/analysis, or beside the predictions)")
     parser.add_argument("overrides", nargs="*", help="with --checkpoint: dotted overrides of the saved config")
 
