@@ -17,7 +17,8 @@ convolutions and attention, and the fused CPU scan and convolution by the formul
 `models/cpu_kernels.py`; an embedding lookup is a gather and counts 0), and latency from
 module hooks: a component runs from the first call of one of its modules to the first call of
 the next component's, so the glue code in between (reshapes, the history's right alignment)
-counts with the component it follows, and the components together cover the whole forward.
+counts with the component it follows, what precedes the first component (splitting the batch's
+features) counts with the first, and the components together cover the whole forward.
 Latencies are those of the fastest of `--repeats` passes (the least disturbed by other processes).
 CUDA timings synchronise the device at every boundary; they have not been run on a GPU yet.
 """
@@ -121,14 +122,17 @@ def component_latencies(model: nn.Module, components: Dict[str, Sequence[str]], 
         handles = [modules[name].register_forward_pre_hook(pre_hook(component)) for component, names in components.items() for name in names if name in modules]
         starts.clear()
         try:
-            timed_pass()
+            _sync(device)
+            begin = time.perf_counter()
+            model(*inputs)
+            _sync(device)
             end = time.perf_counter()
         finally:
             for handle in handles:
                 handle.remove()
-        ordered = sorted(starts.items(), key=lambda item: item[1])
-        stops = [start for _, start in ordered[1:]] + [end]
-        return {name: stop - start for (name, start), stop in zip(ordered, stops)}
+        ordered = [name for name, _ in sorted(starts.items(), key=lambda item: item[1])]
+        bounds = [begin] + [starts[name] for name in ordered[1:]] + [end]
+        return {name: bounds[i + 1] - bounds[i] for i, name in enumerate(ordered)}
 
     best: Dict[str, float] = {}
     whole = math.inf
