@@ -3,11 +3,13 @@ Tables 8 and C1 with the paper's rows."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from torch import nn
 
-from mdaf_dist.analysis.profile import C1_COMPONENTS, flops_by_module, profile_model, table8, tableC1
+from mdaf_dist.analysis.profile import C1_COMPONENTS, component_latencies, flops_by_module, profile_model, table8, tableC1
 from mdaf_dist.cli import main
 from tests.distributed import tiny_config
 
@@ -45,6 +47,25 @@ def test_component_latencies_cover_the_whole_forward(mdaf_profile):
     assert sum(flops.values()) == mdaf_profile["total_flops"]
     # the head's two linear layers, D -> D -> 1 at D = 8 on 64 samples
     assert flops["Prediction MLP"] == 2 * 64 * (8 * 8 + 8 * 1)
+
+
+class _WorkBeforeItsModules(nn.Module):
+    """A forward that spends time before its first module, as MDAF's splitting of the features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.Linear(4, 4), nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.02)
+        return self.second(self.first(x))
+
+
+def test_work_before_the_first_component_counts_with_it():
+    model = _WorkBeforeItsModules()
+    seconds, whole = component_latencies(model, {"first": ("first",), "second": ("second",)}, (torch.randn(2, 4),), repeats=3, device=torch.device("cpu"))
+    assert seconds["first"] >= 0.02
+    assert sum(seconds.values()) == pytest.approx(whole, rel=0.1)
 
 
 def test_tables_have_the_papers_rows(mdaf_profile):
