@@ -21,7 +21,8 @@ import numpy as np
 from mdaf_dist.analysis import plots
 from mdaf_dist.analysis.dynamics import table7
 from mdaf_dist.analysis.gate_tables import gate_tables
-from mdaf_dist.analysis.predict import checkpoint_config, predict, prediction_metadata, read_predictions, resolve_checkpoint
+from mdaf_dist.analysis.predict import predict, prediction_metadata, read_predictions
+from mdaf_dist.train.evaluate import checkpoint_config, resolve_checkpoint
 from mdaf_dist.analysis.report import Table, write_tables
 from mdaf_dist.distributed import checkpoint as ckpt
 from mdaf_dist.distributed.env import distributed

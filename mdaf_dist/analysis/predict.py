@@ -34,15 +34,15 @@ import torch
 import torch.distributed as dist
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from mdaf_dist.config import SECONDS_PER_DAY, Config, load_config
+from mdaf_dist.config import SECONDS_PER_DAY
 from mdaf_dist.data.batch import CATEGORY, HIST_CATEGORY, HIST_ITEM, ITEM, USER, Batch
 from mdaf_dist.data.layout import SPLITS, read_meta
 from mdaf_dist.data.loader import rank_pieces, row_groups
 from mdaf_dist.data.vocab import load_vocab
 from mdaf_dist.distributed import checkpoint as ckpt
-from mdaf_dist.distributed.env import DistEnv, collective_device, distributed
+from mdaf_dist.distributed.env import DistEnv, distributed
 from mdaf_dist.errors import UserError
-from mdaf_dist.train.trainer import Trainer
+from mdaf_dist.train.evaluate import checkpoint_config, load_trainer, resolve_checkpoint
 
 PART_PATTERN = "part-*.parquet"
 METADATA_KEY = b"mdaf"
@@ -115,17 +115,6 @@ class VocabMap:
         return Batch(remapped, batch.labels)
 
 
-def resolve_checkpoint(checkpoint: str, best: bool = False) -> Path:
-    """A checkpoint directory, or of a folder of them the latest (the best by validation AUC
-    with `best`); a user error otherwise."""
-    if not Path(checkpoint).exists():
-        raise UserError(f"no checkpoint at {checkpoint}: the path does not exist")
-    path = ckpt.best_checkpoint(Path(checkpoint)) if best else ckpt.resolve(checkpoint, Path(checkpoint))
-    if path is None:
-        raise UserError(f"no checkpoint with a validation AUC under {checkpoint}")
-    return path
-
-
 def check_split(data_dir: str, split: str) -> None:
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}; expected one of {SPLITS}")
@@ -148,34 +137,6 @@ def rank_rows(data_dir: str, split: str, rank: int, world_size: int) -> Dict[str
         return {name: np.empty(0, dtype=np.int64) for name in SAMPLE_COLUMNS}
     table = pa.concat_tables(parts)
     return {name: table.column(name).to_numpy() for name in SAMPLE_COLUMNS}
-
-
-def _all_reduce_counts(counts: Dict[str, int], keys: List[str]) -> Dict[str, int]:
-    if not (dist.is_available() and dist.is_initialized()):
-        return {key: counts.get(key, 0) for key in keys}
-    t = torch.tensor([counts.get(key, 0) for key in keys], dtype=torch.int64, device=collective_device())
-    dist.all_reduce(t)
-    return dict(zip(keys, map(int, t.tolist())))
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def checkpoint_config(path: Path, overrides: List[str] = ()) -> Config:
-    """The run's saved config, as an evaluation needs it: nothing to resume, no TensorBoard."""
-    cfg = load_config(str(path / ckpt.CONFIG_FILE), overrides)
-    cfg.train.resume, cfg.logging.tensorboard = "", False
-    return cfg
-
-
-def load_trainer(path: Path, cfg: Config, env: DistEnv) -> Trainer:
-    """A Trainer over `cfg` with the checkpoint's weights; nothing of the run's directory is written."""
-    trainer = Trainer(cfg, env, save_plan=False)
-    ckpt.check_compatible(path, cfg, trainer.vocab)
-    ckpt.Checkpointer.load(path, trainer.model)
-    return trainer
 
 
 def predict(env: DistEnv, path: Path, out: str, split: str = "valid", data_dir: Optional[str] = None, overrides: List[str] = ()) -> Dict[str, Any]:
@@ -221,15 +182,15 @@ def predict(env: DistEnv, path: Path, out: str, split: str = "valid", data_dir: 
         "world_size": env.world_size,
         "num_samples": int(metrics["num_samples"]),
         "metrics": metrics,
-        "unseen_ids": _all_reduce_counts(unseen, feature_keys) if remap is not None else None,
+        "unseen_ids": dict(zip(feature_keys, map(int, trainer._all_reduce([unseen.get(key, 0) for key in feature_keys], dist.ReduceOp.SUM)))) if remap is not None else None,
     }
     if env.is_main:
         out_dir.mkdir(exist_ok=True)
         for stale in out_dir.glob(PART_PATTERN):
             stale.unlink()
-    _barrier()
+    dist.barrier()
     _write_part(out_dir / part_file(env.rank), rows, columns, scored_dir, meta, with_gate="gate_mean" in metrics)
-    _barrier()
+    dist.barrier()
     return meta
 
 

@@ -13,9 +13,9 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from mdaf_dist.config import load_config
+from mdaf_dist.config import Config, load_config
 from mdaf_dist.distributed import checkpoint as ckpt
-from mdaf_dist.distributed.env import distributed
+from mdaf_dist.distributed.env import DistEnv, distributed
 from mdaf_dist.errors import UserError
 from mdaf_dist.train.trainer import Trainer
 
@@ -26,20 +26,39 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="dotted overrides of the saved config, e.g. data_dir=PATH train.device=cpu")
 
 
-def evaluate_checkpoint(checkpoint: str, overrides: List[str] = (), best: bool = False) -> Optional[Dict[str, Any]]:
-    """{"checkpoint", "step", "metrics" (recomputed), "recorded" (saved with the checkpoint)} on
-    rank 0, None on the other ranks. Nothing of the run's directory is written."""
+def resolve_checkpoint(checkpoint: str, best: bool = False) -> Path:
+    """A checkpoint directory, or of a folder of them the latest (the best by validation AUC
+    with `best`); a user error otherwise."""
+    if not Path(checkpoint).exists():
+        raise UserError(f"no checkpoint at {checkpoint}: the path does not exist")
     path = ckpt.best_checkpoint(Path(checkpoint)) if best else ckpt.resolve(checkpoint, Path(checkpoint))
     if path is None:
         raise UserError(f"no checkpoint with a validation AUC under {checkpoint}")
+    return path
+
+
+def checkpoint_config(path: Path, overrides: List[str] = ()) -> Config:
+    """The run's saved config, as an evaluation needs it: nothing to resume, no TensorBoard."""
     cfg = load_config(str(path / ckpt.CONFIG_FILE), overrides)
-    # this is not a training run: nothing to resume, no TensorBoard events
     cfg.train.resume, cfg.logging.tensorboard = "", False
+    return cfg
+
+
+def load_trainer(path: Path, cfg: Config, env: DistEnv) -> Trainer:
+    """A Trainer over `cfg` with the checkpoint's weights; nothing of the run's directory is written."""
+    trainer = Trainer(cfg, env, save_plan=False)
+    ckpt.check_compatible(path, cfg, trainer.vocab)
+    ckpt.Checkpointer.load(path, trainer.model)
+    return trainer
+
+
+def evaluate_checkpoint(checkpoint: str, overrides: List[str] = (), best: bool = False) -> Optional[Dict[str, Any]]:
+    """{"checkpoint", "step", "metrics" (recomputed), "recorded" (saved with the checkpoint)} on
+    rank 0, None on the other ranks. Nothing of the run's directory is written."""
+    path = resolve_checkpoint(checkpoint, best)
+    cfg = checkpoint_config(path, overrides)
     with distributed(cfg.train.device) as env:
-        trainer = Trainer(cfg, env, save_plan=False)
-        ckpt.check_compatible(path, cfg, trainer.vocab)
-        ckpt.Checkpointer.load(path, trainer.model)
-        metrics = trainer.evaluate()
+        metrics = load_trainer(path, cfg, env).evaluate()
         if not env.is_main:
             return None
     saved = ckpt.read_trainer_state(path)
