@@ -232,7 +232,7 @@ def test_temporal_split_by_days_puts_valid_then_test_last():
     valid_start, test_start = S.split_bounds_by_days(START, window_days=9, valid_days=2, test_days=1)
     assert (valid_start, test_start) == (START + 6 * SECONDS_PER_DAY, START + 8 * SECONDS_PER_DAY)
     ts = np.array([START, valid_start - 1, valid_start, test_start - 1, test_start, START + 9 * SECONDS_PER_DAY - 1])
-    assert [S.SPLIT_NAMES[c] for c in S.assign_split(ts, valid_start, test_start)] == ["train", "train", "valid", "valid", "test", "test"]
+    assert [S.SPLITS[c] for c in S.assign_split(ts, valid_start, test_start)] == ["train", "train", "valid", "valid", "test", "test"]
     # the paper's protocol: the last day is validation, no test day
     assert S.split_bounds_by_days(START, 9, 1, 0) == (START + 8 * SECONDS_PER_DAY, START + 9 * SECONDS_PER_DAY)
     with pytest.raises(UserError, match=r"prepare.valid_days must be >= 1, prepare.test_days >= 0 and together below window_days \(9\), got 8 and 1"):

@@ -28,6 +28,7 @@ META_FILE = "meta.json"
 EVENTS_FILE = "events.arrow"
 OFFSETS_FILE = "user_offsets.npy"
 SAMPLES_DIR = "samples"
+# in time order: the split codes of `samples.assign_split` index it
 SPLITS = ("train", "valid", "test")
 
 EVENT_SCHEMA = pa.schema([("item", pa.int32()), ("category", pa.int32()), ("ts", pa.int32())])

@@ -53,7 +53,7 @@ import mdaf_dist
 from mdaf_dist.config import PrepareConfig, load_config, to_dict
 from mdaf_dist.data import samples as S
 from mdaf_dist.data.ingest import BEHAVIORS, RawEvents, ingest
-from mdaf_dist.data.layout import SAMPLE_SCHEMA, SAMPLES_DIR, Events, write_events, write_meta
+from mdaf_dist.data.layout import SAMPLE_SCHEMA, SAMPLES_DIR, SPLITS, Events, write_events, write_meta
 from mdaf_dist.data.vocab import dense_ids, save_vocab
 from mdaf_dist.errors import UserError
 
@@ -95,7 +95,7 @@ class _Stages:
 class _Tally:
     """Rows and positives per split of one ledger stage, summed over the chunks of samples."""
 
-    KEYS = S.SPLIT_NAMES + tuple(f"{name}_positives" for name in S.SPLIT_NAMES)
+    KEYS = SPLITS + tuple(f"{name}_positives" for name in SPLITS)
 
     def __init__(self) -> None:
         self.counts = np.zeros(len(self.KEYS), dtype=np.int64)
@@ -105,7 +105,7 @@ class _Tally:
 
     @property
     def rows(self) -> int:
-        return int(self.counts[: len(S.SPLIT_NAMES)].sum())
+        return int(self.counts[: len(SPLITS)].sum())
 
     def split(self) -> Dict[str, int]:
         return dict(zip(self.KEYS, map(int, self.counts)))
@@ -247,10 +247,10 @@ def _filter_and_write(
     history, - category filter.
     """
     valid_start, test_start = bounds
+    writers = {split: _PartWriter(out, split, cfg) for split in SPLITS[: 2 if test_start is None else 3]}
     # without a test split the test code never occurs
     test_start = np.iinfo(np.int64).max if test_start is None else test_start
     history = S.CategoryHistory(clicks)
-    writers = {split: _PartWriter(out, split, cfg) for split in S.SPLIT_NAMES[: 2 if bounds[1] is None else 3]}
     tallies = [_Tally() for _ in range(4)]
     n_clicks = len(clicks.user)
     step = max(1, S.CHUNK * n_clicks // max(n_clicks + len(draw.owner), 1))

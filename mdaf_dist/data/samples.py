@@ -15,6 +15,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from mdaf_dist.config import SECONDS_PER_DAY
+from mdaf_dist.data.layout import SPLITS
 from mdaf_dist.errors import UserError
 
 CATEGORY_FILTERS = ("last_l", "any", "last_k", "none")
@@ -405,12 +406,8 @@ def split_bounds_by_fraction(first_ts: int, last_ts: int, valid_fraction: float,
     return test_start - int(round(valid_fraction * span)), test_start
 
 
-# split codes of `assign_split`, in time order
-SPLIT_NAMES = ("train", "valid", "test")
-
-
 def assign_split(ts: np.ndarray, valid_start: int, test_start: int) -> np.ndarray:
-    """Split code per sample (index into SPLIT_NAMES): ts before `valid_start` is training, from
+    """Split code per sample (index into SPLITS): ts before `valid_start` is training, from
     `test_start` on test, validation between. Cuts in time, so the splits never overlap in time.
 
     Validation and test histories may hold earlier clicks: they are the past, not the future.
@@ -419,7 +416,7 @@ def assign_split(ts: np.ndarray, valid_start: int, test_start: int) -> np.ndarra
 
 
 def split_counts(labels: np.ndarray, split: np.ndarray) -> np.ndarray:
-    """Rows per split, then positives per split (the order of SPLIT_NAMES): int64 [6]."""
-    rows = np.bincount(split, minlength=len(SPLIT_NAMES))
-    positives = np.bincount(split, weights=labels, minlength=len(SPLIT_NAMES)).astype(np.int64)
+    """Rows per split, then positives per split (the order of SPLITS): int64 [6]."""
+    rows = np.bincount(split, minlength=len(SPLITS))
+    positives = np.bincount(split, weights=labels, minlength=len(SPLITS)).astype(np.int64)
     return np.concatenate([rows, positives])
