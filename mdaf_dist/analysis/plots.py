@@ -27,7 +27,7 @@ def gate_histogram(gates: np.ndarray, path: Path) -> Path:
     ax.set_ylabel("samples")
     ax.set_title(f"Gate distribution ({len(gates):,} samples)")
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def gate_by_history_length(gates: np.ndarray, hist_len: np.ndarray, path: Path) -> Path:
@@ -44,11 +44,12 @@ def gate_by_history_length(gates: np.ndarray, hist_len: np.ndarray, path: Path) 
     ax.set_ylabel("gate g")
     ax.set_title("Gate vs history length")
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig: "plt.Figure", path: Path) -> Path:
+def save_figure(fig: "plt.Figure", path: Path, dpi: int = 100) -> Path:
+    """Lay out, write and close a figure (closing frees it: reports draw many)."""
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path

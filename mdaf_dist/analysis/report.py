@@ -22,14 +22,20 @@ class Table:
     note: str = ""
 
     def markdown(self) -> str:
-        lines = [f"### {self.title}", "", "| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns)]
-        lines += ["| " + " | ".join(format_cell(cell) for cell in row) + " |" for row in self.rows]
+        lines = [f"### {self.title}", "", markdown_table(self.columns, [[format_cell(cell) for cell in row] for row in self.rows])]
         if self.note:
             lines += ["", self.note]
         return "\n".join(lines)
 
     def to_json(self) -> Dict[str, Any]:
         return {"title": self.title, "columns": self.columns, "rows": [dict(zip(self.columns, row)) for row in self.rows], "note": self.note}
+
+
+def markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    """A Markdown table of cells already formatted as text."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    return "\n".join(lines)
 
 
 def format_cell(value: Any) -> str:

@@ -6,20 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-import matplotlib
+from mdaf_dist.analysis.plots import save_figure  # chooses matplotlib's file-only backend
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
+import matplotlib.pyplot as plt  # noqa: E402 - after the backend is chosen
 from matplotlib.ticker import MaxNLocator, NullFormatter  # noqa: E402
 
 DPI = 110
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
 
 
 def _errorbar_kwargs(std: Sequence[Optional[float]]) -> Dict:
@@ -39,7 +31,7 @@ def auc_vs_samples(path: Path, samples: List[float], auc: List[float], std: List
     ax.set_ylabel("validation AUC (mean ± std over seeds)")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path, DPI)
 
 
 def auc_and_samples(path: Path, labels: List[str], auc: List[float], std: List[Optional[float]], samples: List[float], title: str) -> Path:
@@ -56,7 +48,7 @@ def auc_and_samples(path: Path, labels: List[str], auc: List[float], std: List[O
     twin.set_ylabel("training samples", color="tab:orange")
     twin.set_ylim(0, max(samples) * 1.15)
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path, DPI)
 
 
 def throughput_vs_world(path: Path, ranks: List[int], samples_per_sec: List[float], efficiency: List[float], title: str) -> Path:
@@ -77,7 +69,7 @@ def throughput_vs_world(path: Path, ranks: List[int], samples_per_sec: List[floa
     fig.suptitle(title)
     for ax in (left, right):
         ax.grid(True, alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path, DPI)
 
 
 def epoch_curves(path: Path, curves: Dict[str, Dict[str, List[float]]], title: str) -> Path:
@@ -95,7 +87,7 @@ def epoch_curves(path: Path, curves: Dict[str, Dict[str, List[float]]], title: s
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path, DPI)
 
 
 def sensitivity_curves(path: Path, panels: Dict[str, Dict[str, List]], title: str) -> Path:
@@ -114,4 +106,4 @@ def sensitivity_curves(path: Path, panels: Dict[str, Dict[str, List]], title: st
         ax.grid(True, alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path, DPI)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from mdaf_dist.analysis.dynamics import table7
+from mdaf_dist.analysis.report import markdown_table
 from mdaf_dist.studies import paper, plots
 from mdaf_dist.studies.results import CellRecord, Row, Stat, load_cells, rows
 from mdaf_dist.studies.workdir import StudyDir
@@ -39,8 +40,7 @@ def fmt_bp(delta: Optional[float]) -> str:
     """An AUC difference in basis points, as the paper writes it: +296bp, -26bp, 0bp."""
     if delta is None:
         return NA
-    bp = round(delta * 1e4)
-    return f"{bp:+d}bp" if bp else "0bp"
+    return _bp_text(round(delta * 1e4))
 
 
 def fmt_range(values: Sequence[float]) -> str:
@@ -49,17 +49,15 @@ def fmt_range(values: Sequence[float]) -> str:
 
 
 def fmt_paper_bp(bp: Optional[int]) -> str:
-    return "baseline" if bp is None else (f"{bp:+d}bp" if bp else "0bp")
+    return "baseline" if bp is None else _bp_text(bp)
+
+
+def _bp_text(bp: int) -> str:
+    return f"{bp:+d}bp" if bp else "0bp"
 
 
 def fmt_count(value: Optional[float]) -> str:
     return NA if value is None else f"{int(value):,}"
-
-
-def markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(cells) + " |" for cells in body]
-    return "\n".join(lines)
 
 
 def _mean(stat: Optional[Stat]) -> Optional[float]:
