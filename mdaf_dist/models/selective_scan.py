@@ -119,6 +119,15 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     return y.to(dtype_in)
 
 
+def _delta_steps(delta, delta_bias, delta_softplus):
+    """(delta + delta_bias in fp32, the step sizes dt: its softplus when asked), as the fast
+    backends take them; the backward of the softplus needs one or the other."""
+    raw = delta.float()
+    if delta_bias is not None:
+        raw = raw + delta_bias.float()[:, None]
+    return raw, F.softplus(raw) if delta_softplus else raw
+
+
 class _FusedScan(torch.autograd.Function):
     """The fused C++ kernel's forward and backward (``csrc/mamba_cpu.cpp``).
 
@@ -130,11 +139,7 @@ class _FusedScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
         ops = cpu_kernels.load()
-        dt = delta.float()
-        if delta_bias is not None:
-            dt = dt + delta_bias.float()[:, None]
-        if delta_softplus:
-            dt = F.softplus(dt)
+        dt = _delta_steps(delta, delta_bias, delta_softplus)[1]
         inputs = (u.float(), dt, A.float().contiguous(), B.float(), C.float(),
                   None if D is None else D.float().contiguous(), None if z is None else z.float())
         out = ops.selective_scan_fwd(*inputs)
@@ -284,10 +289,7 @@ class _ChunkedScan(torch.autograd.Function):
         batch, d, L = u.shape
         n = A.shape[1]
         A32 = A.float()
-        delta_raw = delta.float()
-        if delta_bias is not None:
-            delta_raw = delta_raw + delta_bias.float()[:, None]
-        dt = F.softplus(delta_raw) if delta_softplus else delta_raw
+        delta_raw, dt = _delta_steps(delta, delta_bias, delta_softplus)
         tiling = _Tiling.of(L, d, n, u.device)
         starts = range(0, L, tiling.steps)
         keep_boundaries = any(ctx.needs_input_grad[:8])
