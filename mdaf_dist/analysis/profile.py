@@ -186,7 +186,8 @@ def profile_model(cfg: ModelConfig, vocab: Dict[str, int], device: torch.device,
     peak = _peak_memory_bytes(device)
     model.eval()
     eval_features = random_batch(vocab, cfg.history_length, eval_batch_size, seed=1)[0].to(device)
-    latencies, whole = component_latencies(model, components_of(model), (eval_features,), repeats, device)
+    components = components_of(model)
+    latencies, whole = component_latencies(model, components, (eval_features,), repeats, device)
     flops = flops_by_module(model, eval_features)
     return {
         "model": cfg.name,
@@ -196,15 +197,11 @@ def profile_model(cfg: ModelConfig, vocab: Dict[str, int], device: torch.device,
         "train_step_seconds": sorted(step_seconds)[len(step_seconds) // 2],
         "inference_batch_seconds": whole,
         "component_seconds": latencies,
-        "component_flops": {label: sum(flops.get(name, 0) for name in names) for label, names in components_of(model).items()},
+        "component_flops": {label: sum(flops.get(name, 0) for name in names) for label, names in components.items()},
         "total_flops": flops["total"],
         "batch_size": batch_size,
         "eval_batch_size": eval_batch_size,
     }
-
-
-def _profile_in_fresh_process(kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    return profile_model(**kwargs)
 
 
 def table8(profiles: List[Dict[str, Any]], epoch_steps: int, epoch_samples: int, device: torch.device) -> Table:
@@ -289,7 +286,7 @@ def run(args: argparse.Namespace) -> int:
     profiles = []
     for job in jobs:
         with multiprocessing.get_context("spawn").Pool(1) as pool:
-            profiles.append(pool.apply(_profile_in_fresh_process, (job,)))
+            profiles.append(pool.apply(profile_model, (), job))
     tables = [table8(profiles, epoch_steps, epoch_samples, device), parameters_table(profiles[0]), tableC1(profiles[0])]
     heading = f"Profile of {', '.join(n.upper() for n in names)} on {device}"
     if args.out:
