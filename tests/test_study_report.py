@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Dict
 
 import pytest
+from scipy import stats
 
 from mdaf_dist.config import to_yaml
 from mdaf_dist.studies.datacache import prepare_key
@@ -21,6 +22,7 @@ from mdaf_dist.studies.workdir import CELL_CONFIG, StudyDir
 from tests.test_study_run import _assert_png, _markdown_rows
 
 REPO = Path(__file__).resolve().parents[1]
+VOCAB = {"user": 1000, "item": 20000, "category": 300}
 
 
 @pytest.fixture(autouse=True)
@@ -40,7 +42,7 @@ def _recorded_study(tmp_path: Path, study_file: str) -> tuple[Plan, StudyDir, Di
         if not data_dir.is_dir():
             data_dir.mkdir(parents=True)
             train = rng.randrange(1000, 9000)
-            (data_dir / "meta.json").write_text(json.dumps({"splits": {"train": {"rows": train, "positive_share": 0.4}, "valid": {"rows": train // 5}}}))
+            (data_dir / "meta.json").write_text(json.dumps({"splits": {"train": {"rows": train, "positive_share": 0.4}, "valid": {"rows": train // 5}}, "vocab": VOCAB}))
         cell_dir = study_dir.cell(cell.id)
         cell_dir.mkdir(parents=True)
         config = cell.config
@@ -132,9 +134,16 @@ def test_models_report_puts_the_papers_numbers_beside_each_row(tmp_path):
     plan, study_dir, results = _recorded_study(tmp_path, "configs/studies/table2_baselines.yaml")
     report = write_report(study_dir.root)
     rows = _markdown_rows(report.markdown, "Model")
-    bst = results["model-bst_seed-42"]["best_auc"]
-    mdaf = results["model-mdaf_seed-42"]["best_auc"]
-    assert rows["BST"]["Δ vs BST"] == "baseline" and rows["MDAF"]["Δ vs BST"] == _bp(mdaf - bst)
+    # three seeds: the per-seed paired differences, mean ± sample std, and the paired t-test
+    deltas = [results[f"model-mdaf_seed-{s}"]["best_auc"] - results[f"model-bst_seed-{s}"]["best_auc"] for s in (42, 43, 44)]
+    p = stats.ttest_rel([results[f"model-mdaf_seed-{s}"]["best_auc"] for s in (42, 43, 44)], [results[f"model-bst_seed-{s}"]["best_auc"] for s in (42, 43, 44)]).pvalue
+    expected = f"{_bp(statistics.fmean(deltas))[:-2]} ± {round(statistics.stdev(deltas) * 1e4)}bp" + ("*" if p < 0.01 else "")
+    assert rows["BST"]["Δ vs BST"] == "baseline" and rows["MDAF"]["Δ vs BST"] == expected
+    assert rows["MDAF"]["p"] == f"{p:.2g}" and rows["BST"]["p"] == "n/a"
+    assert rows["MDAF"]["Type"] == "Hybrid" and rows["BST"]["Paper Parameters"] == "130M"
+    # D 64 embeddings of the recorded vocabulary: 21,300 x 64 = 1.4M, plus each model's own layers
+    assert rows["MDAF"]["Parameters"].endswith("M") and rows["MDAF"]["Parameters"] != rows["AutoInt"]["Parameters"]
     assert rows["MDAF"]["Paper Val AUC"] == "0.6007" and rows["MDAF"]["Paper Δ vs BST"] == "+296bp" and rows["BST"]["Paper Δ vs BST"] == "baseline"
     epochs = _markdown_rows(report.markdown, "Epoch")
-    assert epochs["2"]["Val AUC"] == f"{results['model-mdaf_seed-42']['evaluations'][1]['auc']:.4f}" and epochs["2"]["Paper Train AUC"] == "0.7738"
+    mdaf_epoch2 = [results[f"model-mdaf_seed-{s}"]["evaluations"][1]["auc"] for s in (42, 43, 44)]
+    assert epochs["2"]["Val AUC"] == f"{statistics.fmean(mdaf_epoch2):.4f}" and epochs["2"]["Paper Train AUC"] == "0.7738"

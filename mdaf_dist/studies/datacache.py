@@ -21,6 +21,7 @@ from mdaf_dist.data.layout import META_FILE
 from mdaf_dist.data.prepare import prepare
 from mdaf_dist.data.synth import generate
 from mdaf_dist.errors import UserError
+from mdaf_dist.studies.common import common_prepare
 from mdaf_dist.studies.grid import Plan
 from mdaf_dist.studies.spec import SynthSpec
 from mdaf_dist.studies.workdir import LOG_FILE, StudyDir
@@ -77,23 +78,38 @@ def ensure_prepared(study_dir: StudyDir, cfg: PrepareConfig) -> Path:
     return out
 
 
+def _study_input(plan: Plan, study_dir: StudyDir, create: bool) -> Optional[Path]:
+    synth = plan.study.file.synth
+    if synth is None:
+        return None
+    return synth_input(study_dir, synth) if create else synth_path(study_dir, synth)
+
+
+def _prepared_or_error(study_dir: StudyDir, cfg: PrepareConfig, create: bool) -> Union[Path, str]:
+    key = prepare_key(cfg)
+    try:
+        return ensure_prepared(study_dir, cfg) if create else study_dir.data(key)
+    except Exception as e:  # noqa: BLE001 - recorded for the cells that needed it
+        error = f"prepare failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        study_dir.log(f"{error} (data {key})")
+        return error
+
+
 def prepare_cells(plan: Plan, study_dir: StudyDir, create: bool = True) -> Dict[str, Union[Path, str]]:
     """Per cell: its prepared directory (prepared now unless it exists; only its path with
     create=False), or, as a string, the error that kept it from being prepared."""
-    synth = plan.study.file.synth
-    input_path = None
-    if synth is not None:
-        input_path = synth_input(study_dir, synth) if create else synth_path(study_dir, synth)
+    input_path = _study_input(plan, study_dir, create)
     prepared: Dict[str, Union[Path, str]] = {}
     by_cell: Dict[str, Union[Path, str]] = {}
     for cell in plan.cells:
         cfg = with_input(cell.config.prepare, input_path)
         key = prepare_key(cfg)
         if key not in prepared:
-            try:
-                prepared[key] = ensure_prepared(study_dir, cfg) if create else study_dir.data(key)
-            except Exception as e:  # noqa: BLE001 - recorded for the cells that needed it
-                prepared[key] = f"prepare failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-                study_dir.log(f"{prepared[key]} (data {key})")
+            prepared[key] = _prepared_or_error(study_dir, cfg, create)
         by_cell[cell.id] = prepared[key]
     return by_cell
+
+
+def prepare_common(plan: Plan, study_dir: StudyDir, create: bool = True) -> Union[Path, str]:
+    """The common evaluation set's prepared directory (studies.common), or its error."""
+    return _prepared_or_error(study_dir, with_input(common_prepare(plan), _study_input(plan, study_dir, create)), create)
