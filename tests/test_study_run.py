@@ -205,4 +205,13 @@ def test_filter_cells_prepare_their_own_data_and_a_failing_cell_does_not_stop_th
         assert rows[label]["Valid samples"] == f"{meta['splits']['valid']['rows']:,}"
     assert counts["none"] > counts["last_l"]
     assert rows["broken"]["Val AUC"] == "n/a"
+    # after training, both trained cells scored on the common set: the base config's (last_l) data,
+    # which is the last_l cell's own, so its common AUC is its best epoch's again
+    common = {label: json.loads((out / "cells" / f"filter-{label}_seed-1" / "common.json").read_text()) for label in ("none", "last-l")}
+    last_l = json.loads((out / "cells" / "filter-last-l_seed-1" / "results.json").read_text())
+    assert common["none"]["data_dir"] == common["last-l"]["data_dir"] == str(data_dir)
+    assert common["none"]["samples"] == common["last-l"]["samples"] == meta["splits"]["valid"]["rows"]
+    assert common["last-l"]["auc"] == pytest.approx(last_l["best_auc"], abs=1e-6)
+    assert rows["last_l"]["Common AUC"] == f"{common['last-l']['auc']:.4f}" and rows["none"]["Common AUC"] == f"{common['none']['auc']:.4f}"
+    assert not (out / "cells" / "filter-broken_seed-1" / "common.json").exists()
     _assert_png(out / "report" / "filtering.png")

@@ -14,13 +14,14 @@ scored on the validation split it trained against, and the common AUC is its own
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 from mdaf_dist.config import PrepareConfig, load_config
 from mdaf_dist.studies.grid import Plan, shared_overrides
-from mdaf_dist.studies.workdir import StudyDir
+from mdaf_dist.studies.workdir import LOG_FILE, StudyDir
 
 COMMON_JSON = "common.json"
 COMMON_PREDICTIONS = "common.parquet"
@@ -67,11 +68,14 @@ def score_cells(plan: Plan, study_dir: StudyDir, data_dir: Path) -> Dict[str, Op
         if not study_dir.results(cell.id).is_file() or (cell_dir / COMMON_JSON).is_file():
             continue
         try:
-            record = score_cell(cell_dir, data_dir)
+            # the model's set-up lines and library warnings go to the study log, as prepare's do
+            with open(study_dir.root / LOG_FILE, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                record = score_cell(cell_dir, data_dir)
         except Exception as e:  # noqa: BLE001 - recorded; the other cells are still scored
             errors[cell.id] = f"common evaluation failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
             study_dir.log(f"{errors[cell.id]} ({cell.id})")
             continue
         errors[cell.id] = None
         study_dir.log(f"scored {cell.id} on the common set: auc {record['auc']:.4f} on {record['samples']} samples")
+        print(f"common evaluation set: {cell.id} auc {record['auc']:.4f} ({record['samples']:,} samples)", flush=True)
     return errors
