@@ -154,11 +154,15 @@ def test_report_shows_the_cells_results_and_mean_std_over_seeds(fusions, capsys)
         means[fusion] = statistics.fmean(auc)
         assert row["Seeds"] == "2"
         assert row["Val AUC"] == f"{statistics.fmean(auc):.4f} ± {statistics.stdev(auc):.4f}"
-        assert row["Log Loss"] == f"{statistics.fmean(logloss):.3f} ± {statistics.stdev(logloss):.3f}"
+        assert row["Log Loss (best epoch)"] == f"{statistics.fmean(logloss):.3f} ± {statistics.stdev(logloss):.3f}"
         assert row["Test AUC"] == "n/a" and row["Paper Val AUC"] == "n/a"
     assert rows["gate"]["Δ vs gate"] == "baseline"
-    delta = round((means["concat"] - means["gate"]) * 1e4)
-    assert rows["concat"]["Δ vs gate"] == (f"{delta:+d}bp" if delta else "0bp")
+    # the rows share their data: the common set is it, and Δ is the per-seed paired difference
+    common = {cell.parent.name: json.loads(cell.read_text()) for cell in (out / "cells").glob("*/common.json")}
+    paired = [common[f"fusion-concat_seed-{s}"]["auc"] - common[f"fusion-gate_seed-{s}"]["auc"] for s in (1, 2)]
+    assert [common[f"fusion-gate_seed-{s}"]["auc"] for s in (1, 2)] == pytest.approx([results[f"fusion-gate_seed-{s}"]["best_auc"] for s in (1, 2)], abs=1e-6)
+    delta, spread = round(statistics.fmean(paired) * 1e4), round(statistics.stdev(paired) * 1e4)
+    assert rows["concat"]["Δ vs gate"].rstrip("*") == f"{delta:+d} ± {spread}bp".replace("+0 ", "0 ")
     # every cell's own line, and the Table 7 section of the gate row beside the paper's epochs
     cells = _markdown_rows(markdown, "Cell")
     for cell, result in results.items():

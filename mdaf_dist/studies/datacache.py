@@ -14,7 +14,7 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Dict, Optional, Tuple, Union
 
 from mdaf_dist.config import PrepareConfig, to_dict
 from mdaf_dist.data.layout import META_FILE
@@ -78,38 +78,25 @@ def ensure_prepared(study_dir: StudyDir, cfg: PrepareConfig) -> Path:
     return out
 
 
-def _study_input(plan: Plan, study_dir: StudyDir, create: bool) -> Optional[Path]:
+def prepare_cells(plan: Plan, study_dir: StudyDir, create: bool = True) -> Tuple[Dict[str, Union[Path, str]], Union[Path, str]]:
+    """Per cell, its prepared directory, and the common evaluation set's (studies.common):
+    prepared now unless it exists (only its path with create=False), or, as a string, the error
+    that kept it from being prepared."""
     synth = plan.study.file.synth
-    if synth is None:
-        return None
-    return synth_input(study_dir, synth) if create else synth_path(study_dir, synth)
-
-
-def _prepared_or_error(study_dir: StudyDir, cfg: PrepareConfig, create: bool) -> Union[Path, str]:
-    key = prepare_key(cfg)
-    try:
-        return ensure_prepared(study_dir, cfg) if create else study_dir.data(key)
-    except Exception as e:  # noqa: BLE001 - recorded for the cells that needed it
-        error = f"prepare failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-        study_dir.log(f"{error} (data {key})")
-        return error
-
-
-def prepare_cells(plan: Plan, study_dir: StudyDir, create: bool = True) -> Dict[str, Union[Path, str]]:
-    """Per cell: its prepared directory (prepared now unless it exists; only its path with
-    create=False), or, as a string, the error that kept it from being prepared."""
-    input_path = _study_input(plan, study_dir, create)
+    input_path = None
+    if synth is not None:
+        input_path = synth_input(study_dir, synth) if create else synth_path(study_dir, synth)
     prepared: Dict[str, Union[Path, str]] = {}
-    by_cell: Dict[str, Union[Path, str]] = {}
-    for cell in plan.cells:
-        cfg = with_input(cell.config.prepare, input_path)
+
+    def directory(cfg: PrepareConfig) -> Union[Path, str]:
+        cfg = with_input(cfg, input_path)
         key = prepare_key(cfg)
         if key not in prepared:
-            prepared[key] = _prepared_or_error(study_dir, cfg, create)
-        by_cell[cell.id] = prepared[key]
-    return by_cell
+            try:
+                prepared[key] = ensure_prepared(study_dir, cfg) if create else study_dir.data(key)
+            except Exception as e:  # noqa: BLE001 - recorded for the cells that needed it
+                prepared[key] = f"prepare failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                study_dir.log(f"{prepared[key]} (data {key})")
+        return prepared[key]
 
-
-def prepare_common(plan: Plan, study_dir: StudyDir, create: bool = True) -> Union[Path, str]:
-    """The common evaluation set's prepared directory (studies.common), or its error."""
-    return _prepared_or_error(study_dir, with_input(common_prepare(plan), _study_input(plan, study_dir, create)), create)
+    return {cell.id: directory(cell.config.prepare) for cell in plan.cells}, directory(common_prepare(plan))

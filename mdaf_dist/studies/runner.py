@@ -36,7 +36,7 @@ import mdaf_dist
 from mdaf_dist.config import to_yaml
 from mdaf_dist.errors import UserError
 from mdaf_dist.studies.common import score_cells
-from mdaf_dist.studies.datacache import check_input, prepare_cells, prepare_common
+from mdaf_dist.studies.datacache import check_input, prepare_cells
 from mdaf_dist.studies.grid import Cell, Plan, plan_record
 from mdaf_dist.studies.progress import Progress, duration
 from mdaf_dist.studies.workdir import CELL_CONFIG, ERROR_FILE, StudyDir
@@ -155,8 +155,7 @@ class StudyRunner:
             self.dir.claim(plan_record(self.plan))
             self.status = self.dir.read_status()
             self.dir.log(f"run {self.plan.study.name}: {len(self.plan.cells)} cells, scheduler {self.settings.scheduler}")
-        data_dirs = prepare_cells(self.plan, self.dir, create=not self.settings.dryrun)
-        common = prepare_common(self.plan, self.dir, create=not self.settings.dryrun)
+        data_dirs, common = prepare_cells(self.plan, self.dir, create=not self.settings.dryrun)
         with get_runner() as runner:
             cfg = _scheduler_cfg(runner, self.settings, self.dir)
             if self.settings.dryrun:
