@@ -34,6 +34,8 @@ def _errorbar(ax: "plt.Axes", x: Sequence[float], stats: Sequence[Optional[Stat]
 
 def auc_vs_samples(path: Path, samples: List[float], own: List[Stat], common: List[Optional[Stat]], labels: List[str], title: str) -> Path:
     """Validation AUC (own validation set and the common one) against training samples (log scale): scaling_data."""
+    # left to right, so the line joins neighbours in training samples
+    samples, own, common, labels = (list(v) for v in zip(*sorted(zip(samples, own, common, labels), key=lambda point: point[0])))
     fig, ax = plt.subplots(figsize=(7.5, 4))
     _errorbar(ax, samples, own, label="own validation set")
     _errorbar(ax, samples, common, label="common evaluation set", linestyle="--")

@@ -367,7 +367,7 @@ def _sensitivity(plan: Dict[str, Any], cells: Dict[str, CellRecord], out: Path) 
             value = _number(label)
             paper_auc = paper.paper_auc_at(axis["key"], value) if value is not None else None
             comparison = basis.compare(row, base) if base else None
-            delta = comparison.mean if comparison else (0.0 if row is base else None)
+            delta = comparison.mean if comparison else None
             paper_delta = None if paper_auc is None or published is None else paper_auc - published.auc_by_value[published.best]
             stat = row.stat("auc")
             if stat and (best is None or stat.mean > best.stat("auc").mean):
