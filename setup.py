@@ -21,6 +21,8 @@ setup(
         "tqdm>=4.66",
         "tensorboard>=2.16",
         "matplotlib>=3.8",
+        # the studies' significance tests (paired t-test, normal tail of DeLong's statistic)
+        "scipy>=1.11",
         "torchx==0.7.0",
         # torchrec's real dependencies (torchrec itself is installed with --no-deps)
         "tensordict",

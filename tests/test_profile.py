@@ -9,7 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from mdaf_dist.analysis.profile import C1_COMPONENTS, component_latencies, flops_by_module, profile_model, table8, tableC1
+from mdaf_dist.analysis.profile import (
+    C1_COMPONENTS, PAPER_EPOCH_SAMPLES, component_latencies, epoch_samples, flops_by_module, profile_model, table8, tableC1,
+)
 from mdaf_dist.cli import main
 from tests.distributed import tiny_config
 
@@ -71,12 +73,17 @@ def test_work_before_the_first_component_counts_with_it():
 def test_tables_have_the_papers_rows(mdaf_profile):
     bst = dict(mdaf_profile, model="bst", parameters=2 * mdaf_profile["parameters"])
     t8 = table8([mdaf_profile, bst], epoch_steps=100, epoch_samples=3200, device=torch.device("cpu"))
-    assert [row[0] for row in t8.rows] == ["MDAF", "BST", "BST / MDAF"]
+    assert [row[0] for row in t8.rows] == ["MDAF", "BST", "Speedup"]
     assert t8.rows[0][3] == pytest.approx(100 * mdaf_profile["train_step_seconds"])
-    assert t8.rows[2][1] == "2.00x" and t8.rows[2][5] == "2.83x"
+    assert t8.rows[2][1] == "2.00x fewer" and t8.rows[2][5] == "2.83x fewer" and t8.rows[2][8] == f"{0.42 / 0.31:.2f}x faster"
     c1 = tableC1(mdaf_profile)
     assert [row[0] for row in c1.rows] == [label for label, *_ in C1_COMPONENTS] + ["Total"]
     assert sum(row[3] for row in c1.rows[:-1]) == pytest.approx(100.0)
+
+
+def test_an_epoch_without_prepared_data_is_the_papers_not_zero_seconds(tmp_path):
+    assert epoch_samples("") == (PAPER_EPOCH_SAMPLES, "the paper's (5.1.1)")
+    assert epoch_samples(str(tmp_path)) == (PAPER_EPOCH_SAMPLES, f"the paper's (5.1.1): {tmp_path} holds no prepared data")
 
 
 def test_profile_without_table_sizes_is_one_line(capsys):
@@ -92,6 +99,6 @@ def test_cli_profiles_mdaf_and_bst_each_in_a_fresh_process(tmp_path, capsys):
     argv = ["profile", "--vocab", "user=20,item=70,category=5", "--steps", "1", "--repeats", "1", "--out", str(tmp_path), *tiny]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "| MDAF |" in printed and "| BST |" in printed and "| BST / MDAF |" in printed
+    assert "| MDAF |" in printed and "| BST |" in printed and "| Speedup |" in printed
     assert "### Table C1: per-component computational cost (forward pass)" in (tmp_path / "profile.md").read_text()
     assert (tmp_path / "profile.json").is_file()

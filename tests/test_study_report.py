@@ -10,17 +10,24 @@ import statistics
 from pathlib import Path
 from typing import Dict
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from scipy import stats
 
 from mdaf_dist.config import to_yaml
+from mdaf_dist.studies.common import COMMON_JSON, COMMON_PREDICTIONS
 from mdaf_dist.studies.datacache import prepare_key
 from mdaf_dist.studies.grid import Plan, expand, plan_record
 from mdaf_dist.studies.report import write_report
+from mdaf_dist.studies.significance import delong_test
 from mdaf_dist.studies.spec import load_study
 from mdaf_dist.studies.workdir import CELL_CONFIG, StudyDir
 from tests.test_study_run import _assert_png, _markdown_rows
 
 REPO = Path(__file__).resolve().parents[1]
+VOCAB = {"user": 1000, "item": 20000, "category": 300}
 
 
 @pytest.fixture(autouse=True)
@@ -40,7 +47,7 @@ def _recorded_study(tmp_path: Path, study_file: str) -> tuple[Plan, StudyDir, Di
         if not data_dir.is_dir():
             data_dir.mkdir(parents=True)
             train = rng.randrange(1000, 9000)
-            (data_dir / "meta.json").write_text(json.dumps({"splits": {"train": {"rows": train, "positive_share": 0.4}, "valid": {"rows": train // 5}}}))
+            (data_dir / "meta.json").write_text(json.dumps({"splits": {"train": {"rows": train, "positive_share": 0.4}, "valid": {"rows": train // 5}}, "vocab": VOCAB}))
         cell_dir = study_dir.cell(cell.id)
         cell_dir.mkdir(parents=True)
         config = cell.config
@@ -132,9 +139,72 @@ def test_models_report_puts_the_papers_numbers_beside_each_row(tmp_path):
     plan, study_dir, results = _recorded_study(tmp_path, "configs/studies/table2_baselines.yaml")
     report = write_report(study_dir.root)
     rows = _markdown_rows(report.markdown, "Model")
-    bst = results["model-bst_seed-42"]["best_auc"]
-    mdaf = results["model-mdaf_seed-42"]["best_auc"]
-    assert rows["BST"]["Δ vs BST"] == "baseline" and rows["MDAF"]["Δ vs BST"] == _bp(mdaf - bst)
+    # three seeds: the per-seed paired differences, mean ± sample std, and the paired t-test
+    deltas = [results[f"model-mdaf_seed-{s}"]["best_auc"] - results[f"model-bst_seed-{s}"]["best_auc"] for s in (42, 43, 44)]
+    p = stats.ttest_rel([results[f"model-mdaf_seed-{s}"]["best_auc"] for s in (42, 43, 44)], [results[f"model-bst_seed-{s}"]["best_auc"] for s in (42, 43, 44)]).pvalue
+    expected = f"{_bp(statistics.fmean(deltas))[:-2]} ± {round(statistics.stdev(deltas) * 1e4)}bp" + ("*" if p < 0.01 else "")
+    assert rows["BST"]["Δ vs BST"] == "baseline" and rows["MDAF"]["Δ vs BST"] == expected
+    assert rows["MDAF"]["p"] == f"{p:.2g}" and rows["BST"]["p"] == "n/a"
+    assert rows["MDAF"]["Type"] == "Hybrid" and rows["BST"]["Paper Parameters"] == "130M"
+    # D 64 embeddings of the recorded vocabulary: 21,300 x 64 = 1.4M, plus each model's own layers
+    assert rows["MDAF"]["Parameters"].endswith("M") and rows["MDAF"]["Parameters"] != rows["AutoInt"]["Parameters"]
     assert rows["MDAF"]["Paper Val AUC"] == "0.6007" and rows["MDAF"]["Paper Δ vs BST"] == "+296bp" and rows["BST"]["Paper Δ vs BST"] == "baseline"
     epochs = _markdown_rows(report.markdown, "Epoch")
-    assert epochs["2"]["Val AUC"] == f"{results['model-mdaf_seed-42']['evaluations'][1]['auc']:.4f}" and epochs["2"]["Paper Train AUC"] == "0.7738"
+    mdaf_epoch2 = [results[f"model-mdaf_seed-{s}"]["evaluations"][1]["auc"] for s in (42, 43, 44)]
+    assert epochs["2"]["Val AUC"] == f"{statistics.fmean(mdaf_epoch2):.4f}" and epochs["2"]["Paper Train AUC"] == "0.7738"
+
+
+FILTER_STUDY = """name: filters
+configs: [configs/paper.yaml, configs/studies/tiny/base_config.yaml]
+axes:
+  - {name: Filter, key: prepare.category_filter, values: [none, last_l]}
+seeds: [1]
+report: {kind: filtering, paper: table6, reference: none}
+"""
+
+
+def _write_common(study_dir: StudyDir, cell_id: str, labels: np.ndarray, logits: np.ndarray) -> float:
+    """A cell's predictions on the common set and its common.json, as the runner leaves them."""
+    auc = float(stats.mannwhitneyu(logits[labels == 1], logits[labels == 0]).statistic / ((labels == 1).sum() * (labels == 0).sum()))
+    cell_dir = study_dir.cell(cell_id)
+    (cell_dir / COMMON_PREDICTIONS).mkdir()
+    pq.write_table(pa.table({"label": labels.astype(np.int8), "logit": logits.astype(np.float32)}), cell_dir / COMMON_PREDICTIONS / "part-00000.parquet")
+    (cell_dir / COMMON_JSON).write_text(json.dumps({"auc": auc, "logloss": 0.6, "samples": len(labels)}))
+    return auc
+
+
+def test_a_filtered_row_better_on_its_own_validation_set_but_worse_on_the_common_one_gets_a_negative_delta(tmp_path):
+    study_file = tmp_path / "filters.yaml"
+    study_file.write_text(FILTER_STUDY)
+    plan, study_dir, results = _recorded_study(tmp_path, str(study_file))
+    none, last_l = "filter-none_seed-1", "filter-last-l_seed-1"
+    # on its own (filtered) validation set the filtered model looks better ...
+    for cell, auc in ((none, 0.60), (last_l, 0.62)):
+        results[cell]["best_auc"] = auc
+        study_dir.results(cell).write_text(json.dumps(results[cell]))
+    # ... on the common set it is worse: its scores are the unfiltered model's plus more noise
+    rng = np.random.default_rng(3)
+    labels = (rng.random(2000) < 0.4).astype(np.int8)
+    signal = labels + rng.normal(size=2000)
+    common = {none: _write_common(study_dir, none, labels, signal), last_l: _write_common(study_dir, last_l, labels, signal + rng.normal(scale=1.5, size=2000))}
+    assert common[last_l] < common[none]
+
+    report = write_report(study_dir.root)
+    rows = _markdown_rows(report.markdown, "Filter")
+    assert rows["last_l"]["Val AUC"] == "0.6200" and rows["last_l"]["Common AUC"] == f"{common[last_l]:.4f}"
+    assert rows["last_l"]["Δ vs none"].startswith("-") and rows["last_l"]["Δ vs none"].rstrip("*") == _bp(common[last_l] - common[none])
+    assert rows["none"]["Δ vs none"] == "baseline"
+    assert "Rows were validated on different sample sets" in report.markdown.split("| Filter |")[0]
+    # the paper's stages, matched by the settings each row ran: no all-"n/a" column
+    assert rows["last_l"]["Paper train samples"] == "473,044" and rows["none"]["Paper train samples"] == "915,915"
+    assert rows["last_l"]["Paper stage"] == "+ Hyperparameter tuning" and rows["none"]["Paper stage"] == "n/a"
+    assert all(any(row[column] != "n/a" for row in rows.values()) for column in rows["none"])
+
+    data = {row["label"]: row for row in write_report(study_dir.root).data["rows"]}
+    assert data["last_l"]["common_auc"] == {"mean": common[last_l], "std": None, "n": 1, "values": [common[last_l]]}
+    assert data["none"]["common_samples"] == data["last_l"]["common_samples"] == 2000
+    assert data["none"]["p_value"] is None
+    predictions = {cell: pq.read_table(study_dir.cell(cell) / COMMON_PREDICTIONS).column("logit").to_numpy() for cell in (none, last_l)}
+    p = delong_test(labels, predictions[last_l], predictions[none])
+    assert data["last_l"]["p_value"] == pytest.approx(p) and 0.0 <= p <= 1.0 and data["last_l"]["test"] == "DeLong"
+    assert rows["last_l"]["p"] == f"{p:.2g}"

@@ -154,11 +154,15 @@ def test_report_shows_the_cells_results_and_mean_std_over_seeds(fusions, capsys)
         means[fusion] = statistics.fmean(auc)
         assert row["Seeds"] == "2"
         assert row["Val AUC"] == f"{statistics.fmean(auc):.4f} ± {statistics.stdev(auc):.4f}"
-        assert row["Log Loss"] == f"{statistics.fmean(logloss):.3f} ± {statistics.stdev(logloss):.3f}"
+        assert row["Log Loss (best epoch)"] == f"{statistics.fmean(logloss):.3f} ± {statistics.stdev(logloss):.3f}"
         assert row["Test AUC"] == "n/a" and row["Paper Val AUC"] == "n/a"
     assert rows["gate"]["Δ vs gate"] == "baseline"
-    delta = round((means["concat"] - means["gate"]) * 1e4)
-    assert rows["concat"]["Δ vs gate"] == (f"{delta:+d}bp" if delta else "0bp")
+    # the rows share their data: the common set is it, and Δ is the per-seed paired difference
+    common = {cell.parent.name: json.loads(cell.read_text()) for cell in (out / "cells").glob("*/common.json")}
+    paired = [common[f"fusion-concat_seed-{s}"]["auc"] - common[f"fusion-gate_seed-{s}"]["auc"] for s in (1, 2)]
+    assert [common[f"fusion-gate_seed-{s}"]["auc"] for s in (1, 2)] == pytest.approx([results[f"fusion-gate_seed-{s}"]["best_auc"] for s in (1, 2)], abs=1e-6)
+    delta, spread = round(statistics.fmean(paired) * 1e4), round(statistics.stdev(paired) * 1e4)
+    assert rows["concat"]["Δ vs gate"].rstrip("*") == f"{delta:+d} ± {spread}bp".replace("+0 ", "0 ")
     # every cell's own line, and the Table 7 section of the gate row beside the paper's epochs
     cells = _markdown_rows(markdown, "Cell")
     for cell, result in results.items():
@@ -205,4 +209,13 @@ def test_filter_cells_prepare_their_own_data_and_a_failing_cell_does_not_stop_th
         assert rows[label]["Valid samples"] == f"{meta['splits']['valid']['rows']:,}"
     assert counts["none"] > counts["last_l"]
     assert rows["broken"]["Val AUC"] == "n/a"
+    # after training, both trained cells scored on the common set: the base config's (last_l) data,
+    # which is the last_l cell's own, so its common AUC is its best epoch's again
+    common = {label: json.loads((out / "cells" / f"filter-{label}_seed-1" / "common.json").read_text()) for label in ("none", "last-l")}
+    last_l = json.loads((out / "cells" / "filter-last-l_seed-1" / "results.json").read_text())
+    assert common["none"]["data_dir"] == common["last-l"]["data_dir"] == str(data_dir)
+    assert common["none"]["samples"] == common["last-l"]["samples"] == meta["splits"]["valid"]["rows"]
+    assert common["last-l"]["auc"] == pytest.approx(last_l["best_auc"], abs=1e-6)
+    assert rows["last_l"]["Common AUC"] == f"{common['last-l']['auc']:.4f}" and rows["none"]["Common AUC"] == f"{common['none']['auc']:.4f}"
+    assert not (out / "cells" / "filter-broken_seed-1" / "common.json").exists()
     _assert_png(out / "report" / "filtering.png")

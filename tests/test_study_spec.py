@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from mdaf_dist import cli
+from mdaf_dist.studies.common import common_prepare
+from mdaf_dist.studies.datacache import prepare_key
 from mdaf_dist.studies.grid import expand
 from mdaf_dist.studies.spec import load_study
 
@@ -97,6 +99,29 @@ def test_unknown_axis_key_is_one_line(tmp_path, capsys):
 def test_axis_without_values_is_one_line(tmp_path, capsys):
     path = _write(tmp_path, _study("  - {key: model.fusion, values: []}\n"))
     assert _error(capsys, "run", path, "--out", str(tmp_path / "out")) == f"mdaf study: error: {path}: axis 'model.fusion' has no values"
+
+
+def test_an_evaluation_set_that_is_not_prepare_settings_is_one_line(tmp_path, capsys):
+    axes = "  - {key: model.fusion, values: [gate, concat]}\n"
+    path = _write(tmp_path, _study(axes) + "evaluate_on: [train.lr=0.1]\n")
+    assert _error(capsys, "run", path, "--out", str(tmp_path / "out")) == (
+        f"mdaf study: error: {path}: evaluate_on names the common evaluation set's data: only prepare.* settings, got 'train.lr=0.1'"
+    )
+    path = _write(tmp_path, _study(axes) + "evaluate_on: [prepare.category_filtr=none]\n", "typo.yaml")
+    assert _error(capsys, "run", path, "--out", str(tmp_path / "out")).startswith(
+        f"mdaf study: error: {path}: evaluate_on: prepare.category_filtr: Key 'category_filtr' not in 'PrepareConfig'."
+    )
+
+
+def test_the_common_evaluation_set_is_the_base_config_with_evaluate_on():
+    plan = expand(load_study("configs/studies/tiny/scaling_filter.yaml"), ["prepare.input=raw.csv"])
+    base = common_prepare(plan)
+    assert base.category_filter == "last_l" and base.input == "raw.csv" and base.history_length == 10
+    # the last_l row trains on exactly that data; the relaxed rows on their own
+    keys = {cell.coords["Category filter"]: prepare_key(cell.config.prepare) for cell in plan.cells}
+    assert keys["last_l"] == prepare_key(base) and len(set(keys.values())) == 4
+    plan.study.file.evaluate_on = ["prepare.category_filter=none"]
+    assert common_prepare(plan).category_filter == "none" and prepare_key(common_prepare(plan)) == keys["none"]
 
 
 def test_a_file_that_is_not_yaml_is_one_line(tmp_path, capsys):

@@ -4,7 +4,8 @@ measured on whatever device runs it.
 Table 8 compares the config's model with BST: parameters, peak memory of a training step,
 training time per epoch and inference time per batch. Training time per epoch is *measured* on
 `--steps` training steps (forward, backward, AdamW) of random batches and *extrapolated* to the
-epoch's steps (the train split of the data directory, or the paper's 473,044 samples), so it
+epoch's steps (the train split of the data directory, or the paper's 473,044 samples when it
+holds no prepared training data), so it
 leaves out data loading and evaluation. The model is the unsharded one (plain embedding tables,
 AdamW on every parameter) on one device: what a single GPU of the paper ran. Peak memory is CUDA's
 peak allocation on a GPU; on a CPU, the peak resident memory of a fresh process that profiles
@@ -43,7 +44,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from mdaf_dist.analysis.report import Table, write_tables
 from mdaf_dist.config import Config, ModelConfig, load_config
 from mdaf_dist.data.batch import CATEGORY, HIST_ITEM, ITEM, USER
-from mdaf_dist.data.layout import read_meta
+from mdaf_dist.data.layout import META_FILE, read_meta
 from mdaf_dist.data.loader import num_samples
 from mdaf_dist.distributed.env import resolve_device
 from mdaf_dist.errors import UserError
@@ -204,7 +205,24 @@ def profile_model(cfg: ModelConfig, vocab: Dict[str, int], device: torch.device,
     }
 
 
-def table8(profiles: List[Dict[str, Any]], epoch_steps: int, epoch_samples: int, device: torch.device) -> Table:
+# Table 8's last row: BST's value over MDAF's, in the paper's words per column
+SPEEDUP_WORDS = ("fewer", "less", "faster", "faster")
+
+
+def epoch_samples(data_dir: str) -> Tuple[int, str]:
+    """The training samples of the epoch Table 8 times, and where they come from: the data
+    directory's train split, or the paper's count when it holds none (not prepared, or empty)."""
+    if data_dir and (Path(data_dir) / META_FILE).is_file():
+        samples = num_samples(data_dir, "train")
+        if samples:
+            return samples, f"the train split of {data_dir}"
+        return PAPER_EPOCH_SAMPLES, f"the paper's (5.1.1): {data_dir} has no training samples"
+    if data_dir:
+        return PAPER_EPOCH_SAMPLES, f"the paper's (5.1.1): {data_dir} holds no prepared data"
+    return PAPER_EPOCH_SAMPLES, "the paper's (5.1.1)"
+
+
+def table8(profiles: List[Dict[str, Any]], epoch_steps: int, epoch_samples: int, device: torch.device, samples_from: str = "") -> Table:
     rows = []
     for p in profiles:
         paper = PAPER_TABLE8.get(p["model"], (None,) * 4)
@@ -214,14 +232,15 @@ def table8(profiles: List[Dict[str, Any]], epoch_steps: int, epoch_samples: int,
         ])  # fmt: skip
     if len(profiles) == 2:
         ours, other = rows
-        ratio = [f"{other[i] / ours[i]:.2f}x" if ours[i] else None for i in range(1, 5)]
-        paper_ratio = [f"{other[i] / ours[i]:.2f}x" if ours[i] and other[i] else None for i in range(5, 9)]
-        rows.append([f"{other[0]} / {ours[0]}", *ratio, *paper_ratio])
+        ratio = [f"{other[i] / ours[i]:.2f}x {word}" if ours[i] else None for i, word in zip(range(1, 5), SPEEDUP_WORDS)]
+        paper_ratio = [f"{other[i] / ours[i]:.2f}x {word}" if ours[i] and other[i] else None for i, word in zip(range(5, 9), SPEEDUP_WORDS)]
+        rows.append(["Speedup", *ratio, *paper_ratio])
     memory = "CUDA peak allocated" if device.type == "cuda" else "peak resident memory of the profiling process"
     note = (
         f"Device: {device}. Memory: {memory} (GB). Training time/epoch: measured seconds per training step x {epoch_steps:,} "
-        f"steps ({epoch_samples:,} samples / batch {profiles[0]['batch_size']:,}), extrapolated, without data loading or "
-        f"evaluation. Inference: one forward of {profiles[0]['eval_batch_size']:,} samples (s)."
+        f"steps ({epoch_samples:,} samples{f', {samples_from}' if samples_from else ''} / batch {profiles[0]['batch_size']:,}), "
+        f"extrapolated, without data loading or evaluation. Inference: one forward of {profiles[0]['eval_batch_size']:,} samples (s)."
+        + (f" Speedup: {profiles[1]['model'].upper()}'s value over {profiles[0]['model'].upper()}'s, as the paper's last row." if len(profiles) == 2 else "")
     )
     columns = ["Model", "Parameters", "Memory (GB)", "Training Time/Epoch (s)", "Inference Time/Batch (s)",
                "Paper Parameters", "Paper GPU Memory (GB)", "Paper Training Time/Epoch (s)", "Paper Inference Time/Batch (s)"]  # fmt: skip
@@ -276,8 +295,8 @@ def run(args: argparse.Namespace) -> int:
     vocab = _vocab(cfg, args.vocab)
     device = resolve_device(cfg.train.device, 0)
     names = [cfg.model.name] + ([COMPARED_WITH] if cfg.model.name != COMPARED_WITH else [])
-    epoch_samples = num_samples(cfg.data_dir, "train") if cfg.data_dir else PAPER_EPOCH_SAMPLES
-    epoch_steps = math.ceil(epoch_samples / cfg.loader.batch_size)
+    samples, samples_from = epoch_samples(cfg.data_dir)
+    epoch_steps = math.ceil(samples / cfg.loader.batch_size)
     jobs = [
         dict(cfg=dataclasses.replace(cfg.model, name=name), vocab=vocab, device=device, batch_size=cfg.loader.batch_size,
              eval_batch_size=cfg.loader.eval_batch_size, steps=args.steps, repeats=args.repeats, lr=cfg.train.lr)
@@ -287,7 +306,7 @@ def run(args: argparse.Namespace) -> int:
     for job in jobs:
         with multiprocessing.get_context("spawn").Pool(1) as pool:
             profiles.append(pool.apply(profile_model, (), job))
-    tables = [table8(profiles, epoch_steps, epoch_samples, device), parameters_table(profiles[0]), tableC1(profiles[0])]
+    tables = [table8(profiles, epoch_steps, samples, device, samples_from), parameters_table(profiles[0]), tableC1(profiles[0])]
     heading = f"Profile of {', '.join(n.upper() for n in names)} on {device}"
     if args.out:
         print(write_tables(tables, Path(args.out), "profile", heading))

@@ -14,13 +14,14 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Dict, Optional, Tuple, Union
 
 from mdaf_dist.config import PrepareConfig, to_dict
 from mdaf_dist.data.layout import META_FILE
 from mdaf_dist.data.prepare import prepare
 from mdaf_dist.data.synth import generate
 from mdaf_dist.errors import UserError
+from mdaf_dist.studies.common import common_prepare
 from mdaf_dist.studies.grid import Plan
 from mdaf_dist.studies.spec import SynthSpec
 from mdaf_dist.studies.workdir import LOG_FILE, StudyDir
@@ -77,17 +78,18 @@ def ensure_prepared(study_dir: StudyDir, cfg: PrepareConfig) -> Path:
     return out
 
 
-def prepare_cells(plan: Plan, study_dir: StudyDir, create: bool = True) -> Dict[str, Union[Path, str]]:
-    """Per cell: its prepared directory (prepared now unless it exists; only its path with
-    create=False), or, as a string, the error that kept it from being prepared."""
+def prepare_cells(plan: Plan, study_dir: StudyDir, create: bool = True) -> Tuple[Dict[str, Union[Path, str]], Union[Path, str]]:
+    """Per cell, its prepared directory, and the common evaluation set's (studies.common):
+    prepared now unless it exists (only its path with create=False), or, as a string, the error
+    that kept it from being prepared."""
     synth = plan.study.file.synth
     input_path = None
     if synth is not None:
         input_path = synth_input(study_dir, synth) if create else synth_path(study_dir, synth)
     prepared: Dict[str, Union[Path, str]] = {}
-    by_cell: Dict[str, Union[Path, str]] = {}
-    for cell in plan.cells:
-        cfg = with_input(cell.config.prepare, input_path)
+
+    def directory(cfg: PrepareConfig) -> Union[Path, str]:
+        cfg = with_input(cfg, input_path)
         key = prepare_key(cfg)
         if key not in prepared:
             try:
@@ -95,5 +97,6 @@ def prepare_cells(plan: Plan, study_dir: StudyDir, create: bool = True) -> Dict[
             except Exception as e:  # noqa: BLE001 - recorded for the cells that needed it
                 prepared[key] = f"prepare failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
                 study_dir.log(f"{prepared[key]} (data {key})")
-        by_cell[cell.id] = prepared[key]
-    return by_cell
+        return prepared[key]
+
+    return {cell.id: directory(cell.config.prepare) for cell in plan.cells}, directory(common_prepare(plan))

@@ -69,12 +69,17 @@ def _signature(config: Config, launch: Dict[str, int]) -> str:
     return json.dumps({"config": to_dict(config), "launch": launch}, sort_keys=True, default=str)
 
 
+def shared_overrides(study: Study, overrides: Sequence[str]) -> List[str]:
+    """The settings of every cell: the study file's overrides, then the command line's."""
+    return [*study.file.overrides, *(o for o in overrides if o.split("=", 1)[0] not in LAUNCH_KEYS)]
+
+
 def expand(study: Study, overrides: Sequence[str] = ()) -> Plan:
     """Every cell of the study with its config (base files, the study's and the command line's
     overrides, the values' files and settings, the seed), and every report point."""
     spec = study.file
     plan = Plan(study, list(overrides))
-    shared = [*spec.overrides, *(o for o in overrides if o.split("=", 1)[0] not in LAUNCH_KEYS)]
+    shared = shared_overrides(study, overrides)
     command_line_launch = {}
     for override in overrides:
         key, _, text = override.partition("=")

@@ -12,15 +12,23 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
 
 from mdaf_dist.analysis.dynamics import table7
 from mdaf_dist.analysis.report import markdown_table
 from mdaf_dist.studies import paper, plots
 from mdaf_dist.studies.results import CellRecord, Row, Stat, load_cells, rows
-from mdaf_dist.studies.workdir import StudyDir
+from mdaf_dist.studies.significance import Comparison, compare
+from mdaf_dist.studies.workdir import CELL_CONFIG, StudyDir
 
 NA = "n/a"
+WALL = "Train loop s"
+WALL_NOTE = (
+    f"{WALL}: wall seconds of the training loop, every epoch with its evaluations and checkpoints (results.json "
+    "`wall_seconds`); not the job's start-up, model building or data preparation; a resumed run counts from its resume."
+)
 
 
 # -- formatting -------------------------------------------------------------------------------
@@ -64,18 +72,106 @@ def _mean(stat: Optional[Stat]) -> Optional[float]:
     return None if stat is None else stat.mean
 
 
-def _delta(row: Row, reference: Row) -> Optional[float]:
-    ours, ref = _mean(row.stat("auc")), _mean(reference.stat("auc"))
-    return None if ours is None or ref is None else ours - ref
+def fmt_params(count: Optional[int]) -> str:
+    if count is None:
+        return NA
+    return f"{count / 1e6:.1f}M" if count >= 1e6 else f"{count / 1e3:.1f}K"
 
 
-def _row_data(row: Row, metrics: Sequence[str], **extra: Any) -> Dict[str, Any]:
-    stats = {m: row.stat(m) for m in metrics}
+def fmt_p(p: Optional[float]) -> str:
+    return NA if p is None else f"{p:.2g}"
+
+
+def fmt_delta(comparison: Optional[Comparison]) -> str:
+    """Mean paired difference in bp, ± its sample std over seeds, * when p < 0.01."""
+    if comparison is None:
+        return "baseline"
+    if comparison.mean is None:
+        return NA
+    text = fmt_bp(comparison.mean)
+    if comparison.std is not None:
+        text = f"{text[:-2]} ± {round(comparison.std * 1e4)}bp"
+    return text + ("*" if comparison.significant else "")
+
+
+# -- what the rows are compared on ----------------------------------------------------------------
+@dataclass
+class _Basis:
+    """The AUC that differences are measured on: the common evaluation set's once every trained
+    cell has been scored on it, else each row's own validation set's; and what to say about it."""
+
+    metric: str
+    above: str
+    below: str
+
+    def compare(self, row: Row, reference: Row) -> Optional[Comparison]:
+        """The row against its reference (None for the reference itself)."""
+        if row is reference:
+            return None
+        ours, theirs = _by_seed(row, self.metric), _by_seed(reference, self.metric)
+        same_samples = None
+        seeds = [seed for seed in ours if seed in theirs]
+        if self.metric == "common_auc" and len(seeds) == 1:
+            same_samples = _same_samples(_cell_of(row, seeds[0]), _cell_of(reference, seeds[0]))
+        return compare(ours, theirs, same_samples)
+
+
+def _by_seed(row: Row, metric: str) -> Dict[int, float]:
+    return {cell.seed: value for cell in row.cells if (value := cell.metric(metric)) is not None}
+
+
+def _cell_of(row: Row, seed: int) -> CellRecord:
+    return next(cell for cell in row.cells if cell.seed == seed)
+
+
+def _same_samples(ours: CellRecord, reference: CellRecord) -> Optional[tuple]:
+    """(labels, our logits, the reference's logits) on the common set, when both were scored on
+    the same rows."""
+    a, b = ours.common_predictions(), reference.common_predictions()
+    if a is None or b is None or len(a[0]) != len(b[0]) or not np.array_equal(a[0], b[0]):
+        return None
+    return a[0], a[1], b[1]
+
+
+def _basis_name(basis: _Basis) -> str:
+    return "common evaluation set" if basis.metric == "common_auc" else "rows' own validation sets"
+
+
+def _basis(cells: Dict[str, CellRecord], reference: str) -> _Basis:
+    trained = [cell for cell in cells.values() if cell.results]
+    scored = [cell for cell in trained if cell.common]
+    sets = {cell.setting("data_dir") for cell in trained}
+    samples = next((cell.metric("common_samples") for cell in scored), None)
+    below = (
+        f"Δ vs {reference}: the paired difference of each seed's AUC from the reference row's, mean ± sample std over "
+        "the seeds both rows have, in bp. p: paired t-test over those seeds (scipy.stats.ttest_rel); with one seed, "
+        "DeLong's test of the two AUCs on the common set's samples. * p < 0.01, the paper's mark. "
+        "Log loss: of the best epoch (the epoch of the best validation AUC, whose checkpoint is kept)."
+    )
+    if trained and len(scored) == len(trained):
+        common = f"the common evaluation set ({fmt_count(samples)} validation samples, the same for every row)"
+        above = f"Δ and p are computed on {common}: Common AUC is each cell's best checkpoint scored on it."
+        if len(sets) > 1:
+            above = "Rows were validated on different sample sets (Val AUC: each on its own data's validation split). " + above
+        return _Basis("common_auc", above, below)
+    above = "Δ and p are computed on each row's own validation set: not every trained cell has been scored on the common evaluation set yet."
+    if len(sets) > 1:
+        above = "Rows were validated on different sample sets, so their Δ are not comparable: " + above[:1].lower() + above[1:]
+    return _Basis("auc", above, below)
+
+
+def _row_data(row: Row, metrics: Sequence[str], comparison: Optional[Comparison] = None, **extra: Any) -> Dict[str, Any]:
+    stats = {m: row.stat(m) for m in ("auc", *metrics, "common_auc", "common_logloss")}
+    samples = row.stat("common_samples")
     return {
         "label": row.label,
         "coords": row.coords,
         "cells": [cell.id for cell in row.cells],
         **{m: (s.as_dict() if s else None) for m, s in stats.items()},
+        "common_samples": None if samples is None else int(samples.mean),
+        "delta": None if comparison is None else {"mean": comparison.mean, "std": comparison.std, "n": len(comparison.deltas), "values": comparison.deltas},
+        "test": None if comparison is None else (comparison.test or None),
+        "p_value": None if comparison is None else comparison.p_value,
         **extra,
     }
 
@@ -93,11 +189,30 @@ class _Parts:
 
     sections: List[str] = field(default_factory=list)
     data: Dict[str, Any] = field(default_factory=dict)
-    plots: List[Path] = field(default_factory=list)
+    # each PNG with the caption printed under it
+    plots: List[Tuple[Path, str]] = field(default_factory=list)
 
 
 def _first_axis_name(plan: Dict[str, Any]) -> str:
     return plan["axes"][0]["name"] if len(plan["axes"]) == 1 else "Setting"
+
+
+def _parameters(row: Row) -> Optional[int]:
+    """The row's model's parameter count, built on the meta device from its config and the
+    vocabulary sizes of its data (embeddings included, as the paper counts them)."""
+    cell = next((cell for cell in row.cells if cell.config is not None and cell.meta and "vocab" in cell.meta), None)
+    if cell is None:
+        return None
+    import torch  # the models only for a models report
+
+    from mdaf_dist.config import load_config
+    from mdaf_dist.models.describe import count_parts
+    from mdaf_dist.models.registry import build_model
+
+    cfg = load_config(str(cell.dir / CELL_CONFIG))
+    vocab = {name: int(cell.meta["vocab"][name]) for name in ("user", "item", "category")}
+    model = build_model(cfg.model, vocab, embedding_backend="plain", embedding_device=torch.device("meta"))
+    return dict(count_parts(model))["total"]
 
 
 def _models(plan: Dict[str, Any], cells: Dict[str, CellRecord], out: Path) -> _Parts:
@@ -107,23 +222,32 @@ def _models(plan: Dict[str, Any], cells: Dict[str, CellRecord], out: Path) -> _P
     table_rows = rows(plan, cells)
     ref_label = plan["report"]["reference"] or table_rows[0].label
     reference = next((r for r in table_rows if r.label == ref_label), table_rows[0])
+    basis = _basis(cells, reference.label)
+    typed = bool(table) and any(r.kind for r in table.rows.values())
     body, data = [], []
     for row in table_rows:
         published = table.rows.get(row.label) if table else None
-        delta = _delta(row, reference)
+        comparison = basis.compare(row, reference)
+        parameters = _parameters(row)
         body.append([
-            row.label, str(len(row.cells)), fmt_stat(row.stat("auc")), fmt_stat(row.stat("logloss"), 3),
-            "baseline" if row is reference else fmt_bp(delta), fmt_stat(row.stat("test_auc")),
+            row.label, *([published.kind if published else NA] if typed else []), str(len(row.cells)), fmt_params(parameters),
+            fmt_stat(row.stat("auc")), fmt_stat(row.stat("logloss"), 3), fmt_stat(row.stat("common_auc")),
+            fmt_delta(comparison), fmt_p(comparison.p_value if comparison else None), fmt_stat(row.stat("test_auc")),
+            (published.parameters or NA) if published else NA,
             fmt_value(published.auc if published else None), fmt_value(published.logloss if published else None, 3),
             fmt_paper_bp(published.delta_bp) if published else NA,
         ])  # fmt: skip
-        data.append(_row_data(row, ("auc", "logloss", "test_auc", "train_auc"), delta_auc=delta, paper=published.__dict__ if published else None))
-    header = [_first_axis_name(plan), "Seeds", "Val AUC", "Log Loss", f"Δ vs {reference.label}", "Test AUC", "Paper Val AUC", "Paper Log Loss", f"Paper Δ vs {table.reference if table else NA}"]
-    parts.sections.append(markdown_table(header, body))
+        data.append(_row_data(row, ("logloss", "test_auc", "train_auc"), comparison, parameters=parameters, paper=published.__dict__ if published else None))
+    header = [
+        _first_axis_name(plan), *(["Type"] if typed else []), "Seeds", "Parameters", "Val AUC", "Log Loss (best epoch)", "Common AUC",
+        f"Δ vs {reference.label}", "p", "Test AUC", "Paper Parameters", "Paper Val AUC", "Paper Log Loss", f"Paper Δ vs {table.reference if table else NA}",
+    ]  # fmt: skip
+    parts.sections += [basis.above, markdown_table(header, body), basis.below]
     if table:
         parts.sections.append(f"Paper numbers: {table.source}.")
     parts.data["rows"] = data
     parts.data["reference"] = reference.label
+    parts.data["compared_on"] = basis.metric
     dynamics = plan["report"].get("dynamics", "")
     row = next((r for r in table_rows if r.label == dynamics), None)
     if row is not None:
@@ -132,7 +256,8 @@ def _models(plan: Dict[str, Any], cells: Dict[str, CellRecord], out: Path) -> _P
 
 
 def _epoch_means(row: Row) -> Dict[int, Dict[str, Optional[float]]]:
-    """Per epoch: the mean over the row's seeds of val AUC, log loss and train AUC."""
+    """Per epoch: the mean over the row's seeds of val AUC, log loss and train AUC, and the
+    sample std of val AUC (`auc_std`, None with one seed)."""
     by_epoch: Dict[int, Dict[str, List[float]]] = {}
     for cell in row.cells:
         for evaluation in cell.curve():
@@ -140,7 +265,10 @@ def _epoch_means(row: Row) -> Dict[int, Dict[str, Optional[float]]]:
             for key in slot:
                 if evaluation.get(key) is not None:
                     slot[key].append(float(evaluation[key]))
-    return {epoch: {k: (sum(v) / len(v) if v else None) for k, v in values.items()} for epoch, values in sorted(by_epoch.items())}
+    return {
+        epoch: {**{k: (sum(v) / len(v) if v else None) for k, v in values.items()}, "auc_std": Stat(values["auc"]).std if values["auc"] else None}
+        for epoch, values in sorted(by_epoch.items())
+    }
 
 
 def _dynamics(row: Row, parts: _Parts) -> str:
@@ -148,38 +276,77 @@ def _dynamics(row: Row, parts: _Parts) -> str:
     per-epoch numbers the means over the row's seeds."""
     means = _epoch_means(row)
     parts.data["dynamics"] = {"label": row.label, "epochs": means}
-    evaluations = [{"epoch": epoch, **values} for epoch, values in means.items() if values["auc"] is not None]
+    evaluations = [{"epoch": epoch, **values} for epoch, values in means.items() if values["auc"] is not None]  # table7 ignores auc_std
     return f"Training dynamics of {row.label} (mean over {len(row.cells)} seed(s)):\n\n{table7(evaluations).markdown()}"
 
 
+def _paper_stage(row: Row, prepare_only: bool) -> Optional[str]:
+    """The Table 6 stage whose settings every cell of the row has (its prepare.* settings alone
+    with `prepare_only`: the same samples, whatever the model)."""
+    for stage, settings in paper.TABLE6_SETTINGS.items():
+        wanted = {k: v for k, v in settings.items() if k.startswith("prepare.") or not prepare_only}
+        if row.cells and all(cell.setting(k) == v for cell in row.cells for k, v in wanted.items()):
+            return stage
+    return None
+
+
+def _without_empty_columns(header: List[str], body: List[List[str]]) -> tuple[List[str], List[List[str]]]:
+    keep = [i for i in range(len(header)) if any(line[i] != NA for line in body)]
+    return [header[i] for i in keep], [[line[i] for i in keep] for line in body]
+
+
 def _filtering(plan: Dict[str, Any], cells: Dict[str, CellRecord], out: Path) -> _Parts:
-    """Table 6 and filter scaling: training samples (from prepare's meta.json) and AUC per setting."""
+    """Table 6 and filter scaling: training samples (from prepare's meta.json) and AUC per setting,
+    each row against the study's reference row (against the previous row without one, as Table 6
+    measures each stage), the paper's Table 6 numbers wherever a row ran a stage's settings."""
     parts = _Parts()
-    table = paper.TABLES.get(plan["report"]["paper"])
     table_rows = rows(plan, cells)
+    ref_label = plan["report"]["reference"]
+    fixed = next((r for r in table_rows if r.label == ref_label), None)
+    basis = _basis(cells, ref_label or "previous row")
+    paper_auc = {row.label: paper.TABLE6.rows[stage].auc for row in table_rows if (stage := _paper_stage(row, prepare_only=False))}
     body, data = [], []
     for i, row in enumerate(table_rows):
-        published = table.rows.get(row.label) if table else None
-        delta = _delta(row, table_rows[i - 1]) if i else None
+        reference = fixed or table_rows[max(i - 1, 0)]
+        comparison = basis.compare(row, reference)
+        stage, samples_stage = _paper_stage(row, prepare_only=False), _paper_stage(row, prepare_only=True)
+        if fixed is None:
+            paper_delta = fmt_paper_bp(paper.TABLE6.rows[stage].delta_bp) if stage else NA
+        elif row is fixed:
+            paper_delta = "baseline" if row.label in paper_auc else NA
+        else:
+            paper_delta = fmt_bp(paper_auc[row.label] - paper_auc[fixed.label]) if row.label in paper_auc and fixed.label in paper_auc else NA
         share = _mean(row.stat("train_positive_share"))
         body.append([
             row.label, str(len(row.cells)), fmt_count(_mean(row.stat("train_samples"))), fmt_count(_mean(row.stat("valid_samples"))),
-            NA if share is None else f"{100 * share:.1f}", fmt_stat(row.stat("auc")), "baseline" if i == 0 else fmt_bp(delta),
-            fmt_count(published.train_samples if published else None), fmt_value(published.auc if published else None),
-            (fmt_paper_bp(published.delta_bp) if published else NA),
+            NA if share is None else f"{100 * share:.1f}", fmt_stat(row.stat("auc")), fmt_stat(row.stat("common_auc")),
+            fmt_delta(comparison), fmt_p(comparison.p_value if comparison else None),
+            stage or NA, fmt_count(paper.TABLE6.rows[samples_stage].train_samples if samples_stage else None),
+            fmt_value(paper_auc.get(row.label)), paper_delta,
         ])  # fmt: skip
-        data.append(_row_data(row, ("auc", "logloss", "train_samples", "valid_samples", "train_positive_share"), delta_auc_vs_previous=delta))
-    header = [_first_axis_name(plan), "Seeds", "Train samples", "Valid samples", "Train pos %", "Val AUC", "Δ vs previous row", "Paper train samples", "Paper Val AUC", "Paper Δ"]
-    parts.sections.append(markdown_table(header, body))
-    if table:
-        parts.sections.append(f"Paper numbers: {table.source}.")
+        data.append(_row_data(row, ("logloss", "train_samples", "valid_samples", "train_positive_share"), comparison, reference=reference.label, paper_stage=stage))
+    header = [
+        _first_axis_name(plan), "Seeds", "Train samples", "Valid samples", "Train pos %", "Val AUC", "Common AUC",
+        f"Δ vs {ref_label}" if fixed else "Δ vs previous row", "p", "Paper stage", "Paper train samples", "Paper Val AUC",
+        f"Paper Δ vs {ref_label}" if fixed else "Paper Δ",
+    ]  # fmt: skip
+    parts.sections += [basis.above, markdown_table(*_without_empty_columns(header, body)), basis.below]
+    parts.sections.append(
+        f"Paper numbers: {paper.TABLE6.source}, of the stage whose settings a row ran "
+        "(the sample count: the stage whose data settings it ran, at the paper's scale)."
+    )
     parts.data["rows"] = data
+    parts.data["compared_on"] = basis.metric
     done = [row for row in table_rows if row.stat("auc") and row.stat("train_samples")]
     if done:
-        parts.plots.append(plots.auc_and_samples(
-            out / "filtering.png", [r.label for r in done], [r.stat("auc").mean for r in done], [r.stat("auc").std for r in done],
+        figure = plots.auc_and_samples(
+            out / "filtering.png", [r.label for r in done], [r.stat("auc") for r in done], [r.stat("common_auc") for r in done],
             [r.stat("train_samples").mean for r in done], "Validation AUC and training samples per filter setting",
-        ))  # fmt: skip
+        )  # fmt: skip
+        parts.plots.append((figure, (
+            "Left: each setting's best validation AUC on its own validation split and on the common evaluation set "
+            "(mean over seeds, error bars ± sample std). Right: the training samples its filter kept."
+        )))  # fmt: skip
     return parts
 
 
@@ -187,6 +354,7 @@ def _sensitivity(plan: Dict[str, Any], cells: Dict[str, CellRecord], out: Path) 
     """Table A1: one axis at a time around the base; AUC per value and its change from the base."""
     parts = _Parts()
     base = rows(plan, cells, axis=None)[0] if plan["grid"] == "one_at_a_time" else None
+    basis = _basis(cells, "base")
     detail, summary, panels, data = [], [], {}, []
     for axis in plan["axes"]:
         published = paper.TABLEA1.get(axis["key"])
@@ -198,17 +366,21 @@ def _sensitivity(plan: Dict[str, Any], cells: Dict[str, CellRecord], out: Path) 
             label = row.coords[axis["name"]]
             value = _number(label)
             paper_auc = paper.paper_auc_at(axis["key"], value) if value is not None else None
-            delta = _delta(row, base) if base else None
+            comparison = basis.compare(row, base) if base else None
+            delta = comparison.mean if comparison else None
             paper_delta = None if paper_auc is None or published is None else paper_auc - published.auc_by_value[published.best]
             stat = row.stat("auc")
             if stat and (best is None or stat.mean > best.stat("auc").mean):
                 best = row
-            detail.append([name, label, str(len(row.cells)), fmt_stat(stat), fmt_bp(delta), fmt_value(paper_auc), fmt_bp(paper_delta)])
+            detail.append([
+                name, label, str(len(row.cells)), fmt_stat(stat), fmt_stat(row.stat("common_auc")), fmt_delta(comparison) if base else NA,
+                fmt_p(comparison.p_value if comparison else None), fmt_value(paper_auc), fmt_bp(paper_delta),
+            ])  # fmt: skip
             panel["labels"].append(label)
             panel["ours"].append(None if delta is None else delta * 1e4)
-            panel["std"].append(stat.std * 1e4 if stat and stat.std else None)
+            panel["std"].append(comparison.std * 1e4 if comparison and comparison.std else None)
             panel["paper"].append(None if paper_delta is None else paper_delta * 1e4)
-            data.append(_row_data(row, ("auc", "logloss"), hyperparameter=name, delta_auc_vs_base=delta, paper_auc=paper_auc))
+            data.append(_row_data(row, ("logloss",), comparison, hyperparameter=name, paper_auc=paper_auc))
         means = [row.stat("auc").mean for row in axis_rows if row.stat("auc")]
         summary.append([
             name, ", ".join(axis["labels"]), best.coords[axis["name"]] if best else NA,
@@ -219,12 +391,17 @@ def _sensitivity(plan: Dict[str, Any], cells: Dict[str, CellRecord], out: Path) 
         ])  # fmt: skip
         if all(v is not None for v in panel["ours"]):
             panels[name] = panel
-    parts.sections.append(markdown_table(["Hyperparameter", "Value", "Seeds", "Val AUC", "Δ vs base", "Paper Val AUC", "Paper Δ vs paper's best"], detail))
+    parts.sections += [basis.above, markdown_table(["Hyperparameter", "Value", "Seeds", "Val AUC", "Common AUC", "Δ vs base", "p", "Paper Val AUC", "Paper Δ vs paper's best"], detail), basis.below]
     parts.sections.append(markdown_table(["Hyperparameter", "Values tested", "Best value", "AUC range", "Paper best value", "Paper AUC range", "Paper sensitivity"], summary))
     parts.sections.append(f"Base: the study's base config (the paper's settings). Paper numbers: {paper.TABLEA1_SOURCE}.")
     parts.data["rows"] = data
+    parts.data["compared_on"] = basis.metric
     if panels:
-        parts.plots.append(plots.sensitivity_curves(out / "sensitivity.png", panels, "Sensitivity: Δ validation AUC from the base setting"))
+        figure = plots.sensitivity_curves(out / "sensitivity.png", panels, "Sensitivity: Δ validation AUC from the base setting")
+        parts.plots.append((figure, (
+            f"Each hyperparameter's values against the base (the paper's setting): our paired Δ on the {_basis_name(basis)} "
+            "(mean over seeds, error bars ± sample std), and the paper's Δ from its best value (Table A1)."
+        )))  # fmt: skip
     return parts
 
 
@@ -239,23 +416,33 @@ def _scaling_data(plan: Dict[str, Any], cells: Dict[str, CellRecord], out: Path)
     """Validation AUC against the amount of training data."""
     parts = _Parts()
     table_rows = rows(plan, cells)
+    reference = next((r for r in table_rows if r.label == plan["report"]["reference"]), table_rows[0])
+    basis = _basis(cells, reference.label)
+    comparisons = [basis.compare(row, reference) for row in table_rows]
     body = [
         [row.label, str(len(row.cells)), fmt_count(_mean(row.stat("train_samples"))), fmt_stat(row.stat("auc")),
-         fmt_stat(row.stat("logloss"), 3), fmt_count(_mean(row.stat("samples_per_sec")))]
-        for row in table_rows
+         fmt_stat(row.stat("logloss"), 3), fmt_stat(row.stat("common_auc")), fmt_delta(comparison),
+         fmt_p(comparison.p_value if comparison else None), fmt_count(_mean(row.stat("samples_per_sec")))]
+        for row, comparison in zip(table_rows, comparisons)
     ]  # fmt: skip
-    parts.sections.append(markdown_table([_first_axis_name(plan), "Seeds", "Train samples", "Val AUC", "Log Loss", "Samples/s"], body))
     parts.sections.append(
-        "A user fraction keeps that share of the users, so each row is validated on its own users' last day: "
-        "the smaller the fraction, the smaller (and noisier) its validation set."
+        "A user fraction keeps that share of the users, so each row's Val AUC is on its own users' last day: "
+        "the smaller the fraction, the smaller (and noisier) its validation set. " + basis.above
     )
-    parts.data["rows"] = [_row_data(row, ("auc", "logloss", "train_samples", "samples_per_sec")) for row in table_rows]
+    header = [_first_axis_name(plan), "Seeds", "Train samples", "Val AUC", "Log Loss (best epoch)", "Common AUC", f"Δ vs {reference.label}", "p", "Samples/s"]
+    parts.sections += [markdown_table(header, body), basis.below]
+    parts.data["rows"] = [_row_data(row, ("logloss", "train_samples", "samples_per_sec"), c) for row, c in zip(table_rows, comparisons)]
+    parts.data["compared_on"] = basis.metric
     done = [row for row in table_rows if row.stat("auc") and row.stat("train_samples")]
     if done:
-        parts.plots.append(plots.auc_vs_samples(
-            out / "scaling_data.png", [row.stat("train_samples").mean for row in done], [row.stat("auc").mean for row in done],
-            [row.stat("auc").std for row in done], [row.label for row in done], "Validation AUC vs training samples",
-        ))  # fmt: skip
+        figure = plots.auc_vs_samples(
+            out / "scaling_data.png", [row.stat("train_samples").mean for row in done], [row.stat("auc") for row in done],
+            [row.stat("common_auc") for row in done], [row.label for row in done], "Validation AUC vs training samples",
+        )  # fmt: skip
+        parts.plots.append((figure, (
+            "Best validation AUC against the training samples of each user fraction (log scale), on each row's own "
+            "validation split and on the common evaluation set; mean over seeds, error bars ± sample std."
+        )))  # fmt: skip
     return parts
 
 
@@ -267,23 +454,30 @@ def _scaling_world(plan: Dict[str, Any], cells: Dict[str, CellRecord], out: Path
         parts.sections.append("No cell has finished yet.")
         return parts
     first = table_rows[0]
+    basis = _basis(cells, f"{first.world_size} rank(s)")
     base_rate = first.stat("samples_per_sec").mean / first.world_size
     body, data, efficiency = [], [], []
     for row in table_rows:
         rate = row.stat("samples_per_sec").mean
         eff = rate / (row.world_size * base_rate)
         efficiency.append(eff)
+        comparison = basis.compare(row, first)
         body.append([str(row.world_size), str(len(row.cells)), fmt_stat(row.stat("samples_per_sec"), 0), f"{rate / (first.stat('samples_per_sec').mean):.2f}x",
-                     f"{eff:.2f}", fmt_stat(row.stat("auc")), fmt_stat(row.stat("wall_seconds"), 1)])  # fmt: skip
-        data.append(_row_data(row, ("auc", "samples_per_sec", "wall_seconds"), world_size=row.world_size, efficiency=eff))
-    header = ["Ranks", "Seeds", "Samples/s", f"Speedup vs {first.world_size}", "Parallel efficiency", "Val AUC", "Wall s"]
-    parts.sections.append(markdown_table(header, body))
-    parts.sections.append("Samples/s: training samples over the run's wall time, evaluation and checkpoints included (results.json).")
+                     f"{eff:.2f}", fmt_stat(row.stat("auc")), fmt_delta(comparison), fmt_p(comparison.p_value if comparison else None),
+                     fmt_stat(row.stat("wall_seconds"), 1)])  # fmt: skip
+        data.append(_row_data(row, ("samples_per_sec", "wall_seconds"), comparison, world_size=row.world_size, efficiency=eff))
+    header = ["Ranks", "Seeds", "Samples/s", f"Speedup vs {first.world_size}", "Parallel efficiency", "Val AUC", f"Δ vs {first.world_size}", "p", WALL]
+    parts.sections += [markdown_table(header, body), basis.below]
+    parts.sections.append(f"Samples/s: training samples over {WALL}. {WALL_NOTE}")
     parts.data["rows"] = data
-    parts.plots.append(plots.throughput_vs_world(
+    figure = plots.throughput_vs_world(
         out / "scaling_world.png", [r.world_size for r in table_rows], [r.stat("samples_per_sec").mean for r in table_rows], efficiency,
         "Training throughput and parallel efficiency",
-    ))  # fmt: skip
+    )  # fmt: skip
+    parts.plots.append((figure, (
+        f"Left: training samples/s (mean over seeds) against ranks, and the linear scaling of the smallest run. "
+        f"Right: parallel efficiency, samples/s per rank over the smallest run's. Samples/s: samples over {WALL}."
+    )))  # fmt: skip
     return parts
 
 
@@ -296,7 +490,7 @@ KINDS: Dict[str, Callable[[Dict[str, Any], Dict[str, CellRecord], Path], _Parts]
 }
 
 
-def _curves(plan: Dict[str, Any], cells: Dict[str, CellRecord], out: Path) -> Optional[Path]:
+def _curves(plan: Dict[str, Any], cells: Dict[str, CellRecord], out: Path) -> Optional[Tuple[Path, str]]:
     curves = {}
     for row in rows(plan, cells):
         means = _epoch_means(row)
@@ -304,19 +498,25 @@ def _curves(plan: Dict[str, Any], cells: Dict[str, CellRecord], out: Path) -> Op
             curves[row.label] = {
                 "epoch": list(means),
                 "auc": [m["auc"] for m in means.values()],
+                "auc_std": [m["auc_std"] for m in means.values()],
                 "train_auc": [m["train_auc"] for m in means.values()],
             }
     if not curves:
         return None
-    return plots.epoch_curves(out / "curves.png", curves, "Per-epoch AUC (mean over seeds)")
+    figure = plots.epoch_curves(out / "curves.png", curves, "Per-epoch AUC (mean over seeds)")
+    return figure, (
+        "Validation AUC (solid; band: ± sample std over seeds) and train AUC (dashed, where recorded) of each row after "
+        "every epoch, on each row's own validation split."
+    )
 
 
 def _cells_table(cells: Dict[str, CellRecord]) -> str:
     body = [
-        [c.id, str(c.seed), str(c.world_size), c.state, fmt_value(c.metric("auc")), fmt_value(c.metric("wall_seconds"), 1), (c.error or "").replace("|", "/")]
+        [c.id, str(c.seed), str(c.world_size), c.state, fmt_value(c.metric("auc")), fmt_value(c.metric("common_auc")),
+         fmt_value(c.metric("wall_seconds"), 1), (c.error or "").replace("|", "/")]
         for c in cells.values()
-    ]
-    return markdown_table(["Cell", "Seed", "Ranks", "State", "Val AUC", "Wall s", "Error"], body)
+    ]  # fmt: skip
+    return markdown_table(["Cell", "Seed", "Ranks", "State", "Val AUC", "Common AUC", WALL, "Error"], body) + f"\n\n{WALL_NOTE}"
 
 
 def write_report(directory: str | Path) -> Report:
@@ -336,13 +536,14 @@ def write_report(directory: str | Path) -> Report:
         "",
         f"Study `{plan['name']}` ({plan['study_file']}{', overrides: ' + ' '.join(plan['overrides']) if plan['overrides'] else ''}): "
         f"{done} of {len(cells)} cells done, seeds {', '.join(map(str, plan['seeds']))}. "
-        "Ours: mean ± std over seeds; Val AUC is the best epoch's.",
+        "Ours: mean ± sample std over seeds; Val AUC is the best epoch's on the cell's own validation split, "
+        "Common AUC that epoch's checkpoint on the study's common evaluation set.",
         "",
     ]
     for section in parts.sections:
         lines += [section, ""]
-    for path in parts.plots:
-        lines += [f"![{path.stem}]({path.name})", ""]
+    for path, caption in parts.plots:
+        lines += [f"![{path.stem}]({path.name})", "", f"*{path.name}: {caption}*", ""]
     lines += ["## Cells", "", _cells_table(cells), ""]
     markdown = "\n".join(lines)
     data = {
@@ -350,8 +551,8 @@ def write_report(directory: str | Path) -> Report:
         "title": plan["title"],
         "kind": plan["report"]["kind"],
         **parts.data,
-        "plots": [str(p) for p in parts.plots],
-        "cells": {c.id: {"seed": c.seed, "world_size": c.world_size, "state": c.state, "auc": c.metric("auc"), "error": c.error} for c in cells.values()},
+        "plots": [str(p) for p, _ in parts.plots],
+        "cells": {c.id: {"seed": c.seed, "world_size": c.world_size, "state": c.state, "auc": c.metric("auc"), "common_auc": c.metric("common_auc"), "error": c.error} for c in cells.values()},
     }
     (out / f"{plan['name']}.md").write_text(markdown)
     (out / f"{plan['name']}.json").write_text(json.dumps(data, indent=2, default=float) + "\n")

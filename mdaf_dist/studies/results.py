@@ -3,8 +3,9 @@
 Per cell: results.json (written by training) and the meta.json of the prepared data it trained
 on. "Val AUC" is the best validation AUC (`best_auc`, the epoch early stopping keeps, as the
 paper reports) and its log loss (and train AUC, when training records one) are that epoch's;
-"test AUC" is `results["test"]["auc"]` when the run had a test split. A metric a record lacks is
-None, shown as "n/a".
+"test AUC" is `results["test"]["auc"]` when the run had a test split. "Common AUC" (log loss,
+samples) is the best checkpoint's on the study's common evaluation set (common.json,
+studies.common). A metric a record lacks is None, shown as "n/a".
 """
 
 from __future__ import annotations
@@ -14,14 +15,21 @@ import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
-from omegaconf import OmegaConf
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from omegaconf import DictConfig, OmegaConf
 
 from mdaf_dist.data.layout import META_FILE
+from mdaf_dist.studies.common import COMMON_JSON, COMMON_PREDICTIONS
 from mdaf_dist.studies.workdir import CELL_CONFIG, StudyDir
 
-METRICS = ("auc", "logloss", "train_auc", "test_auc", "samples_per_sec", "samples_trained", "wall_seconds", "train_samples", "valid_samples", "train_positive_share")
+METRICS = (
+    "auc", "logloss", "train_auc", "test_auc", "common_auc", "common_logloss", "common_samples", "samples_per_sec",
+    "samples_trained", "wall_seconds", "train_samples", "valid_samples", "train_positive_share",
+)  # fmt: skip
 
 
 @dataclass
@@ -34,6 +42,22 @@ class CellRecord:
     error: Optional[str]
     results: Optional[Dict[str, Any]]
     meta: Optional[Dict[str, Any]]
+    # the cell's directory, its config.yaml (None before it was written) and common.json
+    dir: Path
+    config: Optional[DictConfig] = None
+    common: Optional[Dict[str, Any]] = None
+
+    def setting(self, key: str) -> Any:
+        """A dotted setting of the cell's config (None when unknown)."""
+        return None if self.config is None else OmegaConf.select(self.config, key)
+
+    def common_predictions(self) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+        """(labels, logits) of the cell on the common evaluation set, in the set's row order."""
+        parts = sorted((self.dir / COMMON_PREDICTIONS).glob("part-*.parquet")) if self.common else []
+        if not parts:
+            return None
+        table = pa.concat_tables([pq.read_table(part, columns=["label", "logit"]) for part in parts])
+        return table.column("label").to_numpy(), table.column("logit").to_numpy()
 
     def best_evaluation(self) -> Dict[str, Any]:
         if not self.results:
@@ -44,12 +68,15 @@ class CellRecord:
         return best[-1] if best else {}
 
     def metric(self, name: str) -> Optional[float]:
-        r, meta, best = self.results or {}, self.meta or {}, self.best_evaluation()
+        r, meta, best, common = self.results or {}, self.meta or {}, self.best_evaluation(), self.common or {}
         value: Any = {
             "auc": r.get("best_auc"),
             "logloss": best.get("logloss"),
             "train_auc": best.get("train_auc"),
             "test_auc": (r.get("test") or {}).get("auc"),
+            "common_auc": common.get("auc"),
+            "common_logloss": common.get("logloss"),
+            "common_samples": common.get("samples"),
             "samples_per_sec": r.get("samples_per_sec"),
             "samples_trained": r.get("samples_trained"),
             "wall_seconds": r.get("wall_seconds"),
@@ -114,15 +141,14 @@ def load_cells(study_dir: StudyDir, plan: Dict[str, Any]) -> Dict[str, CellRecor
     records = {}
     for cell in plan["cells"]:
         cell_id = cell["id"]
-        config_path = study_dir.cell(cell_id) / CELL_CONFIG
-        meta = None
-        if config_path.is_file():
-            meta = _read_json(Path(OmegaConf.load(config_path).data_dir) / META_FILE)
+        cell_dir = study_dir.cell(cell_id)
+        config = OmegaConf.load(cell_dir / CELL_CONFIG) if (cell_dir / CELL_CONFIG).is_file() else None
+        meta = _read_json(Path(config.data_dir) / META_FILE) if config is not None else None
         results = _read_json(study_dir.results(cell_id))
         state = "done" if results is not None else status.get(cell_id, {}).get("state", "not run")
         records[cell_id] = CellRecord(
             cell_id, cell["coords"], cell["seed"], cell["nnodes"] * cell["nproc_per_node"], state,
-            status.get(cell_id, {}).get("error"), results, meta,
+            status.get(cell_id, {}).get("error"), results, meta, cell_dir, config, _read_json(cell_dir / COMMON_JSON),
         )  # fmt: skip
     return records
 

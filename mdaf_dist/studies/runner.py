@@ -6,7 +6,10 @@ component finder as `torchx run` loads it) submitted through TorchX's Python API
 outgrows one machine runs on a cluster unchanged: DIR must then be on storage the cluster sees
 (prepare runs here, in the study's process, before the jobs are submitted).
 
-Resumable: a cell with a results.json is skipped; any other cell (new, failed, interrupted) is
+After training, every trained cell's best checkpoint is scored on the study's common evaluation
+set (studies.common), here in the study's process.
+
+Resumable: a cell with a results.json is skipped (and a scored one is not scored again); any other cell (new, failed, interrupted) is
 launched with `train.resume=auto`, so an interrupted one continues from its last checkpoint.
 A failing cell is recorded (status.json, cells/<id>/error.txt) and the others go on. SIGINT and
 SIGTERM cancel the running jobs and leave everything for the next run.
@@ -32,6 +35,7 @@ from torchx.specs.finder import get_component
 import mdaf_dist
 from mdaf_dist.config import to_yaml
 from mdaf_dist.errors import UserError
+from mdaf_dist.studies.common import score_cells
 from mdaf_dist.studies.datacache import check_input, prepare_cells
 from mdaf_dist.studies.grid import Cell, Plan, plan_record
 from mdaf_dist.studies.progress import Progress, duration
@@ -151,7 +155,7 @@ class StudyRunner:
             self.dir.claim(plan_record(self.plan))
             self.status = self.dir.read_status()
             self.dir.log(f"run {self.plan.study.name}: {len(self.plan.cells)} cells, scheduler {self.settings.scheduler}")
-        data_dirs = prepare_cells(self.plan, self.dir, create=not self.settings.dryrun)
+        data_dirs, common = prepare_cells(self.plan, self.dir, create=not self.settings.dryrun)
         with get_runner() as runner:
             cfg = _scheduler_cfg(runner, self.settings, self.dir)
             if self.settings.dryrun:
@@ -159,7 +163,19 @@ class StudyRunner:
                     app = _cell_app(component, self.plan, cell, self._write_config(cell, Path(data_dirs[cell.id])), self.settings.scheduler)
                     print(f"== cell {cell.id} ({cell.world_size} ranks)\n{runner.dryrun(app, self.settings.scheduler, cfg)}\n")
                 return {}
-            return self._launch_all(runner, component, cfg, data_dirs)
+            status = self._launch_all(runner, component, cfg, data_dirs)
+        self._score_common(common)
+        return status
+
+    def _score_common(self, common: Path | str) -> None:
+        """After training: every trained cell's best checkpoint on the common evaluation set."""
+        if isinstance(common, str):
+            print(f"common evaluation set: {common}")
+            return
+        for cell_id, error in score_cells(self.plan, self.dir, common).items():
+            self._record(cell_id, common_error=error)
+            if error:
+                print(f"{cell_id}: {error}")
 
     def _launch_all(self, runner: Any, component: Callable[..., AppDef], cfg: Dict[str, Any], data_dirs: Dict[str, Path | str]) -> Dict[str, Dict[str, Any]]:
         progress = Progress(len(self.plan.cells), self.settings.max_parallel)

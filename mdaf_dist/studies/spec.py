@@ -18,6 +18,7 @@
     resources: {cpu_per_rank: 8, gpu_per_rank: 1, memMB_per_rank: 32768}
     env: {NCCL_DEBUG: WARN}                # environment of every rank
     report: {kind: models, paper: table3, reference: "MDAF (Full)", dynamics: "MDAF (Full)"}
+    evaluate_on: [prepare.category_filter=none]  # the common evaluation set (studies.common)
 
 OmegaConf checks the file's shape and types (an unknown field is an error naming it); this
 module checks what OmegaConf cannot: every axis has values, every key exists in the training
@@ -104,6 +105,9 @@ class StudyFile:
     # environment variables of every rank, e.g. {OMP_NUM_THREADS: "1"} or {NCCL_DEBUG: WARN}
     env: Dict[str, str] = field(default_factory=dict)
     report: ReportSpec = field(default_factory=ReportSpec)
+    # dotted prepare.* overrides of the base config naming the common evaluation set every
+    # cell's best checkpoint is also scored on (studies.common); [] is the base config's data
+    evaluate_on: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -190,6 +194,16 @@ def _check_value(path: str, axis_name: str, value: AxisValue) -> None:
         raise UserError(f"{path}: {where} {e}") from None
 
 
+def _check_evaluate_on(path: str, overrides: List[str]) -> None:
+    for override in overrides:
+        if not override.startswith("prepare."):
+            raise UserError(f"{path}: evaluate_on names the common evaluation set's data: only prepare.* settings, got {override!r}")
+    try:
+        load_config(None, overrides)
+    except ConfigError as e:
+        raise UserError(f"{path}: evaluate_on: {e}") from None
+
+
 def load_study(path: str) -> Study:
     """Read and validate a study file; every problem is one UserError line naming the file."""
     if not Path(path).is_file():
@@ -217,6 +231,7 @@ def load_study(path: str) -> Study:
     for config in file.configs:
         if not Path(config).is_file():
             raise UserError(f"{path}: config file not found: {config}")
+    _check_evaluate_on(path, file.evaluate_on)
     axes = []
     for spec in file.axes:
         name = spec.name or spec.key
