@@ -125,13 +125,18 @@ def test_missing_output_is_a_user_error(synthetic_csv):
 
 @pytest.mark.skipif(not SLICE.is_file(), reason="real data slice not present")
 def test_cli_on_the_real_slice_prints_the_table_and_reports_the_ts_15_row(tmp_path, capsys):
-    code = main(["prepare", "--input", str(SLICE), "--out", str(tmp_path), "--quiet", "prepare.neg_ratio=2", "prepare.category_filter=any"])
+    # the slice is one hour of one day: nothing falls in the validation day, so the default split fails
+    args = ["prepare", "--input", str(SLICE), "--out", str(tmp_path), "--quiet", "prepare.neg_ratio=2", "prepare.category_filter=any"]
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("mdaf prepare: error: prepare: the valid split is empty: no click falls in its time range")
+    assert "use prepare.split=fraction" in error and error.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+    code = main([*args, "prepare.split=fraction", "prepare.test_fraction=0"])
     printed = capsys.readouterr().out
     assert code == 0
     assert "ingest: valid rows" in printed and "- category filter (any)" in printed
     assert "rejected: ts_outside_window=1" in printed
-    # the slice is one hour of one day: nothing falls in the validation day
-    assert "warning: the valid split is empty" in printed and "warning: the train split" not in printed
     meta = read_meta(tmp_path)
     assert meta["ingest"]["rejected"] == {"ts_outside_window": 1}
     assert meta["stages"][1]["dropped"] == 1 and meta["settings"]["neg_ratio"] == 2.0

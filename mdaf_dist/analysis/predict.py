@@ -36,7 +36,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mdaf_dist.config import SECONDS_PER_DAY
 from mdaf_dist.data.batch import CATEGORY, HIST_CATEGORY, HIST_ITEM, ITEM, USER, Batch
-from mdaf_dist.data.layout import SPLITS, read_meta
+from mdaf_dist.data.layout import SPLITS, check_history_length, read_meta
 from mdaf_dist.data.loader import rank_pieces, row_groups
 from mdaf_dist.data.vocab import load_vocab
 from mdaf_dist.distributed import checkpoint as ckpt
@@ -148,6 +148,7 @@ def predict(env: DistEnv, path: Path, out: str, split: str = "valid", data_dir: 
     cfg = checkpoint_config(path, overrides)
     scored_dir = data_dir or cfg.data_dir
     check_split(scored_dir, split)
+    check_history_length(scored_dir, read_meta(scored_dir, checksums=True), cfg.model.history_length)
     trainer = load_trainer(path, cfg, env)
     training_dir = cfg.data_dir
     remap = VocabMap.between(scored_dir, training_dir) if Path(scored_dir).resolve() != Path(training_dir).resolve() else None
