@@ -12,6 +12,7 @@ import fcntl
 import hashlib
 import json
 import math
+import numbers
 import os
 import shutil
 import socket
@@ -27,7 +28,10 @@ _HASH_CHUNK = 8 << 20
 
 
 def finite(value: Any) -> Any:
-    """`value` with every NaN or infinite float replaced by None (JSON null: no such number)."""
+    """`value` with every NaN or infinite float replaced by None (JSON null: no such number) and
+    numpy scalars made Python numbers."""
+    if isinstance(value, numbers.Number) and hasattr(value, "item"):
+        value = value.item()
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):

@@ -143,6 +143,10 @@ def _check_settings(cfg: PrepareConfig) -> None:
         raise UserError(f"prepare.user_fraction must be in (0, 1], got {cfg.user_fraction}")
     if cfg.neg_ratio < 0:
         raise UserError(f"prepare.neg_ratio must be >= 0, got {cfg.neg_ratio}")
+    if not 0.0 <= cfg.max_bad_fraction <= 1.0:  # nan fails too
+        raise UserError(f"prepare.max_bad_fraction must be in [0, 1], got {cfg.max_bad_fraction}")
+    if cfg.block_size_bytes < 1:
+        raise UserError(f"prepare.block_size_bytes must be >= 1, got {cfg.block_size_bytes}")
 
 
 def split_bounds(cfg: PrepareConfig, clicks: S.Clicks) -> tuple[int, Optional[int]]:

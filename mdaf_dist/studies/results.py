@@ -9,7 +9,6 @@ None, shown as "n/a".
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import OmegaConf
 
 from mdaf_dist.data.layout import META_FILE
+from mdaf_dist.files import read_json
 from mdaf_dist.studies.workdir import CELL_CONFIG, StudyDir
 
 METRICS = ("auc", "logloss", "train_auc", "test_auc", "samples_per_sec", "samples_trained", "wall_seconds", "train_samples", "valid_samples", "train_positive_share")
@@ -106,7 +106,7 @@ class Row:
 
 
 def _read_json(path: Path) -> Optional[Dict[str, Any]]:
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json(path, "a run's record") if path.is_file() else None
 
 
 def load_cells(study_dir: StudyDir, plan: Dict[str, Any]) -> Dict[str, CellRecord]:

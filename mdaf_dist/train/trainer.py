@@ -40,6 +40,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from mdaf_dist.config import Config, to_yaml
 from mdaf_dist.data.batch import CATEGORY, HIST_CATEGORY, HIST_ITEM, ITEM, USER, Batch
 from mdaf_dist.data.layout import check_history_length, read_meta
+from mdaf_dist.data.loader import check_settings as check_loader_settings
 from mdaf_dist.data.loader import make_loader, num_samples
 from mdaf_dist.distributed import checkpoint as ckpt
 from mdaf_dist.distributed.env import DistEnv, collective_device
@@ -127,6 +128,7 @@ class Trainer:
                 f"loader.history_length ({cfg.loader.history_length}) must equal model.history_length "
                 f"({cfg.model.history_length}): the loader gathers the histories the model reads"
             )
+        check_loader_settings(cfg.loader)
         self.cfg, self.env = cfg, env
         self.out_dir = Path(cfg.output_dir)
         ckpt.seed_everything(cfg.train.seed)
@@ -405,7 +407,8 @@ class Trainer:
         ckpt.Checkpointer.load(path, self.model, self.optimizer)
         saved = ckpt.read_trainer_state(path)
         # fields a checkpoint predates keep their defaults
-        self.state = TrainState(**{k: saved[k] for k in asdict(TrainState()) if k in saved})
+        # and so do the undefined ones (a best AUC of -inf is null in trainer.json)
+        self.state = TrainState(**{k: saved[k] for k in asdict(TrainState()) if saved.get(k) is not None})
         local = ckpt.Checkpointer.load_local(path, self.env.rank, self.env.world_size)
         if local is not None:
             self.train_loader.load_state_dict(local["loader"])
