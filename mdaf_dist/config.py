@@ -63,7 +63,8 @@ class PrepareConfig:
     # 1.05M training samples before filtering from the full data)
     user_fraction: float = 1.0
     seed: int = 42
-    # fail once more than this fraction of rows is malformed
+    # fail once more than this fraction of rows is malformed (in [0, 1]; checked while reading,
+    # against the file's estimated row count, so a file of garbage fails within a few blocks)
     max_bad_fraction: float = 0.001
     block_size_bytes: int = 64 << 20
     # samples are written in (user, time) order; small row groups let the loader's shuffle mix

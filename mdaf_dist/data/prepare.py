@@ -397,7 +397,8 @@ def _check_splits(cfg: PrepareConfig, meta: Dict[str, Any], ts: np.ndarray) -> N
             )
         else:
             emptied = next(row["stage"] for row in meta["stages"] if split in row and row[split] == 0)
-            cause = f"the step '{emptied}' dropped all its samples (see prepare.drop_empty_history, prepare.category_filter)"
+            cause = (f"the step '{emptied}' dropped all its samples (see prepare.drop_empty_history, prepare.category_filter, "
+                     f"prepare.user_fraction={cfg.user_fraction:g})")
         raise UserError(f"prepare: the {split} split is empty: {cause}; nothing was written to {cfg.out}")
 
 
@@ -429,8 +430,8 @@ def stage_table(meta: Dict[str, Any]) -> str:
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input", help="raw UserBehavior CSV (.csv, .csv.gz, .zip; local path or URI)")
-    parser.add_argument("--out", help="output directory (prepared-data layout)")
+    parser.add_argument("--input", help="raw UserBehavior CSV (plain, gzip, bzip2, xz, zstd or zip; local path or fsspec URI)")
+    parser.add_argument("--out", help="output directory (prepared-data layout; a local path or file:// URI)")
     parser.add_argument("--config", action="append", help="YAML config file; its prepare: section is used; repeat to overlay files in order")
     parser.add_argument("--quiet", action="store_true", help="no progress output (the stage table is still printed)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. prepare.neg_ratio=2 prepare.user_fraction=0.01")
