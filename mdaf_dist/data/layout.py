@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
+from mdaf_dist.data.vocab import VOCAB_DIR
 from mdaf_dist.errors import UserError
 from mdaf_dist.files import manifest, read_json, verify_files, write_json
 
@@ -36,10 +37,11 @@ META_FILE = "meta.json"
 EVENTS_FILE = "events.arrow"
 OFFSETS_FILE = "user_offsets.npy"
 SAMPLES_DIR = "samples"
+REJECTS_FILE = "rejects.csv"
 # in time order: the split codes of `samples.assign_split` index it
 SPLITS = ("train", "valid", "test")
 # what `mdaf prepare` writes (the vocab directory and the rejects file included)
-PREPARED_ENTRIES = (META_FILE, EVENTS_FILE, OFFSETS_FILE, SAMPLES_DIR, "vocab", "rejects.csv")
+PREPARED_ENTRIES = (META_FILE, EVENTS_FILE, OFFSETS_FILE, SAMPLES_DIR, VOCAB_DIR, REJECTS_FILE)
 
 EVENT_SCHEMA = pa.schema([("item", pa.int32()), ("category", pa.int32()), ("ts", pa.int32())])
 SAMPLE_SCHEMA = pa.schema(
@@ -109,7 +111,7 @@ def read_meta(data_dir: str | Path, checksums: bool = False) -> Dict[str, Any]:
     """meta.json of a prepared directory whose files are all there at the sizes it lists (and,
     with `checksums`, the same bytes), else one line saying what is wrong. Sizes catch a
     directory prepare did not finish or another run changed; checksums also catch altered bytes
-    at the price of reading every file (about 1 s per GB)."""
+    at the price of reading every file once."""
     path = Path(data_dir) / META_FILE
     if not path.is_file():
         raise UserError(f"{data_dir} is not a prepared data directory (no {META_FILE}); run `mdaf prepare` first")

@@ -59,12 +59,11 @@ import mdaf_dist
 from mdaf_dist.config import PrepareConfig, load_config, to_dict
 from mdaf_dist.data import samples as S
 from mdaf_dist.data.ingest import BEHAVIORS, RawEvents, ingest
-from mdaf_dist.data.layout import META_FILE, PREPARED_ENTRIES, SAMPLE_SCHEMA, SAMPLES_DIR, SPLITS, Events, write_events, write_meta
+from mdaf_dist.data.layout import META_FILE, PREPARED_ENTRIES, REJECTS_FILE, SAMPLE_SCHEMA, SAMPLES_DIR, SPLITS, Events, write_events, write_meta
 from mdaf_dist.data.vocab import dense_ids, save_vocab
 from mdaf_dist.errors import UserError
 from mdaf_dist.files import output_directory, published_directory
 
-REJECTS_FILE = "rejects.csv"
 SPLIT_MODES = ("days", "fraction")
 CLICK = BEHAVIORS.index("pv")
 _INT32 = np.iinfo(np.int32)
