@@ -8,7 +8,7 @@ import importlib
 import sys
 from typing import List, Optional
 
-from mdaf_dist.errors import UserError
+from mdaf_dist.errors import UserError, one_line
 
 # command -> (module, one-line help)
 COMMANDS = {
@@ -47,8 +47,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv[1:])
     try:
         return int(module.run(args) or 0)
-    except (UserError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
-        print(f"mdaf {name}: error: {e}", file=sys.stderr)
+    except (UserError, OSError) as e:
+        # bad input or a file system that refused: one line (an OSError's message may span many)
+        print(f"mdaf {name}: error: {one_line(e)}", file=sys.stderr)
         return 2
 
 

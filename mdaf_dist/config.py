@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Union
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mdaf_dist.errors import UserError
@@ -62,7 +63,8 @@ class PrepareConfig:
     # 1.05M training samples before filtering from the full data)
     user_fraction: float = 1.0
     seed: int = 42
-    # fail once more than this fraction of rows is malformed
+    # fail once more than this fraction of rows is malformed (in [0, 1]; checked while reading,
+    # against the file's estimated row count, so a file of garbage fails within a few blocks)
     max_bad_fraction: float = 0.001
     block_size_bytes: int = 64 << 20
     # samples are written in (user, time) order; small row groups let the loader's shuffle mix
@@ -218,9 +220,7 @@ def load_config(paths: Union[str, Sequence[str], None] = None, overrides: Sequen
     merged = OmegaConf.structured(Config)
     try:
         for path in [paths] if isinstance(paths, str) else list(paths or ()):
-            if not Path(path).is_file():
-                raise ConfigError(f"config file not found: {path}")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            merged = OmegaConf.merge(merged, _load_yaml(path))
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"overrides must look like key.sub=value, got: {' '.join(bad)}")
@@ -231,6 +231,21 @@ def load_config(paths: Union[str, Sequence[str], None] = None, overrides: Sequen
         message = str(e).splitlines()[0]
         raise ConfigError(f"{e.full_key}: {message}" if getattr(e, "full_key", None) else message) from None
     return OmegaConf.to_object(merged)
+
+
+def _load_yaml(path: str) -> DictConfig:
+    """One YAML config file as a mapping, or one line saying why it is not one."""
+    if not Path(path).is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise ConfigError(f"{path} is not valid YAML{line}: {getattr(e, 'problem', None) or e}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path} must be a mapping of sections (prepare:, loader:, model:, ...), not a {type(loaded).__name__.replace('Config', '').lower()}")
+    return loaded
 
 
 def to_dict(cfg: Any) -> Dict[str, Any]:

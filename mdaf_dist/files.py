@@ -12,6 +12,7 @@ import fcntl
 import hashlib
 import json
 import math
+import numbers
 import os
 import shutil
 import socket
@@ -27,7 +28,10 @@ _HASH_CHUNK = 8 << 20
 
 
 def finite(value: Any) -> Any:
-    """`value` with every NaN or infinite float replaced by None (JSON null: no such number)."""
+    """`value` with every NaN or infinite float replaced by None (JSON null: no such number) and
+    numpy scalars made Python numbers."""
+    if isinstance(value, numbers.Number) and hasattr(value, "item"):
+        value = value.item()
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
@@ -58,6 +62,24 @@ def read_json(path: str | Path, what: str) -> Any:
         raise UserError(f"{path}: no such file ({what})") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not valid JSON ({what}): {e}") from None
+
+
+def output_directory(path: str | Path, key: str) -> Path:
+    """`path` (the setting `key`) as a local directory to write into: a `file://` URI is its
+    local path; another URI (s3://, ...) or a path that is, or lies under, a file is refused in
+    one line."""
+    text = str(path)
+    if text.startswith("file://"):
+        text = text[len("file://") :]
+    elif "://" in text:
+        raise UserError(f"{key}={path}: outputs are written to local directories only (a path or file:// URI)")
+    directory = Path(text)
+    for existing in (directory, *directory.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                raise UserError(f"{key}={path}: {existing} is a file, not a directory")
+            break
+    return directory
 
 
 def sha256(path: str | Path) -> str:
@@ -94,7 +116,13 @@ def verify_manifest(directory: str | Path, what: str, checksums: bool = True) ->
     path = root / MANIFEST_FILE
     if not path.is_file():
         raise UserError(f"{root} is not a complete {what}: it has no {MANIFEST_FILE} (written last, so its writer did not finish)")
-    entries = read_json(path, f"the manifest of a {what}").get("files", {})
+    verify_files(root, read_json(path, f"the manifest of a {what}").get("files", {}), what, checksums)
+
+
+def verify_files(directory: str | Path, entries: Dict[str, Dict[str, Any]], what: str, checksums: bool = True) -> None:
+    """Refuse, in one line, a missing, resized or (with `checksums`) altered file of `entries`
+    (a `manifest`)."""
+    root = Path(directory)
     for name, entry in entries.items():
         file = root / name
         if not file.is_file():
@@ -102,7 +130,7 @@ def verify_manifest(directory: str | Path, what: str, checksums: bool = True) ->
         if file.stat().st_size != entry["bytes"]:
             raise UserError(f"{root} is a damaged {what}: {name} has {file.stat().st_size} bytes, its manifest says {entry['bytes']}")
         if checksums and sha256(file) != entry["sha256"]:
-            raise UserError(f"{root} is a damaged {what}: {name} does not match its SHA-256 in {MANIFEST_FILE}")
+            raise UserError(f"{root} is a damaged {what}: {name} does not match its SHA-256 in its manifest")
 
 
 @contextmanager

@@ -4,14 +4,17 @@ and remote inputs and block boundaries do not change results."""
 
 from __future__ import annotations
 
+import bz2
 import csv
 import gzip
+import lzma
 import uuid
 import zipfile
 from pathlib import Path
 
 import fsspec
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from mdaf_dist.cli import main
@@ -52,7 +55,7 @@ def read_rejects(path: str) -> list[list[str]]:
 
 
 def config(block_size: int = 64 << 20, **overrides) -> PrepareConfig:
-    return PrepareConfig(max_bad_fraction=0.5, block_size_bytes=block_size, **overrides)
+    return PrepareConfig(**{"max_bad_fraction": 0.5, "block_size_bytes": block_size, **overrides})
 
 
 def quoted(row: str) -> str:
@@ -283,12 +286,32 @@ def test_too_many_bad_lines_is_an_error_naming_everything(tmp_path):
         ingest(str(path), PrepareConfig(max_bad_fraction=0.1), rejects, progress=False)
     assert str(error.value) == (
         f"{path}: 2 of 10 lines are malformed (20.000%), more than max_bad_fraction=0.1; "
-        f"first bad line 3 (negative_id); by reason: field_count=1, negative_id=1; rejected lines are in {rejects}"
+        f"first bad line 3 (negative_id): '-1,2,3,pv,{T0}'; by reason: field_count=1, negative_id=1"
     )
     assert len(read_rejects(str(rejects))) == 3
     # exactly at the threshold is still accepted
     _, report = ingest(str(path), PrepareConfig(max_bad_fraction=0.2), rejects, progress=False)
     assert report.valid == 8
+
+
+@pytest.mark.parametrize("separator, name", [("\t", "tabs"), (";", "semicolons"), ("|", "pipes")])
+def test_another_separator_is_named(tmp_path, separator, name):
+    path = write(tmp_path, "".join(row.replace(",", separator) + "\n" for row in good_rows()))
+    with pytest.raises(UserError, match=f"no data rows among 8 lines; .*; its fields are separated by {name}: the input must be comma-separated$"):
+        ingest(str(path), config(), tmp_path / "rejects.csv", progress=False)
+
+
+@pytest.mark.parametrize("compress", [lambda text: text, gzip.compress], ids=["plain", "gzip"])
+def test_a_garbage_file_stops_early_with_few_rejects(tmp_path, compress):
+    # every other line bad, 200,000 lines: the limit (0.1 %) is crossed after about 200 bad lines
+    rows = good_rows(100_000)
+    text = "".join(f"{row}\nnot a row\n" for row in rows).encode()
+    path = write(tmp_path, compress(text), "garbage.csv")
+    rejects = tmp_path / "rejects.csv"
+    with pytest.raises(UserError, match=r"^\S+: \d+ of the first \d+ lines are malformed, more than max_bad_fraction=0.001 of the file's estimated \d+ lines; stopped reading;"):
+        ingest(str(path), config(block_size=1 << 20, max_bad_fraction=0.001), rejects, progress=False)
+    written = len(read_rejects(str(rejects)))
+    assert 200 < written < 5_000
 
 
 def test_missing_empty_and_unreadable_inputs_are_one_line_errors(tmp_path):
@@ -299,18 +322,21 @@ def test_missing_empty_and_unreadable_inputs_are_one_line_errors(tmp_path):
         str(write(tmp_path, b"\xef\xbb\xbf", "bom.csv")): f"{tmp_path / 'bom.csv'}: the file is empty",
         str(tmp_path): f"input is not a file: {tmp_path}",
         str(write(tmp_path, "header\n", "header.csv")): (
-            f"{tmp_path / 'header.csv'}: no data rows among 1 lines; first bad line 1 (field_count); "
-            f"by reason: field_count=1; rejected lines are in {rejects}"
+            f"{tmp_path / 'header.csv'}: no data rows among 1 lines; first bad line 1 (field_count): 'header'; "
+            f"by reason: field_count=1"
         ),
     }
     for source, message in cases.items():
         with pytest.raises(UserError) as error:
             ingest(source, PrepareConfig(max_bad_fraction=1.0), rejects, progress=False)
         assert str(error.value) == message
+    # told apart by their first bytes: the names do not matter
     unreadable = {
-        "bad.csv.gz": b"not gzip at all",
-        "bad.zip": b"not a zip",
-        "cut.csv.gz": gzip.compress(b"1,2,3,pv,5\n" * 100)[:40],
+        "cut.csv": gzip.compress(b"1,2,3,pv,5\n" * 100)[:40],
+        "bad.zip": b"PK\x03\x04 not a zip",
+        "cut.bz2": bz2.compress(b"1,2,3,pv,5\n" * 100)[:40],
+        "cut.xz": lzma.compress(b"1,2,3,pv,5\n" * 100)[:40],
+        "bad.zst": b"\x28\xb5\x2f\xfd not zstd",
     }
     sources = [str(write(tmp_path, data, name)) for name, data in unreadable.items()] + ["nosuchprotocol://in.csv"]
     for source in sources:
@@ -336,13 +362,17 @@ def test_compressed_archived_and_uri_inputs_give_the_same_events(tmp_path):
     text = ("\n".join(rows[:20] + ["1,2,3,pv,15"] + rows[20:]) + "\n").encode()
     plain = write(tmp_path, text)
     write(tmp_path, gzip.compress(text), "in.csv.gz")
+    # named as plain CSV: the first bytes say how they are compressed
+    write(tmp_path, bz2.compress(text), "bz2.csv")
+    write(tmp_path, lzma.compress(text), "xz.csv")
+    write(tmp_path, pa.compress(text, "zstd", asbytes=True), "zstd.csv")
     with zipfile.ZipFile(tmp_path / "in.zip", "w", compression=zipfile.ZIP_DEFLATED) as archive:
         archive.writestr("UserBehavior.csv", text)
     memory = fsspec.filesystem("memory")
     memory_path = f"/ingest-{uuid.uuid4().hex}/in.csv"
     memory.pipe(memory_path, text)
     try:
-        archives = [str(tmp_path / name) for name in ("in.csv.gz", "in.zip")]
+        archives = [str(tmp_path / name) for name in ("in.csv.gz", "in.zip", "bz2.csv", "xz.csv", "zstd.csv")]
         sources = archives + [f"memory://{memory_path}", plain.as_uri()]
         results = [
             ingest(source, config(block_size=100), tmp_path / f"rejects{i}.csv", progress=False)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mdaf_dist.cli import main
-from mdaf_dist.config import PrepareConfig
+from mdaf_dist.config import TAOBAO_START_TS, PrepareConfig
 from mdaf_dist.data.layout import open_events, read_meta, sample_files
 from mdaf_dist.data.prepare import prepare
 from mdaf_dist.data.synth import generate
@@ -125,13 +130,18 @@ def test_missing_output_is_a_user_error(synthetic_csv):
 
 @pytest.mark.skipif(not SLICE.is_file(), reason="real data slice not present")
 def test_cli_on_the_real_slice_prints_the_table_and_reports_the_ts_15_row(tmp_path, capsys):
-    code = main(["prepare", "--input", str(SLICE), "--out", str(tmp_path), "--quiet", "prepare.neg_ratio=2", "prepare.category_filter=any"])
+    # the slice is one hour of one day: nothing falls in the validation day, so the default split fails
+    args = ["prepare", "--input", str(SLICE), "--out", str(tmp_path), "--quiet", "prepare.neg_ratio=2", "prepare.category_filter=any"]
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("mdaf prepare: error: prepare: the valid split is empty: no click falls in its time range")
+    assert "use prepare.split=fraction" in error and error.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+    code = main([*args, "prepare.split=fraction", "prepare.test_fraction=0"])
     printed = capsys.readouterr().out
     assert code == 0
     assert "ingest: valid rows" in printed and "- category filter (any)" in printed
     assert "rejected: ts_outside_window=1" in printed
-    # the slice is one hour of one day: nothing falls in the validation day
-    assert "warning: the valid split is empty" in printed and "warning: the train split" not in printed
     meta = read_meta(tmp_path)
     assert meta["ingest"]["rejected"] == {"ts_outside_window": 1}
     assert meta["stages"][1]["dropped"] == 1 and meta["settings"]["neg_ratio"] == 2.0
@@ -195,3 +205,92 @@ def test_cli_missing_input_is_one_line_error(tmp_path, capsys):
     missing = tmp_path / "nope.csv"
     assert main(["prepare", "--input", str(missing), "--out", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.strip() == f"mdaf prepare: error: input not found: {missing}"
+
+
+def test_rerun_replaces_what_prepare_owns_and_keeps_the_users_files(synthetic_csv, tmp_path, capsys):
+    out = tmp_path / "data"
+    bad_input = tmp_path / "with_bad_line.csv"
+    bad_input.write_bytes(synthetic_csv.read_bytes() + b"not,a,row\n")
+    prepare(PrepareConfig(input=str(bad_input), out=str(out), test_days=1, max_bad_fraction=0.01), progress=False)
+    assert sample_files(out, "test") and (out / "rejects.csv").is_file()
+    (out / "notes.txt").write_text("mine")
+    meta = prepare(PrepareConfig(input=str(synthetic_csv), out=str(out)), progress=False)
+    # no test split and no rejected line this time: the old ones are gone, not mixed in
+    assert sample_files(out, "test") == [] and not (out / "samples" / "test").exists()
+    assert not (out / "rejects.csv").exists() and meta["ingest"]["rejects_path"] is None
+    assert (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "with_bad_line.csv"]  # no staging directory left
+    assert read_meta(out, checksums=True) == meta and "notes.txt" not in meta["files"]
+
+
+def test_meta_lists_every_file_and_readers_refuse_a_mismatch(prepared, tmp_path):
+    out, meta = prepared
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and p.name != "meta.json")
+    assert sorted(meta["files"]) == written and all(len(entry["sha256"]) == 64 for entry in meta["files"].values())
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    part = sample_files(copy, "train")[0]
+    data = bytearray(part.read_bytes())
+    data[100] ^= 0xFF
+    part.write_bytes(bytes(data))
+    read_meta(copy)  # same size: only the checksums see it
+    name = part.relative_to(copy).as_posix()
+    with pytest.raises(UserError, match=f"^{copy} is a damaged prepared data directory: {name} does not match its SHA-256"):
+        read_meta(copy, checksums=True)
+    part.write_bytes(bytes(data[:-10]))
+    with pytest.raises(UserError, match=f"^{copy} is a damaged prepared data directory: {name} has {len(data) - 10} bytes, its manifest says {len(data)}$"):
+        read_meta(copy)
+    (copy / "events.arrow").unlink()
+    with pytest.raises(UserError, match=f"^{copy} is not a complete prepared data directory: events.arrow is missing$"):
+        read_meta(copy)
+
+
+def test_prepare_killed_midway_leaves_the_old_data_intact(synthetic_csv, tmp_path):
+    out = tmp_path / "data"
+    old = prepare(PrepareConfig(input=str(synthetic_csv), out=str(out)), progress=False)
+    bigger = tmp_path / "bigger.csv"
+    generate(str(bigger), 400_000, seed=2, progress=False)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen([sys.executable, "-m", "mdaf_dist.cli", "prepare", "--input", str(bigger), "--out", str(out), "--quiet"], env=env)
+    staging = tmp_path / f".data.tmp-{process.pid}"
+    deadline = time.monotonic() + 120
+    while not (staging / "events.arrow").exists():  # killed once it has written into its staging directory
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    process.kill()
+    process.wait()
+    assert read_meta(out, checksums=True) == old
+    assert len(read_split(out, "train")["user"]) == old["splits"]["train"]["rows"]
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"user_fraction": 1e-9}, r"prepare: no click \(pv\) row among the 0 rows kept of 40 valid ones \(prepare.user_fraction=1e-09\)"),
+        ({"window_days": 30, "drop_empty_history": False, "category_filter": "none"}, r"prepare: the valid split is empty: no click falls in its time range \(the clicks span ts \d+\.\.\d+; valid from \d+"),
+        ({}, r"prepare: the train split is empty: the step '- empty history' dropped all its samples"),
+    ],
+    ids=["user_fraction", "time_window", "filters"],
+)
+def test_an_empty_split_fails_naming_its_cause_and_writes_nothing(tmp_path, settings, message):
+    # 40 users with one click each, on the first and on the last day: no click has a history
+    raw = tmp_path / "raw.csv"
+    day = 86400
+    raw.write_text("".join(f"{user},{user},1,pv,{TAOBAO_START_TS + (user % 2) * 8 * day + 60}\n" for user in range(1, 41)))
+    out = tmp_path / "data"
+    with pytest.raises(UserError, match=f"^{message}.*; nothing was written to {out}$"):
+        prepare(PrepareConfig(input=str(raw), out=str(out), **settings), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw.csv"]
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5, float("nan")])
+def test_max_bad_fraction_outside_0_1_is_refused(synthetic_csv, tmp_path, value):
+    with pytest.raises(UserError, match=rf"^prepare.max_bad_fraction must be in \[0, 1\], got {value}$"):
+        prepare(PrepareConfig(input=str(synthetic_csv), out=str(tmp_path), max_bad_fraction=value), progress=False)
+
+
+def test_file_uri_output_is_the_local_directory(synthetic_csv, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    prepare(PrepareConfig(input=synthetic_csv.as_uri(), out=(tmp_path / "data").as_uri()), progress=False)
+    assert read_meta(tmp_path / "data")["splits"]["train"]["rows"] > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no folder named "file:"

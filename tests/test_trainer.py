@@ -24,7 +24,7 @@ from mdaf_dist.distributed.env import distributed
 from mdaf_dist.errors import UserError
 from mdaf_dist.train.main import main
 from mdaf_dist.train.trainer import RESULTS_FILE, Trainer, padding_batch
-from tests.distributed import run_ranks, tiny_config
+from tests.distributed import prepare_tiny_data, run_ranks, tiny_config
 
 BATCHES = {0: 3, 1: 2}
 SMOKE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
@@ -212,3 +212,39 @@ def test_loader_and_model_history_lengths_must_agree(tiny_data_dir, tmp_path):
     cfg = tiny_config(tiny_data_dir, tmp_path / "run", "loader.history_length=5")
     with distributed("cpu") as env, pytest.raises(UserError, match=r"loader.history_length \(5\) must equal model.history_length \(8\)"):
         Trainer(cfg, env)
+
+
+def _fit_refused(cfg):
+    with distributed("cpu") as env:
+        trainer = Trainer(cfg, env)
+        with pytest.raises(UserError) as error:
+            trainer.fit()
+        return str(error.value)
+
+
+def test_no_training_step_is_refused_on_every_rank(tiny_data_dir, tmp_path):
+    # drop_last on two ranks that each hold fewer samples than one batch leaves no step
+    n = num_samples(tiny_data_dir, "train")
+    cfg = tiny_config(tiny_data_dir, tmp_path / "run", f"loader.batch_size={n}", "loader.drop_last=true")
+    messages = run_ranks(2, _fit_refused, cfg)
+    assert messages == [
+        f"no training step: the train split of {tiny_data_dir} has {n} samples, too few for 2 rank(s) of loader.batch_size={n} "
+        "with loader.drop_last=True; lower loader.batch_size, set loader.drop_last=false or use fewer ranks"
+    ] * 2
+    assert not (tmp_path / "run" / RESULTS_FILE).exists()
+
+
+def _refuse_constant(name):
+    raise ValueError(f"not JSON: {name}")
+
+
+def test_single_class_run_writes_strict_json_warns_once_and_does_not_stop_early(tmp_path, capsys):
+    data = prepare_tiny_data(tmp_path / "data", neg_ratio=0)  # every sample positive
+    out = tmp_path / "run"
+    results = _fit(tiny_config(data, out, "train.max_epochs=2", "train.patience=1"))
+    written = json.loads((out / RESULTS_FILE).read_text(), parse_constant=_refuse_constant)
+    assert written["valid"]["auc"] is None and written["best_auc"] is None and written["best_epoch"] == -1
+    assert [e["auc"] for e in written["evaluations"]] == [None, None]
+    assert results["epochs"] == written["epochs"] == 2  # patience 1 did not act on undefined AUCs
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning: AUC is undefined" in line]
+    assert len(warnings) == 1 and "positive rate 1, one class or none" in warnings[0]

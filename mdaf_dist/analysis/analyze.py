@@ -12,7 +12,6 @@ checkpoint and to an `analysis` folder beside the predictions.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -26,7 +25,7 @@ from mdaf_dist.train.evaluate import checkpoint_config, resolve_checkpoint
 from mdaf_dist.analysis.report import Table, write_tables
 from mdaf_dist.distributed import checkpoint as ckpt
 from mdaf_dist.distributed.env import distributed
-from mdaf_dist.errors import UserError
+from mdaf_dist.files import output_directory, read_json
 from mdaf_dist.train.trainer import RESULTS_FILE
 from mdaf_dist.train.metrics import calibration, exact_auc, gauc, logloss_from_logits
 
@@ -57,12 +56,10 @@ def evaluations_of(checkpoint: Optional[Path], results: Optional[str]) -> Option
     beside its checkpoints folder (the whole run: the best checkpoint only knows the epochs up to
     itself), else from the checkpoint."""
     if results:
-        if not Path(results).is_file():
-            raise UserError(f"no results file at {results}")
-        return json.loads(Path(results).read_text()).get("evaluations")
+        return read_json(results, "a run's results.json").get("evaluations")
     run_results = None if checkpoint is None else checkpoint.parent.parent / RESULTS_FILE
     if run_results is not None and run_results.is_file():
-        return json.loads(run_results.read_text()).get("evaluations")
+        return read_json(run_results, "the run's results.json").get("evaluations")
     if checkpoint is not None and (checkpoint / ckpt.TRAINER_FILE).is_file():
         return ckpt.read_trainer_state(checkpoint).get("evaluations")
     return None
@@ -101,7 +98,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.checkpoint:
         path = resolve_checkpoint(args.checkpoint, args.best)
-        out_dir = Path(args.out) if args.out else path.parent.parent / "analysis"
+        out_dir = output_directory(args.out or path.parent.parent / "analysis", "--out")
         out_dir.mkdir(parents=True, exist_ok=True)
         predictions = out_dir / PREDICTIONS_DIR
         with distributed(checkpoint_config(path, args.overrides).train.device) as env:
@@ -110,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
     else:
         predictions = Path(args.predictions)
-        out_dir = Path(args.out) if args.out else predictions.parent / "analysis"
+        out_dir = output_directory(args.out or predictions.parent / "analysis", "--out")
     table = read_predictions(predictions)
     meta = prediction_metadata(predictions)
     columns = {name: table.column(name).to_numpy() for name in table.column_names}

@@ -33,7 +33,8 @@ def table7(evaluations: Sequence[Dict[str, Any]]) -> Table:
     """One row per epoch of ours, then the paper's epochs we did not run; "Best" marks the
     evaluation with the highest validation AUC (the one early stopping keeps)."""
     ours = {int(e["epoch"]): e for e in evaluations}
-    valid = [e["auc"] for e in evaluations if not math.isnan(e["auc"])]
+    # an undefined AUC (one class) is null in results.json, NaN in memory
+    valid = [e["auc"] for e in evaluations if e["auc"] is not None and not math.isnan(e["auc"])]
     best = max(valid) if valid else None
     rows: List[list] = []
     for epoch in sorted(set(ours) | set(PAPER_TABLE7)):
@@ -45,7 +46,7 @@ def table7(evaluations: Sequence[Dict[str, Any]]) -> Table:
         status = "Best" if best is not None and e["auc"] == best else ""
         # None: not recorded (train.train_auc=false)
         train_auc = e.get("train_auc")
-        gap = NOT_RECORDED if train_auc is None else train_auc - e["auc"]
+        gap = NOT_RECORDED if train_auc is None else None if e["auc"] is None else train_auc - e["auc"]
         rows.append([epoch, NOT_RECORDED if train_auc is None else train_auc, e["auc"], gap, e["logloss"], status, *paper])
     return Table("table7", "Table 7: training dynamics across epochs", COLUMNS, rows,
                  "Train AUC: exact over each epoch's training samples, from the training forward (dropout on).")  # fmt: skip

@@ -36,12 +36,13 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mdaf_dist.config import SECONDS_PER_DAY
 from mdaf_dist.data.batch import CATEGORY, HIST_CATEGORY, HIST_ITEM, ITEM, USER, Batch
-from mdaf_dist.data.layout import SPLITS, read_meta
+from mdaf_dist.data.layout import SPLITS, check_history_length, read_meta
 from mdaf_dist.data.loader import rank_pieces, row_groups
 from mdaf_dist.data.vocab import load_vocab
 from mdaf_dist.distributed import checkpoint as ckpt
 from mdaf_dist.distributed.env import DistEnv, distributed
 from mdaf_dist.errors import UserError
+from mdaf_dist.files import dumps, output_directory
 from mdaf_dist.train.evaluate import checkpoint_config, load_trainer, resolve_checkpoint
 
 PART_PATTERN = "part-*.parquet"
@@ -71,14 +72,22 @@ def read_predictions(path: str | Path) -> pa.Table:
     parts = sorted(path.glob(PART_PATTERN)) if path.is_dir() else [path]
     if not parts or not parts[0].is_file():
         raise UserError(f"no predictions at {path} (expected a directory of {PART_PATTERN} written by `mdaf predict`)")
+    prediction_metadata(path)
     return pa.concat_tables([pq.read_table(part) for part in parts])
 
 
 def prediction_metadata(path: str | Path) -> Dict[str, Any]:
-    """The "mdaf" metadata of a predictions directory (the same in every part)."""
+    """The "mdaf" metadata of a predictions directory (the same in every part); one line for a
+    file that is not Parquet or not written by `mdaf predict`."""
     path = Path(path)
     first = sorted(path.glob(PART_PATTERN))[0] if path.is_dir() else path
-    return json.loads(pq.read_schema(first).metadata[METADATA_KEY])
+    try:
+        metadata = pq.read_schema(first).metadata or {}
+    except pa.ArrowInvalid as e:
+        raise UserError(f"{first} is not a Parquet file ({e}): give predictions written by `mdaf predict`") from None
+    if METADATA_KEY not in metadata:
+        raise UserError(f"{first} has no {METADATA_KEY.decode()!r} metadata: give predictions written by `mdaf predict`")
+    return json.loads(metadata[METADATA_KEY])
 
 
 @dataclass
@@ -142,12 +151,13 @@ def rank_rows(data_dir: str, split: str, rank: int, world_size: int) -> Dict[str
 def predict(env: DistEnv, path: Path, out: str, split: str = "valid", data_dir: Optional[str] = None, overrides: List[str] = ()) -> Dict[str, Any]:
     """Score a split with a checkpoint (`resolve_checkpoint`) and write this rank's part (a
     collective: every rank calls it); returns the metadata, the same on every rank."""
-    out_dir = Path(out)
+    out_dir = output_directory(out, "--out")
     if not out_dir.parent.is_dir():
         raise UserError(f"cannot write {out}: the directory {out_dir.parent} does not exist")
     cfg = checkpoint_config(path, overrides)
     scored_dir = data_dir or cfg.data_dir
     check_split(scored_dir, split)
+    check_history_length(scored_dir, read_meta(scored_dir, checksums=True), cfg.model.history_length)
     trainer = load_trainer(path, cfg, env)
     training_dir = cfg.data_dir
     remap = VocabMap.between(scored_dir, training_dir) if Path(scored_dir).resolve() != Path(training_dir).resolve() else None
@@ -208,7 +218,7 @@ def _write_part(path: Path, rows: Dict[str, np.ndarray], columns: Dict[str, np.n
         "day": ((rows["ts"].astype(np.int64) - window_start) // SECONDS_PER_DAY).astype(np.int16),
         "ts": rows["ts"].astype(np.int32),
     }
-    schema = prediction_schema(with_gate).with_metadata({METADATA_KEY: json.dumps(meta, default=float).encode()})
+    schema = prediction_schema(with_gate).with_metadata({METADATA_KEY: dumps(meta).encode()})
     pq.write_table(pa.table(data, schema=schema), path)
 
 

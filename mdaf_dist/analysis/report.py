@@ -6,11 +6,12 @@ comparison; a missing value (an empty group, an epoch the paper did not run) is 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
+
+from mdaf_dist.files import write_json
 
 
 @dataclass
@@ -55,10 +56,5 @@ def write_tables(tables: Sequence[Table], out_dir: Path, name: str, heading: str
     text = "\n\n".join([f"## {heading}"] + [table.markdown() for table in tables]) + "\n"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.md").write_text(text)
-    (out_dir / f"{name}.json").write_text(json.dumps({t.key: t.to_json() for t in tables}, indent=2, default=_json_number) + "\n")
+    write_json(out_dir / f"{name}.json", {t.key: t.to_json() for t in tables})
     return text
-
-
-def _json_number(value: Any) -> Any:
-    """numpy scalars -> Python numbers (NaN stays NaN, which json writes as NaN)."""
-    return value.item() if hasattr(value, "item") else str(value)

@@ -12,8 +12,10 @@ fast parse, while a file with bad lines in every piece is parsed row by row, an 
 magnitude slower. Nothing is dropped silently: every rejected line is counted by reason and
 written with its 1-based line number and raw text to the rejects file.
 
-Inputs: plain `.csv`, `.csv.gz`, or `.zip` holding exactly one CSV (the official download), as a
-local path or any fsspec URI (`file://`, `memory://`, `s3://` with s3fs, ...). A UTF-8 byte-order
+Inputs: plain CSV, or compressed with gzip, bzip2, xz or zstd, or a zip holding exactly one CSV
+(the official download), told apart by their first bytes, not their names; as a local path or
+any fsspec URI (`file://`, `memory://`, `s3://` with s3fs, ...; a URI whose backend is not
+installed is one line naming it). A UTF-8 byte-order
 mark at the start of the file is stripped and the first row kept if valid. An integer is what
 pyarrow accepts: optional `-`, digits, surrounding spaces or tabs, inside int64.
 
@@ -22,13 +24,21 @@ line of five column names (`user_id,item_id,category_id,behavior_type,timestamp`
 header: skipped, returned in the report, and neither a row nor a rejected line. A header-like line
 anywhere else is rejected as `header` (two files pasted together, say). Fields may be quoted as
 standard CSV has it (RFC 4180: `"1","2","3","pv","1511544070"` is the row `1,2,3,pv,1511544070`,
-`""` inside quotes is one quote); a quoted value must still be a valid value.
+`""` inside quotes is one quote); a quoted value must still be a valid value. A file whose lines
+are separated by tabs, semicolons or pipes is refused naming its separator.
+
+Reading stops as soon as the rejected lines exceed `max_bad_fraction` of the file's estimated
+line count (its size over the bytes per line so far, scaled by the compression ratio so far), so a
+file of garbage costs a few blocks and a few thousand rejects, not a full pass.
 """
 
 from __future__ import annotations
 
+import bz2
 import csv
 import gzip
+import lzma
+import math
 import posixpath
 import re
 import zipfile
@@ -81,6 +91,10 @@ _CONVERT_OPTIONS = pacsv.ConvertOptions(
 )
 _BEHAVIOR_SET = pa.array(BEHAVIORS)
 _CAREFUL_BYTES = 64 << 10
+# first bytes of the compressed formats read as a stream (zip is an archive: see _open_source)
+_ZIP_MAGIC = b"PK\x03\x04"
+_COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+_SEPARATORS = {"\t": "tabs", ";": "semicolons", "|": "pipes"}
 _DTYPES = (np.int64, np.int64, np.int64, np.int8, np.int64)  # per column of COLUMNS
 
 
@@ -151,7 +165,7 @@ class _Rejects:
     def __init__(self, path: str | Path):
         self.path = str(path)
         self.counts: Counter = Counter()
-        self.first: Optional[Tuple[int, str]] = None
+        self.first: Optional[Tuple[int, str, bytes]] = None
         self._file: Optional[IO[str]] = None
         self._writer = None
 
@@ -160,7 +174,7 @@ class _Rejects:
             self._open()
         self.counts[reason] += 1
         if self.first is None:
-            self.first = (line, reason)
+            self.first = (line, reason, raw)
         self._writer.writerow((line, reason, raw.decode("utf-8", errors="backslashreplace")))
 
     def _open(self) -> None:
@@ -180,6 +194,45 @@ class _Rejects:
     def by_reason(self) -> Dict[str, int]:
         return {reason: self.counts[reason] for reason in REJECT_REASONS if self.counts[reason]}
 
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def describe(self) -> str:
+        """The first bad line, its reason, the counts by reason and a separator other than the
+        comma if the first bad line has one."""
+        line, reason, raw = self.first
+        text = raw.decode("utf-8", errors="backslashreplace")
+        by_reason = ", ".join(f"{name}={count}" for name, count in self.by_reason().items())
+        where = f"first bad line {line} ({reason}): {text[:80]!r}; by reason: {by_reason}"
+        fields = _fields(raw) or []
+        for separator, name in _SEPARATORS.items():
+            if len(fields) == 1 and len(raw.split(separator.encode())) == len(COLUMNS):
+                return f"{where}; its fields are separated by {name}: the input must be comma-separated"
+        return where
+
+
+class _BadLineLimit:
+    """Stops the ingest once the rejected lines exceed `fraction` of the file's estimated line
+    count: the lines parsed so far times the CSV bytes in all over those parsed. The CSV's size is
+    known for a plain file and a zip member, else estimated from the raw bytes read (gzip, bzip2,
+    xz and zstd streams read their input in small steps, so the ratio so far holds). Bad lines
+    only grow, so past that point the run could only fail, after writing every reject."""
+
+    def __init__(self, fraction: float, raw_size: Optional[int], csv_size: Optional[int]) -> None:
+        self.fraction, self.raw_size, self.csv_size = fraction, raw_size, csv_size
+
+    def estimate(self, lines: int, parsed_bytes: int, read_bytes: int, raw_read: int) -> Optional[int]:
+        """Estimated data lines of the whole file; None without a known size."""
+        total_bytes = self.csv_size
+        if total_bytes is None and self.raw_size and raw_read:
+            total_bytes = read_bytes * max(self.raw_size / raw_read, 1.0)
+        if total_bytes is None or not parsed_bytes:
+            return None
+        return math.ceil(lines * total_bytes / parsed_bytes)
+
+    def exceeded(self, bad: int, estimated_lines: Optional[int]) -> bool:
+        return estimated_lines is not None and bad > self.fraction * estimated_lines
+
 
 def ingest(
     source: str, cfg: PrepareConfig, rejects_path: str | Path, progress: bool = True
@@ -187,7 +240,7 @@ def ingest(
     """Read and validate `source`; return its valid rows and a report of what was rejected.
 
     Raises UserError for a missing, unreadable or empty input, and when more than
-    `cfg.max_bad_fraction` of the lines are rejected.
+    `cfg.max_bad_fraction` of the lines are rejected (as soon as the estimate shows it).
     """
     source = str(source)
     window_end = cfg.window_start + cfg.window_days * SECONDS_PER_DAY
@@ -196,18 +249,22 @@ def ingest(
     columns = _Columns()
     lines = 0  # lines of the file read so far, a header included
     header: Optional[bytes] = None
+    parsed_bytes = read_bytes = 0  # decompressed bytes parsed and read so far
     with ExitStack() as stack:
         stack.callback(rejects.close)
-        raw, stream, size = stack.enter_context(_open_source(source))
+        raw, stream, size, csv_size = stack.enter_context(_open_source(source))
+        limit = _BadLineLimit(cfg.max_bad_fraction, size, csv_size)
         bar = stack.enter_context(
             tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=f"ingest {Path(source).name}",
                  disable=not progress)
         )
         for block, last_without_newline in _blocks(stream, cfg.block_size_bytes):
             bar.update(raw.tell() - bar.n)
+            read_bytes += len(block)
             if lines == 0:
                 header, block = _split_header(block)
                 lines = int(header is not None)
+                parsed_bytes = read_bytes - len(block)
                 if not block:
                     continue
             block_lines = block.count(b"\n") + last_without_newline
@@ -216,6 +273,15 @@ def ingest(
                 for row, code, text in zip(parsed.reject_rows.tolist(), parsed.reject_codes.tolist(), texts):
                     rejects.add(first_line + row, REJECT_REASONS[code], text)
                 columns.append(parsed.columns, fraction_read=raw.tell() / size if size else None)
+                parsed_bytes += len(piece)
+                parsed_lines = first_line - 1 + len(parsed.columns[0]) + len(parsed.reject_rows) - (header is not None)
+                estimated = limit.estimate(parsed_lines, parsed_bytes, read_bytes, raw.tell())
+                if limit.exceeded(rejects.total(), estimated) and estimated > parsed_lines:
+                    raise UserError(
+                        f"{source}: {rejects.total()} of the first {parsed_lines} lines are malformed, more than "
+                        f"max_bad_fraction={cfg.max_bad_fraction} of the file's estimated {estimated} lines; stopped reading; "
+                        f"{rejects.describe()}"
+                    )
             lines += block_lines
     events = columns.events()
     report = IngestReport(
@@ -234,13 +300,7 @@ def _check_report(report: IngestReport, rejects: _Rejects, cfg: PrepareConfig) -
     if report.lines == 0:
         raise UserError(f"{report.source}: " + ("the file is empty" if report.header is None else "the file has a header line and no data"))
     bad = report.lines - report.valid
-    by_reason = ", ".join(f"{reason}={count}" for reason, count in report.rejected.items())
-    where = (
-        f"first bad line {rejects.first[0]} ({rejects.first[1]}); by reason: {by_reason}; "
-        f"rejected lines are in {report.rejects_path}"
-        if bad
-        else ""
-    )
+    where = rejects.describe() if bad else ""
     if report.valid == 0:
         raise UserError(f"{report.source}: no data rows among {report.lines} lines; {where}")
     if bad > cfg.max_bad_fraction * report.lines:
@@ -251,30 +311,45 @@ def _check_report(report: IngestReport, rejects: _Rejects, cfg: PrepareConfig) -
 
 
 @contextmanager
-def _open_source(source: str) -> Iterator[Tuple[IO[bytes], IO[bytes], Optional[int]]]:
-    """(raw file, decompressed CSV byte stream, raw size if known): progress is measured on the raw
-    file. I/O and decompression failures, here or while the stream is read, become one UserError."""
+def _open_source(source: str) -> Iterator[Tuple[IO[bytes], IO[bytes], Optional[int], Optional[int]]]:
+    """(raw file, decompressed CSV byte stream, raw size if known, CSV size if known): progress is
+    measured on the raw file. I/O and decompression failures, here or while the stream is read,
+    become one UserError."""
     try:
         fs, path = fsspec.core.url_to_fs(source)
-    except ValueError as e:  # an unknown protocol
-        raise UserError(f"cannot read {source}: {e}") from None
+    except (ValueError, ImportError, OSError) as e:  # an unknown protocol, a backend not installed
+        raise UserError(f"cannot read {source}: {str(e).splitlines()[0]}") from None
     try:
         if not fs.isfile(path):
             problem = "is not a file" if fs.exists(path) else "not found"
             raise UserError(f"input {problem}: {source}")
         size = fs.size(path)
         with fs.open(path, "rb") as raw:
-            name = path.lower()
-            if name.endswith(".gz"):
-                with gzip.GzipFile(fileobj=raw) as stream:
-                    yield raw, stream, size
-            elif name.endswith(".zip"):
-                with zipfile.ZipFile(raw) as archive, archive.open(_single_csv_member(archive, source)) as stream:
-                    yield raw, stream, size
+            magic = raw.read(6)
+            raw.seek(0)
+            compression = next((name for prefix, name in _COMPRESSED.items() if magic.startswith(prefix)), None)
+            if magic.startswith(_ZIP_MAGIC):
+                with zipfile.ZipFile(raw) as archive:
+                    member = archive.getinfo(_single_csv_member(archive, source))
+                    with archive.open(member) as stream:
+                        yield raw, stream, size, member.file_size
+            elif compression is None:
+                yield raw, raw, size, size
             else:
-                yield raw, raw, size
-    except (OSError, EOFError, zlib.error, zipfile.BadZipFile) as e:
+                with _decompressed(raw, compression) as stream:
+                    yield raw, stream, size, None
+    except (OSError, EOFError, zlib.error, zipfile.BadZipFile, lzma.LZMAError, pa.ArrowException) as e:
         raise UserError(f"cannot read {source}: {e}") from None
+
+
+def _decompressed(raw: IO[bytes], compression: str) -> IO[bytes]:
+    if compression == "gzip":
+        return gzip.GzipFile(fileobj=raw)
+    if compression == "bzip2":
+        return bz2.BZ2File(raw)
+    if compression == "xz":
+        return lzma.LZMAFile(raw)
+    return pa.CompressedInputStream(pa.PythonFile(raw, mode="r"), "zstd")
 
 
 def _single_csv_member(archive: zipfile.ZipFile, source: str) -> str:

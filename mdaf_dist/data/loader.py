@@ -40,6 +40,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from mdaf_dist.config import LoaderConfig
 from mdaf_dist.data.batch import CATEGORY, HIST_CATEGORY, HIST_ITEM, ITEM, USER, Batch
 from mdaf_dist.data.layout import Events, open_events, sample_files
+from mdaf_dist.errors import UserError
 
 # Sample columns the loader reads (pos only to find the history; ts is not a feature).
 COLUMNS = ("user", "pos", "item", "category", "label")
@@ -306,6 +307,15 @@ class StreamingLoader:
         self.epoch, self.position = int(state["epoch"]), int(state["batches"])
 
 
+def check_settings(cfg: LoaderConfig) -> None:
+    """Refuse a non-positive size in one line naming the setting."""
+    for key in ("batch_size", "eval_batch_size", "shuffle_buffer"):
+        if getattr(cfg, key) < 1:
+            raise UserError(f"loader.{key} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.num_workers < 0:
+        raise UserError(f"loader.num_workers must be >= 0, got {cfg.num_workers}")
+
+
 def make_loader(
     data_dir: str | Path,
     split: str,
@@ -320,6 +330,7 @@ def make_loader(
 ) -> StreamingLoader:
     """The loader the trainer iterates: `batch_size` defaults to cfg.batch_size for train and
     cfg.eval_batch_size otherwise; batches land in pinned memory when `device` is CUDA."""
+    check_settings(cfg)
     if batch_size is None:
         batch_size = cfg.batch_size if split == "train" else cfg.eval_batch_size
     pin = device is not None and torch.device(device).type == "cuda"

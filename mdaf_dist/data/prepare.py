@@ -30,12 +30,18 @@ Stages, each counted in meta["stages"] so that every row is accounted for
 
 Output: `mdaf_dist.data.layout` (events.arrow, user_offsets.npy, samples/{train,valid[,test]}/part-*.parquet
 in production order, meta.json). The loader shuffles; samples are written grouped by user and
-time, a positive followed by its negatives.
+time, a positive followed by its negatives. Everything is written into a temporary sibling of the
+output directory and moved into place when complete, meta.json (with every file's size and
+SHA-256) last: a prepare that fails or is killed leaves the previous data intact or refused by
+readers, never a mix; a stale split or rejects file of an earlier run is replaced, the user's own
+files in the directory are left alone. A split it must make that ends up empty fails the run,
+naming the stage that emptied it.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import resource
 import sys
@@ -53,11 +59,11 @@ import mdaf_dist
 from mdaf_dist.config import PrepareConfig, load_config, to_dict
 from mdaf_dist.data import samples as S
 from mdaf_dist.data.ingest import BEHAVIORS, RawEvents, ingest
-from mdaf_dist.data.layout import SAMPLE_SCHEMA, SAMPLES_DIR, SPLITS, Events, write_events, write_meta
+from mdaf_dist.data.layout import META_FILE, PREPARED_ENTRIES, REJECTS_FILE, SAMPLE_SCHEMA, SAMPLES_DIR, SPLITS, Events, write_events, write_meta
 from mdaf_dist.data.vocab import dense_ids, save_vocab
 from mdaf_dist.errors import UserError
+from mdaf_dist.files import output_directory, published_directory
 
-REJECTS_FILE = "rejects.csv"
 SPLIT_MODES = ("days", "fraction")
 CLICK = BEHAVIORS.index("pv")
 _INT32 = np.iinfo(np.int32)
@@ -136,6 +142,10 @@ def _check_settings(cfg: PrepareConfig) -> None:
         raise UserError(f"prepare.user_fraction must be in (0, 1], got {cfg.user_fraction}")
     if cfg.neg_ratio < 0:
         raise UserError(f"prepare.neg_ratio must be >= 0, got {cfg.neg_ratio}")
+    if not 0.0 <= cfg.max_bad_fraction <= 1.0:  # nan fails too
+        raise UserError(f"prepare.max_bad_fraction must be in [0, 1], got {cfg.max_bad_fraction}")
+    if cfg.block_size_bytes < 1:
+        raise UserError(f"prepare.block_size_bytes must be >= 1, got {cfg.block_size_bytes}")
 
 
 def split_bounds(cfg: PrepareConfig, clicks: S.Clicks) -> tuple[int, Optional[int]]:
@@ -192,15 +202,12 @@ class _PartWriter:
     """Appends samples to samples/<split>/part-*.parquet as they come: row groups of exactly
     `samples_row_group` rows (the split's last may be shorter), `samples_part_row_groups` per file.
 
-    Part files let the loader spread row groups over ranks and workers; old part files of the
-    split are removed first, so a re-run never mixes outputs.
+    Part files let the loader spread row groups over ranks and workers.
     """
 
     def __init__(self, out: Path, split: str, cfg: PrepareConfig) -> None:
         self.directory = out / SAMPLES_DIR / split
         self.directory.mkdir(parents=True, exist_ok=True)
-        for old in self.directory.glob("part-*.parquet"):
-            old.unlink()
         self.group_rows, self.groups_per_file = cfg.samples_row_group, cfg.samples_part_row_groups
         self.pending: List[pa.Table] = []
         self.pending_rows = 0
@@ -270,14 +277,29 @@ def _filter_and_write(
 
 
 def prepare(cfg: PrepareConfig, progress: bool = True) -> Dict[str, Any]:
-    """Run every stage; write the prepared directory `cfg.out`; print the stage table; return meta."""
+    """Run every stage; publish the prepared directory `cfg.out` whole; print the stage table;
+    return meta."""
     _check_settings(cfg)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    final = output_directory(cfg.out, "prepare.out")
+    with published_directory(final, PREPARED_ENTRIES, last=META_FILE) as staging:
+        meta = _prepare(cfg, staging, final, progress)
+    if meta["ingest"]["header"] is not None:
+        print(f"skipped the header line: {meta['ingest']['header']}")
+    print(stage_table(meta))
+    if meta["ingest"]["rejected"]:
+        reasons = ", ".join(f"{reason}={count}" for reason, count in meta["ingest"]["rejected"].items())
+        print(f"rejected: {reasons} (lines in {meta['ingest']['rejects_path']})")
+    return meta
+
+
+def _prepare(cfg: PrepareConfig, out: Path, final: Path, progress: bool) -> Dict[str, Any]:
+    """Every stage, written into `out` (the staging directory of `final`); returns meta."""
     stages = _Stages(progress)
 
     with stages.timed("ingest"):
         raw, report = ingest(cfg.input, cfg, out / REJECTS_FILE, progress=progress)
+    if report.rejects_path is not None:
+        report = dataclasses.replace(report, rejects_path=str(final / REJECTS_FILE))
     fingerprint = source_fingerprint(cfg.input)
     stages.add("raw lines", report.lines)
     stages.add("ingest: valid rows", report.valid, dropped=report.lines - report.valid)
@@ -296,6 +318,9 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> Dict[str, Any]:
         write_events(out, Events(clicks.item, clicks.category, clicks.ts, clicks.user_offsets))
     n_clicks = len(clicks.user)
     stages.add("clicks (pv)", n_clicks, dropped=n_events - n_clicks)
+    if n_clicks == 0:
+        raise UserError(f"prepare: no click (pv) row among the {n_events} rows kept of {report.valid} valid ones "
+                        f"(prepare.user_fraction={cfg.user_fraction:g}); nothing was written to {cfg.out}")
 
     with stages.timed("negatives"):
         span = S.filter_span(cfg.category_filter, cfg.history_length, cfg.category_last_k)
@@ -352,17 +377,28 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> Dict[str, Any]:
         "cpu_seconds": stages.cpu_seconds,
         "peak_rss_gb": stages.peak_rss_gb,
     }
-    write_meta(out, meta)
-    if report.header is not None:
-        print(f"skipped the header line: {report.header}")
-    print(stage_table(meta))
-    if report.rejected:
-        reasons = ", ".join(f"{reason}={count}" for reason, count in report.rejected.items())
-        print(f"rejected: {reasons} (lines in {report.rejects_path})")
-    for split in (name for name, info in meta["splits"].items() if info["rows"] == 0):
-        print(f"warning: the {split} split is empty (prepare.split={cfg.split} cuts the time range; the input may cover "
-              f"less than the window, see prepare.split=fraction): training will report no {split} metrics")
-    return meta
+    _check_splits(cfg, meta, clicks.ts)
+    return write_meta(out, meta)
+
+
+def _check_splits(cfg: PrepareConfig, meta: Dict[str, Any], ts: np.ndarray) -> None:
+    """Refuse an empty split, naming the stage that emptied it: the user subsample, the time
+    window (no click in the split's time range) or a filter."""
+    for split, info in meta["splits"].items():
+        if info["rows"]:
+            continue
+        counts = [row[split] for row in meta["stages"] if split in row]
+        if counts[0] == 0:
+            cause = (
+                f"no click falls in its time range (the clicks span ts {int(ts.min())}..{int(ts.max())}; valid from "
+                f"{meta['valid_start_ts']}, test from {meta['test_start_ts']}; prepare.split={cfg.split}: for an input "
+                f"shorter than the window use prepare.split=fraction, or set prepare.window_start/window_days/valid_days/test_days)"
+            )
+        else:
+            emptied = next(row["stage"] for row in meta["stages"] if split in row and row[split] == 0)
+            cause = (f"the step '{emptied}' dropped all its samples (see prepare.drop_empty_history, prepare.category_filter, "
+                     f"prepare.user_fraction={cfg.user_fraction:g})")
+        raise UserError(f"prepare: the {split} split is empty: {cause}; nothing was written to {cfg.out}")
 
 
 def stage_table(meta: Dict[str, Any]) -> str:
@@ -393,8 +429,8 @@ def stage_table(meta: Dict[str, Any]) -> str:
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input", help="raw UserBehavior CSV (.csv, .csv.gz, .zip; local path or URI)")
-    parser.add_argument("--out", help="output directory (prepared-data layout)")
+    parser.add_argument("--input", help="raw UserBehavior CSV (plain, gzip, bzip2, xz, zstd or zip; local path or fsspec URI)")
+    parser.add_argument("--out", help="output directory (prepared-data layout; a local path or file:// URI)")
     parser.add_argument("--config", action="append", help="YAML config file; its prepare: section is used; repeat to overlay files in order")
     parser.add_argument("--quiet", action="store_true", help="no progress output (the stage table is still printed)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. prepare.neg_ratio=2 prepare.user_fraction=0.01")

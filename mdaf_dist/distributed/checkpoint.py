@@ -30,7 +30,6 @@ changed model or data set is one line naming the differences, not a DCP size mis
 
 from __future__ import annotations
 
-import json
 import pickle
 import random
 import shutil
@@ -47,6 +46,7 @@ from torch import nn
 
 from mdaf_dist.config import Config, to_dict
 from mdaf_dist.errors import UserError
+from mdaf_dist.files import dumps, read_json
 
 TRAINER_FILE = "trainer.json"
 CONFIG_FILE = "config.yaml"
@@ -113,7 +113,7 @@ def checkpoints(root: Path) -> List[Path]:
 
 
 def read_trainer_state(path: Path) -> Dict[str, Any]:
-    return json.loads((path / TRAINER_FILE).read_text())
+    return read_json(path / TRAINER_FILE, "a checkpoint's trainer state")
 
 
 def best_checkpoint(root: Path) -> Optional[Path]:
@@ -197,7 +197,7 @@ class Checkpointer:
         if self.rank == 0:
             for name, text in snapshot.files.items():
                 (tmp / name).write_text(text)
-            (tmp / TRAINER_FILE).write_text(json.dumps(snapshot.trainer, indent=2))
+            (tmp / TRAINER_FILE).write_text(dumps(snapshot.trainer))
         _barrier()
         if self.rank == 0:
             if final.exists():

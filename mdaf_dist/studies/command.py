@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 
+from mdaf_dist.files import dumps
 from mdaf_dist.studies.grid import expand
 from mdaf_dist.studies.runner import LaunchSettings, StudyRunner
 from mdaf_dist.studies.spec import load_study
@@ -55,5 +55,5 @@ def run(args: argparse.Namespace) -> int:
     from mdaf_dist.studies.report import write_report  # matplotlib only when reporting
 
     report = write_report(args.dir)
-    print(json.dumps(report.data, indent=2, default=float) if args.format == "json" else report.markdown)
+    print(dumps(report.data).rstrip() if args.format == "json" else report.markdown)
     return 0

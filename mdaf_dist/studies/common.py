@@ -15,11 +15,11 @@ scored on the validation split it trained against, and the common AUC is its own
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 from mdaf_dist.config import PrepareConfig, load_config
+from mdaf_dist.files import write_json
 from mdaf_dist.studies.grid import Plan, shared_overrides
 from mdaf_dist.studies.workdir import LOG_FILE, StudyDir
 
@@ -53,9 +53,7 @@ def score_cell(cell_dir: Path, data_dir: Path) -> Dict[str, Any]:
         "logloss": meta["metrics"]["logloss"],
         "unseen_ids": meta["unseen_ids"],
     }
-    tmp = cell_dir / (COMMON_JSON + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=float) + "\n")
-    tmp.replace(cell_dir / COMMON_JSON)
+    write_json(cell_dir / COMMON_JSON, record)
     return record
 
 

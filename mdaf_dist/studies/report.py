@@ -9,7 +9,6 @@ results.json and their data's meta.json (`results`); the paper's from `paper`.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -20,6 +19,7 @@ from mdaf_dist.analysis.dynamics import table7
 from mdaf_dist.analysis.report import markdown_table
 from mdaf_dist.studies import paper, plots
 from mdaf_dist.studies.results import CellRecord, Row, Stat, load_cells, rows
+from mdaf_dist.files import write_json
 from mdaf_dist.studies.significance import Comparison, compare
 from mdaf_dist.studies.workdir import CELL_CONFIG, StudyDir
 
@@ -555,5 +555,5 @@ def write_report(directory: str | Path) -> Report:
         "cells": {c.id: {"seed": c.seed, "world_size": c.world_size, "state": c.state, "auc": c.metric("auc"), "common_auc": c.metric("common_auc"), "error": c.error} for c in cells.values()},
     }
     (out / f"{plan['name']}.md").write_text(markdown)
-    (out / f"{plan['name']}.json").write_text(json.dumps(data, indent=2, default=float) + "\n")
+    write_json(out / f"{plan['name']}.json", data)
     return Report(markdown, data)

@@ -10,7 +10,6 @@ studies.common). A metric a record lacks is None, shown as "n/a".
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
 from mdaf_dist.data.layout import META_FILE
+from mdaf_dist.files import read_json
 from mdaf_dist.studies.common import COMMON_JSON, COMMON_PREDICTIONS
 from mdaf_dist.studies.workdir import CELL_CONFIG, StudyDir
 
@@ -133,7 +133,7 @@ class Row:
 
 
 def _read_json(path: Path) -> Optional[Dict[str, Any]]:
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json(path, "a run's record") if path.is_file() else None
 
 
 def load_cells(study_dir: StudyDir, plan: Dict[str, Any]) -> Dict[str, CellRecord]:

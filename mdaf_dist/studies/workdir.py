@@ -15,12 +15,12 @@ deletes another's cells.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any, Dict
 
 from mdaf_dist.errors import UserError
+from mdaf_dist.files import read_json, write_json
 from mdaf_dist.train.trainer import RESULTS_FILE
 
 PLAN_FILE = "study.json"
@@ -57,7 +57,7 @@ class StudyDir:
         path = self.root / PLAN_FILE
         if not path.is_file():
             raise UserError(f"{self.root} holds no study (no {PLAN_FILE}): run `mdaf study run STUDY.yaml --out {self.root}` first")
-        return json.loads(path.read_text())
+        return read_json(path, "a study's plan")
 
     def claim(self, plan: Dict[str, Any]) -> None:
         """Write the plan, unless DIR holds something else: another study, the same study with
@@ -66,7 +66,7 @@ class StudyDir:
         if self.root.exists() and not self.root.is_dir():
             raise UserError(f"{self.root} is a file, not a study directory: choose another --out")
         if path.is_file():
-            owner = json.loads(path.read_text())
+            owner = read_json(path, "a study's plan")
             if owner["name"] != plan["name"]:
                 raise UserError(f"{self.root} holds another study ({owner['name']!r}): choose another --out for {plan['name']!r}")
             if owner["overrides"] != plan["overrides"]:
@@ -77,7 +77,7 @@ class StudyDir:
         elif self.root.is_dir() and any(self.root.iterdir()):
             raise UserError(f"{self.root} is not empty and holds no study: choose another --out")
         self.root.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(plan, indent=2) + "\n")
+        write_json(path, plan)
 
     # -- records ---------------------------------------------------------------------------
     def log(self, line: str) -> None:
@@ -86,9 +86,7 @@ class StudyDir:
 
     def read_status(self) -> Dict[str, Dict[str, Any]]:
         path = self.root / STATUS_FILE
-        return json.loads(path.read_text()) if path.is_file() else {}
+        return read_json(path, "a study's cell states") if path.is_file() else {}
 
     def write_status(self, status: Dict[str, Dict[str, Any]]) -> None:
-        tmp = self.root / (STATUS_FILE + ".tmp")
-        tmp.write_text(json.dumps(status, indent=2) + "\n")
-        tmp.replace(self.root / STATUS_FILE)
+        write_json(self.root / STATUS_FILE, status)

@@ -9,7 +9,6 @@ run's own files (sharding plan, checkpoints, results) are left as they are.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -17,6 +16,7 @@ from mdaf_dist.config import Config, load_config
 from mdaf_dist.distributed import checkpoint as ckpt
 from mdaf_dist.distributed.env import DistEnv, distributed
 from mdaf_dist.errors import UserError
+from mdaf_dist.files import dumps
 from mdaf_dist.train.trainer import Trainer
 
 
@@ -68,5 +68,5 @@ def evaluate_checkpoint(checkpoint: str, overrides: List[str] = (), best: bool =
 def run(args: argparse.Namespace) -> int:
     result = evaluate_checkpoint(args.checkpoint, args.overrides, args.best)
     if result is not None:
-        print(json.dumps(result, indent=2, default=float))
+        print(dumps(result).rstrip())
     return 0

@@ -13,7 +13,8 @@ from typing import List, Optional
 
 from mdaf_dist.config import load_config
 from mdaf_dist.distributed.env import distributed
-from mdaf_dist.errors import UserError
+from mdaf_dist.errors import UserError, one_line
+from mdaf_dist.files import finite, output_directory
 from mdaf_dist.train.trainer import EMBEDDING_BACKENDS, RESULTS_FILE, Trainer
 
 
@@ -27,12 +28,13 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if not cfg.data_dir:
         raise UserError("data_dir is empty: give a prepared data directory (`mdaf prepare`'s output) in the config or as data_dir=PATH")
+    cfg.output_dir = str(output_directory(cfg.output_dir, "output_dir"))
     with distributed(cfg.train.device) as env:
         results = Trainer(cfg, env, embedding_backend=args.embedding_backend).fit()
         if env.is_main:
             summary = {key: results["valid"].get(key) for key in ("auc", "logloss", "num_samples")}
             summary.update({key: results[key] for key in ("best_auc", "best_epoch", "epochs", "steps")})
-            print(json.dumps(summary, default=float))
+            print(json.dumps(finite(summary), allow_nan=False))
             print(f"results: {Path(cfg.output_dir) / RESULTS_FILE}")
     return 0
 
@@ -43,6 +45,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return run(args)
-    except (UserError, FileNotFoundError) as e:
-        print(f"mdaf train: error: {e}", file=sys.stderr)
+    except (UserError, OSError) as e:
+        print(f"mdaf train: error: {one_line(e)}", file=sys.stderr)
         return 2

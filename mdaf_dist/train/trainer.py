@@ -39,12 +39,14 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mdaf_dist.config import Config, to_yaml
 from mdaf_dist.data.batch import CATEGORY, HIST_CATEGORY, HIST_ITEM, ITEM, USER, Batch
-from mdaf_dist.data.layout import read_meta
+from mdaf_dist.data.layout import check_history_length, read_meta
+from mdaf_dist.data.loader import check_settings as check_loader_settings
 from mdaf_dist.data.loader import make_loader, num_samples
 from mdaf_dist.distributed import checkpoint as ckpt
 from mdaf_dist.distributed.env import DistEnv, collective_device
 from mdaf_dist.distributed.sharding import PLAN_JSON, PLAN_TEXT, describe_plan, shard_model
 from mdaf_dist.errors import UserError
+from mdaf_dist.files import write_json
 from mdaf_dist.models.embeddings import init_tables
 from mdaf_dist.models.loss import smoothed_bce
 from mdaf_dist.models.output import ModelOutput
@@ -126,17 +128,12 @@ class Trainer:
                 f"loader.history_length ({cfg.loader.history_length}) must equal model.history_length "
                 f"({cfg.model.history_length}): the loader gathers the histories the model reads"
             )
+        check_loader_settings(cfg.loader)
         self.cfg, self.env = cfg, env
         self.out_dir = Path(cfg.output_dir)
         ckpt.seed_everything(cfg.train.seed)
-        meta = read_meta(cfg.data_dir)
-        prepared = meta.get("history_length")
-        if prepared is not None and prepared != cfg.model.history_length:
-            raise UserError(
-                f"model.history_length={cfg.model.history_length} but {cfg.data_dir} was prepared with history_length={prepared} "
-                f"(its meta.json; the category filter looked at that many clicks): train with model.history_length={prepared} "
-                f"loader.history_length={prepared}, or prepare the data again with prepare.history_length={cfg.model.history_length}"
-            )
+        meta = read_meta(cfg.data_dir, checksums=True)
+        check_history_length(cfg.data_dir, meta, cfg.model.history_length)
         self.vocab = {name: int(size) for name, size in meta["vocab"].items()}
         self.embedding_optimizer = resolve_embedding_optimizer(cfg.train.embedding_optimizer, env.device)
         plan_dir = self.out_dir if save_plan else None
@@ -162,6 +159,7 @@ class Trainer:
         # global mean training loss of every step this process ran
         self.step_losses: List[float] = []
         self.padding = padding_batch(cfg.loader.history_categories).to(env.device)
+        self._warned_undefined_auc = False
 
     # -- collectives ------------------------------------------------------------------------
     def _all_reduce(self, values: List[float], op: dist.ReduceOp) -> List[float]:
@@ -276,7 +274,14 @@ class Trainer:
         self.state.evaluations.append(
             {"epoch": epoch, "step": self.state.step, "auc": float(metrics["auc"]), "logloss": float(metrics["logloss"]), "train_auc": train_auc}
         )
-        if metrics["auc"] > self.state.best_auc:
+        if not math.isfinite(metrics["auc"]):
+            if not self._warned_undefined_auc:
+                self._warned_undefined_auc = True
+                logger.info(
+                    f"warning: AUC is undefined on the validation split ({metrics['num_samples']} samples, positive rate "
+                    f"{metrics['positive_rate']:g}, one class or none): null in results.json, and early stopping ignores it"
+                )
+        elif metrics["auc"] > self.state.best_auc:
             self.state.best_auc, self.state.best_step, self.state.best_epoch = float(metrics["auc"]), self.state.step, epoch
             self.state.epochs_without_improvement = 0
         else:
@@ -287,7 +292,13 @@ class Trainer:
     def fit(self) -> Dict[str, Any]:
         """Train until max_epochs, max_steps or early stopping; evaluate after every epoch (and
         after a max_steps stop) and checkpoint each time. Returns `results` of the final model,
-        which rank 0 also writes to <output_dir>/results.json."""
+        which rank 0 also writes to <output_dir>/results.json. Refuses a run with no training step."""
+        if self.steps_per_epoch == 0:
+            raise UserError(
+                f"no training step: the train split of {self.cfg.data_dir} has {num_samples(self.cfg.data_dir, 'train')} samples, "
+                f"too few for {self.env.world_size} rank(s) of loader.batch_size={self.cfg.loader.batch_size} with "
+                f"loader.drop_last={self.cfg.loader.drop_last}; lower loader.batch_size, set loader.drop_last=false or use fewer ranks"
+            )
         resume_from = ckpt.resolve(self.cfg.train.resume, self.checkpointer.root)
         if resume_from is not None:
             self.restore(resume_from)
@@ -304,8 +315,6 @@ class Trainer:
             f"embedding_optimizer={self.embedding_optimizer} (fused={self.sharded}) dense_optimizer=AdamW "
             f"steps_per_epoch={self.steps_per_epoch} warmup_steps={warmup_steps(self.cfg.train, self.steps_per_epoch)}"
         )
-        if num_samples(self.cfg.data_dir, "valid") == 0:
-            logger.info("warning: the validation split is empty: AUC and logloss will be NaN, and no epoch counts as an improvement for early stopping")
         metrics: Dict[str, Any] = {}
         test: Optional[Dict[str, Any]] = None
         started, samples_before = time.perf_counter(), self.state.samples_trained
@@ -332,7 +341,7 @@ class Trainer:
             results["test"] = test
         if self.env.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=float) + "\n")
+            write_json(self.out_dir / RESULTS_FILE, results)
         return results
 
     def _planned_steps(self) -> int:
@@ -398,7 +407,8 @@ class Trainer:
         ckpt.Checkpointer.load(path, self.model, self.optimizer)
         saved = ckpt.read_trainer_state(path)
         # fields a checkpoint predates keep their defaults
-        self.state = TrainState(**{k: saved[k] for k in asdict(TrainState()) if k in saved})
+        # and so do the undefined ones (a best AUC of -inf is null in trainer.json)
+        self.state = TrainState(**{k: saved[k] for k in asdict(TrainState()) if saved.get(k) is not None})
         local = ckpt.Checkpointer.load_local(path, self.env.rank, self.env.world_size)
         if local is not None:
             self.train_loader.load_state_dict(local["loader"])
