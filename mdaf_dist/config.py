@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -142,8 +142,11 @@ class TrainConfig:
     # stop after this many optimizer steps in all (0: no limit); a resumed run counts on
     max_steps: int = 0
     lr: float = 5e-4
+    # AdamW's decoupled weight decay and the gradient clipping norm apply to the dense
+    # parameters only (train/optim.py says why the fused tables have neither)
     weight_decay: float = 1e-5
-    # linear warmup of the dense learning rate; warmup_steps wins when > 0, else warmup_epochs
+    # linear warmup of every learning rate (the tables' too); warmup_steps wins when > 0, else
+    # warmup_epochs
     warmup_epochs: float = 2.0
     warmup_steps: int = 0
     grad_clip_norm: float = 1.0
@@ -152,7 +155,8 @@ class TrainConfig:
     # the tables' optimizer, fused into the backward: "auto" = adam on CUDA, rowwise_adagrad on
     # CPU (the fbgemm CPU kernels have no Adam); also "adagrad", "sgd"
     embedding_optimizer: str = "auto"
-    embedding_lr: float = 5e-4
+    # the tables' learning rate; null (default): train.lr, as in the paper's single AdamW
+    embedding_lr: Optional[float] = None
     embedding_eps: float = 1e-8
     # "auto" (latest checkpoint in output_dir/checkpoints if there is one), "" (never), or a path
     resume: str = ""
