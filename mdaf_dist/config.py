@@ -38,11 +38,23 @@ class PrepareConfig:
     neg_sampling: str = "uniform"
     # a negative the user clicked in its window is redrawn; after this many draws it is dropped
     neg_max_draws: int = 10
-    # "filter": a negative's category is drawn from the history clicks the category filter looks
-    # at, so negatives pass it like positives must and the kept samples stay about 40 %
-    # positive (the paper's Table 1); "any": any item of the window (most then fail the filter)
+    # "any": any item of the window (the paper's 5.1.1, and configs/paper.yaml): drawn once,
+    # before and whatever the filters, so data that differ by a filter share their negatives
+    # (most of which the category filter drops); "filter": a negative's category is drawn from
+    # the history clicks the category filter looks at, so negatives pass it like positives must
+    # and the kept samples stay about 40 % positive (the paper's Table 1), but the negatives then
+    # change with the filter setting
     neg_category: str = "filter"
+    # repeated clicks: "none" keeps them; "consecutive" drops a click of the item its user clicked
+    # just before; "user_item" keeps a user's first click of each item only
+    dedup_clicks: str = "none"
     history_length: int = 50
+    # where a sample's history ends: "click" (every earlier click: about 1 % empty histories),
+    # "window" (clicks of earlier neg_window_seconds windows, i.e. days), "session" (clicks
+    # before the sample's session; a pause of more than session_gap_seconds starts one). The
+    # last two are the readings that come near the paper's -13.0 % (README "The real data")
+    history_cutoff: str = "click"
+    session_gap_seconds: int = 1800
     drop_empty_history: bool = True
     # "last_l": target category appears in the history the model sees (last history_length
     # clicks; the paper's filter); "any": anywhere in the user's earlier clicks (relaxed);
