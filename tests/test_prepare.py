@@ -152,14 +152,17 @@ def test_table6_rows_share_their_negatives_and_print_their_drops_beside_the_pape
     assert versus["category_filter"]["valid_drop"] == pytest.approx(1 - stages["category_filter"]["valid"] / stages["empty_history"]["valid"])
     assert (versus["empty_history"]["paper_train_drop"], versus["category_filter"]["paper_train_drop"]) == (0.130, 0.483)
     assert versus["valid_share"]["paper"] == pytest.approx(101_609 / (473_044 + 101_609)) == paper_counts.PAPER_VALID_SHARE
-    assert versus["train_samples"] == {"ours": stages["samples"]["train"], "paper": 1_052_081}
+    for key, paper_train, paper_valid in (("samples", 1_052_081, None), ("empty_history", 915_915, 196_361), ("category_filter", 473_044, 101_609)):
+        assert {name: versus[key][name] for name in ("train", "valid", "paper_train", "paper_valid")} == {
+            "train": stages[key]["train"], "valid": stages[key]["valid"], "paper_train": paper_train, "paper_valid": paper_valid
+        }
     # a filter that is off has no drop to compare
     assert raw[1]["versus_paper"]["empty_history"]["train_drop"] is None and raw[1]["versus_paper"]["category_filter"]["train_drop"] is None
     # the stage table prints each drop beside the paper's, and the validation share
     empty_line = next(line for line in printed.splitlines() if line.startswith("- empty history (click)"))
-    assert empty_line.endswith(f"-{100 * versus['empty_history']['train_drop']:.1f} %        -13.0 %")
+    assert empty_line.split()[-5:] == [f"-{100 * versus['empty_history']['train_drop']:.1f}", "%", "915,915", "-13.0", "%"]
     category_line = next(line for line in printed.splitlines() if line.startswith("- category filter (last_l)"))
-    assert category_line.endswith(f"-{100 * versus['category_filter']['train_drop']:.1f} %        -48.3 %")
+    assert category_line.split()[-5:] == [f"-{100 * versus['category_filter']['train_drop']:.1f}", "%", "473,044", "-48.3", "%"]
     assert f"validation share after the filters: {100 * versus['valid_share']['ours']:.1f} % (paper 17.7 %)" in printed
 
 
@@ -261,7 +264,7 @@ def test_split_fraction_on_the_one_hour_slice_gives_three_splits(tmp_path, capsy
                  "prepare.split=fraction", "prepare.valid_fraction=0.2", "prepare.test_fraction=0.2"])  # fmt: skip
     assert code == 0
     header = capsys.readouterr().out.splitlines()[0].split()
-    assert header == ["stage", "rows", "dropped", "added", "train", "valid", "test", "pos", "%", "train", "Δ", "paper", "train", "Δ"]
+    assert header == ["stage", "rows", "dropped", "added", "train", "valid", "test", "pos", "%", "train", "Δ", "paper", "train", "paper", "train", "Δ"]
     meta = read_meta(tmp_path)
     times = _split_times(tmp_path, meta)
     assert times["train"][1] < times["valid"][0] and times["valid"][1] < times["test"][0]

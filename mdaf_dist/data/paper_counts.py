@@ -1,5 +1,5 @@
 """The paper's preprocessing counts (MDAF_paper.md 5.1.1, Table 6), typed from its text for `mdaf
-prepare` to print beside its own stage drops (and for the Table 6 report). Never used as ours.
+prepare` to print beside its own stages (and for the Table 6 report). Never used as ours.
 
 The paper's samples come from `prepare.user_fraction=0.0053` of the full data (about 5,200 users):
 only there are its counts comparable with ours; its drop shares are comparable at any scale.
@@ -7,15 +7,16 @@ only there are its counts comparable with ours; its drop shares are comparable a
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 SOURCE = "MDAF_paper.md 5.1.1"
-# training samples before the filters (Table 6 "Raw data")
-TRAIN_SAMPLES = 1_052_081
-# (samples before, samples after) per filter stage and split, as 5.1.1 gives them
-STAGES: Dict[str, Dict[str, Tuple[int, int]]] = {
-    "empty_history": {"train": (1_052_081, 915_915)},
-    "category_filter": {"train": (915_915, 473_044), "valid": (196_361, 101_609)},
+# samples per split after each stage of meta["versus_paper"], as 5.1.1 gives them: "samples" is
+# before the filters (Table 6 "Raw data"), then after the empty-history removal and the category
+# filter; the paper gives no validation count before the filters
+COUNTS: Dict[str, Dict[str, int]] = {
+    "samples": {"train": 1_052_081},
+    "empty_history": {"train": 915_915, "valid": 196_361},
+    "category_filter": {"train": 473_044, "valid": 101_609},
 }
 # the drops as 5.1.1 states them; its counts give 12.9 % and 48.4 % (train), 48.3 % (valid)
 STATED_DROPS: Dict[str, Dict[str, float]] = {
@@ -29,15 +30,10 @@ def drop(before: int, after: int) -> Optional[float]:
     return (before - after) / before if before else None
 
 
-def paper_drop(stage: str, split: str) -> Optional[float]:
-    """The drop 5.1.1 states for a stage and split (None where it gives none)."""
-    return STATED_DROPS[stage].get(split)
-
-
 def valid_share(train: int, valid: int) -> Optional[float]:
     """Validation samples over training + validation samples."""
     return valid / (train + valid) if train + valid else None
 
 
 # 101,609 / (473,044 + 101,609) = 17.7 %
-PAPER_VALID_SHARE = valid_share(STAGES["category_filter"]["train"][1], STAGES["category_filter"]["valid"][1])
+PAPER_VALID_SHARE = valid_share(COUNTS["category_filter"]["train"], COUNTS["category_filter"]["valid"])

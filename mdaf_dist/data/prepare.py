@@ -288,22 +288,23 @@ def _filter_and_write(
 
 
 def versus_paper(cfg: PrepareConfig, tallies: List[_Tally]) -> Dict[str, Any]:
-    """meta["versus_paper"]: each filter's drop (share of the split's samples it removes; None
-    when the filter is off) and the validation share after the filters, beside the paper's."""
-    counts = [{split: tally.split()[split] for split in ("train", "valid")} for tally in tallies]
-
-    def stage(key: str, before: Dict[str, int], after: Dict[str, int], on: bool) -> Dict[str, Optional[float]]:
-        ours = {f"{split}_drop": paper_counts.drop(before[split], after[split]) if on else None for split in before}
-        return {**ours, **{f"paper_{split}_drop": paper_counts.paper_drop(key, split) for split in before}}
-
-    final = counts[3]
-    return {
-        "source": paper_counts.SOURCE,
-        "train_samples": {"ours": counts[1]["train"], "paper": paper_counts.TRAIN_SAMPLES},
-        "empty_history": stage("empty_history", counts[1], counts[2], cfg.drop_empty_history),
-        "category_filter": stage("category_filter", counts[2], counts[3], cfg.category_filter != "none"),
-        "valid_share": {"ours": paper_counts.valid_share(final["train"], final["valid"]), "paper": paper_counts.PAPER_VALID_SHARE},
-    }
+    """meta["versus_paper"]: per split, the samples before the filters and after each, each
+    filter's drop (the share of the split's samples it removes; None when the filter is off) and
+    the validation share after the filters, each beside the paper's (`paper_counts`)."""
+    splits = ("train", "valid")
+    counts = [{split: tally.split()[split] for split in splits} for tally in tallies[1:]]
+    filters_on = {"empty_history": cfg.drop_empty_history, "category_filter": cfg.category_filter != "none"}
+    versus: Dict[str, Any] = {"source": paper_counts.SOURCE}
+    for index, key in enumerate(("samples", "empty_history", "category_filter")):
+        entry = {**counts[index], **{f"paper_{split}": paper_counts.COUNTS[key].get(split) for split in splits}}
+        if key in filters_on:
+            for split in splits:
+                entry[f"{split}_drop"] = paper_counts.drop(counts[index - 1][split], counts[index][split]) if filters_on[key] else None
+                entry[f"paper_{split}_drop"] = paper_counts.STATED_DROPS[key].get(split)
+        versus[key] = entry
+    final = counts[-1]
+    versus["valid_share"] = {"ours": paper_counts.valid_share(final["train"], final["valid"]), "paper": paper_counts.PAPER_VALID_SHARE}
+    return versus
 
 
 def prepare(cfg: PrepareConfig, progress: bool = True) -> Dict[str, Any]:
@@ -419,7 +420,7 @@ def stage_table(meta: Dict[str, Any]) -> str:
     drop of training samples beside the paper's (meta["versus_paper"]), then the validation share."""
     splits = list(meta["splits"])
     paper = meta["versus_paper"]
-    header = ("stage", "rows", "dropped", "added", *splits, "pos %", "train Δ", "paper train Δ")
+    header = ("stage", "rows", "dropped", "added", *splits, "pos %", "train Δ", "paper train", "paper train Δ")
     lines = []
     for row in meta["stages"]:
         has_split = "train" in row
@@ -434,6 +435,7 @@ def stage_table(meta: Dict[str, Any]) -> str:
                 *(f"{row[split]:,}" if has_split else "" for split in splits),
                 f"{100 * share:.1f}" if share is not None else "",
                 _percent(versus.get("train_drop")),
+                f"{versus['paper_train']:,}" if versus else "",
                 _percent(versus.get("paper_train_drop")),
             )
         )
@@ -445,9 +447,8 @@ def stage_table(meta: Dict[str, Any]) -> str:
     rule = "  ".join("-" * w for w in widths)
     shares = paper["valid_share"]
     footer = (
-        f"validation share after the filters: {_percent(shares['ours'], '') or 'n/a'} (paper {_percent(shares['paper'], '')}); "
-        f"training samples before the filters: {paper['train_samples']['ours']:,} (paper {paper['train_samples']['paper']:,}, "
-        f"from prepare.user_fraction=0.0053 of the full data; {paper['source']})"
+        f"validation share after the filters: {_percent(shares['ours'], '') or 'n/a'} (paper {_percent(shares['paper'], '')}). "
+        f"Paper: {paper['source']}, 0.53 % of the users of the full data (prepare.user_fraction=0.0053)"
     )
     return "\n".join([fmt(header), rule, *(fmt(cells) for cells in lines), footer])
 
