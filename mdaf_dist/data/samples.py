@@ -389,11 +389,11 @@ def with_negatives(clicks: Clicks, draw: NegativeDraw, start: int = 0, stop: Opt
         values = column[start:stop]
         return interleave(values, values[owner])
 
-    click_pos = clicks.history_lengths(start, stop)
+    history = clicks.history_lengths(start, stop)
 
     return Samples(
         user=spread(clicks.user),
-        pos=interleave(click_pos, click_pos[owner]),
+        pos=interleave(history, history[owner]),
         item=interleave(clicks.item[start:stop], draw.item[first:last]),
         category=interleave(clicks.category[start:stop], draw.category[first:last]),
         label=interleave(np.ones(n, dtype=np.int8), np.zeros(m, dtype=np.int8)),
