@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -39,11 +39,23 @@ class PrepareConfig:
     neg_sampling: str = "uniform"
     # a negative the user clicked in its window is redrawn; after this many draws it is dropped
     neg_max_draws: int = 10
-    # "filter": a negative's category is drawn from the history clicks the category filter looks
-    # at, so negatives pass it like positives must and the kept samples stay about 40 %
-    # positive (the paper's Table 1); "any": any item of the window (most then fail the filter)
+    # "any": any item of the window (the paper's 5.1.1, and configs/paper.yaml): drawn once,
+    # before and whatever the filters, so data that differ by a filter share their negatives
+    # (most of which the category filter drops); "filter": a negative's category is drawn from
+    # the history clicks the category filter looks at, so negatives pass it like positives must
+    # and the kept samples stay about 40 % positive (the paper's Table 1), but the negatives then
+    # change with the filter setting
     neg_category: str = "filter"
+    # repeated clicks: "none" keeps them; "consecutive" drops a click of the item its user clicked
+    # just before; "user_item" keeps a user's first click of each item only
+    dedup_clicks: str = "none"
     history_length: int = 50
+    # where a sample's history ends: "click" (every earlier click: about 1 % empty histories),
+    # "window" (clicks of earlier neg_window_seconds windows, i.e. days), "session" (clicks
+    # before the sample's session; a pause of more than session_gap_seconds starts one). The
+    # last two are the readings that come near the paper's -13.0 % (README "The real data")
+    history_cutoff: str = "click"
+    session_gap_seconds: int = 1800
     drop_empty_history: bool = True
     # "last_l": target category appears in the history the model sees (last history_length
     # clicks; the paper's filter); "any": anywhere in the user's earlier clicks (relaxed);
@@ -144,8 +156,11 @@ class TrainConfig:
     # stop after this many optimizer steps in all (0: no limit); a resumed run counts on
     max_steps: int = 0
     lr: float = 5e-4
+    # AdamW's decoupled weight decay and the gradient clipping norm apply to the dense
+    # parameters only (train/optim.py says why the fused tables have neither)
     weight_decay: float = 1e-5
-    # linear warmup of the dense learning rate; warmup_steps wins when > 0, else warmup_epochs
+    # linear warmup of every learning rate (the tables' too); warmup_steps wins when > 0, else
+    # warmup_epochs
     warmup_epochs: float = 2.0
     warmup_steps: int = 0
     grad_clip_norm: float = 1.0
@@ -154,7 +169,8 @@ class TrainConfig:
     # the tables' optimizer, fused into the backward: "auto" = adam on CUDA, rowwise_adagrad on
     # CPU (the fbgemm CPU kernels have no Adam); also "adagrad", "sgd"
     embedding_optimizer: str = "auto"
-    embedding_lr: float = 5e-4
+    # the tables' learning rate; null (default): train.lr, as in the paper's single AdamW
+    embedding_lr: Optional[float] = None
     embedding_eps: float = 1e-8
     # "auto" (latest checkpoint in output_dir/checkpoints if there is one), "" (never), or a path
     resume: str = ""

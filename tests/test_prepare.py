@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +18,16 @@ import pytest
 from mdaf_dist.cli import main
 from mdaf_dist.config import TAOBAO_START_TS, PrepareConfig
 from mdaf_dist.data.layout import open_events, read_meta, sample_files
+from mdaf_dist.data import paper_counts
 from mdaf_dist.data.prepare import prepare
 from mdaf_dist.data.synth import generate
 from mdaf_dist.data.vocab import load_vocab
 from mdaf_dist.errors import UserError
+from mdaf_dist.studies.grid import expand
+from mdaf_dist.studies.spec import load_study
 
 SLICE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "taobao_userbehavior_1h_slice.csv"
+TABLE6_TINY = Path(__file__).resolve().parents[1] / "configs" / "studies" / "tiny" / "table6_filtering.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +59,7 @@ def test_stage_counts_add_up_and_end_in_the_splits(prepared):
     last = stages[-1]
     assert (last["train"], last["valid"]) == (meta["splits"]["train"]["rows"], meta["splits"]["valid"]["rows"])
     assert last["train"] + last["valid"] == last["rows"]
-    negatives = stages[5]
+    negatives = next(stage for stage in stages if stage.get("key") == "samples")
     assert negatives["added"] == meta["negatives"]["requested"] and negatives["dropped"] == meta["negatives"]["unavailable"]
     assert (negatives["train_positives"] + negatives["valid_positives"]) / negatives["rows"] == pytest.approx(0.4, abs=0.02)
     assert meta == read_meta(out)
@@ -108,6 +114,97 @@ def test_filter_consistent_negatives_keep_the_papers_positive_share(tmp_path):
     # Table 1 of the paper: about 40 % positives after the filter; uniform negatives mostly fail it
     assert shares["filter"] == pytest.approx([0.39, 0.39], abs=0.03)
     assert min(shares["any"]) > 0.7
+
+
+def _negatives(out: Path) -> list:
+    """Every negative of the prepared directory as (user, pos, ts, item, category), sorted."""
+    rows = {split: read_split(out, split) for split in ("train", "valid")}
+    return sorted(
+        key
+        for split in rows.values()
+        for key, label in zip(zip(split["user"], split["pos"], split["ts"], split["item"], split["category"]), split["label"])
+        if label == 0
+    )
+
+
+def _contains_all(looser: list, stricter: list) -> bool:
+    """Multiset inclusion."""
+    return not Counter(stricter) - Counter(looser)
+
+
+def test_table6_rows_share_their_negatives_and_print_their_drops_beside_the_papers(synthetic_csv, tmp_path, capsys):
+    """Table 6's rows as its tiny study resolves them: the paper's protocol draws negatives once,
+    before the filters, so each stricter row keeps a subset of the looser row's negatives."""
+    plan = expand(load_study(str(TABLE6_TINY)))
+    rows = {}
+    for cell in (c for c in plan.cells if c.seed == plan.study.file.seeds[0]):
+        cfg = cell.config.prepare
+        assert cfg.neg_category == "any" and cfg.user_fraction == 1.0
+        cfg.input, cfg.out = str(synthetic_csv), str(tmp_path / cell.id)
+        rows[next(iter(cell.coords.values()))] = (Path(cfg.out), prepare(cfg, progress=False))
+    printed = capsys.readouterr().out
+    raw, empty_removed, filtered = (rows[label] for label in ("Raw data", "+ Empty sequence removal", "+ Category filtering"))
+    negatives = [_negatives(out) for out, _ in (raw, empty_removed, filtered)]
+    assert len(negatives[2]) < len(negatives[1]) < len(negatives[0])
+    assert _contains_all(negatives[0], negatives[1]) and _contains_all(negatives[1], negatives[2])
+    # drawn alike: the raw row's negatives with a history are exactly the next row's
+    assert [n for n in negatives[0] if n[1] > 0] == negatives[1]
+
+    versus = filtered[1]["versus_paper"]
+    stages = {row.get("key"): row for row in filtered[1]["stages"]}
+    for key, before, after in (("empty_history", "samples", "empty_history"), ("category_filter", "empty_history", "category_filter")):
+        assert versus[key]["train_drop"] == pytest.approx(1 - stages[after]["train"] / stages[before]["train"])
+    assert versus["category_filter"]["valid_drop"] == pytest.approx(1 - stages["category_filter"]["valid"] / stages["empty_history"]["valid"])
+    assert (versus["empty_history"]["paper_train_drop"], versus["category_filter"]["paper_train_drop"]) == (0.130, 0.483)
+    assert versus["valid_share"]["paper"] == pytest.approx(101_609 / (473_044 + 101_609)) == paper_counts.PAPER_VALID_SHARE
+    for key, paper_train, paper_valid in (("samples", 1_052_081, None), ("empty_history", 915_915, 196_361), ("category_filter", 473_044, 101_609)):
+        assert {name: versus[key][name] for name in ("train", "valid", "paper_train", "paper_valid")} == {
+            "train": stages[key]["train"], "valid": stages[key]["valid"], "paper_train": paper_train, "paper_valid": paper_valid
+        }
+    # a filter that is off has no drop to compare
+    assert raw[1]["versus_paper"]["empty_history"]["train_drop"] is None and raw[1]["versus_paper"]["category_filter"]["train_drop"] is None
+    # the stage table prints each drop beside the paper's, and the validation share
+    empty_line = next(line for line in printed.splitlines() if line.startswith("- empty history (click)"))
+    assert empty_line.split()[-5:] == [f"-{100 * versus['empty_history']['train_drop']:.1f}", "%", "915,915", "-13.0", "%"]
+    category_line = next(line for line in printed.splitlines() if line.startswith("- category filter (last_l)"))
+    assert category_line.split()[-5:] == [f"-{100 * versus['category_filter']['train_drop']:.1f}", "%", "473,044", "-48.3", "%"]
+    assert f"validation share after the filters: {100 * versus['valid_share']['ours']:.1f} % (paper 17.7 %)" in printed
+
+
+def test_filter_drawn_negatives_change_with_the_filter(synthetic_csv, tmp_path):
+    """The old protocol, still a setting: negatives drawn to pass the filter differ from the
+    unfiltered row's, so a Table 6 built on it changes negatives and filter at once."""
+    outs = {}
+    for category_filter in ("none", "last_l"):
+        out = tmp_path / category_filter
+        prepare(PrepareConfig(input=str(synthetic_csv), out=str(out), neg_category="filter", category_filter=category_filter), progress=False)
+        outs[category_filter] = _negatives(out)
+    assert not _contains_all(outs["none"], outs["last_l"])
+
+
+@pytest.mark.parametrize("key, value, choices", [
+    ("history_cutoff", "day", "('click', 'window', 'session')"),
+    ("dedup_clicks", "all", "('none', 'consecutive', 'user_item')"),
+])  # fmt: skip
+def test_unknown_history_cutoff_and_dedup_are_user_errors(synthetic_csv, tmp_path, key, value, choices):
+    with pytest.raises(UserError, match=rf"^prepare.{key} must be one of {re.escape(choices)}, got '{value}'$"):
+        prepare(PrepareConfig(input=str(synthetic_csv), out=str(tmp_path), **{key: value}), progress=False)
+
+
+def test_dedup_and_history_cutoff_are_counted_and_written(synthetic_csv, tmp_path):
+    meta = prepare(PrepareConfig(input=str(synthetic_csv), out=str(tmp_path), dedup_clicks="user_item", history_cutoff="window"), progress=False)
+    repeated = next(stage for stage in meta["stages"] if stage["stage"] == "- repeated clicks (user_item)")
+    assert repeated["dropped"] > 0 and repeated["rows"] == meta["num_clicks"]
+    events = open_events(tmp_path)
+    for user in range(1, len(events.user_offsets) - 1):
+        items = events.item[events.user_offsets[user] : events.user_offsets[user + 1]].tolist()
+        assert len(items) == len(set(items))
+    # every written sample's history ends before the sample's day
+    train = read_split(tmp_path, "train")
+    for user, pos, ts in list(zip(train["user"], train["pos"], train["ts"]))[:2000]:
+        if pos:
+            last_history_ts = int(events.ts[events.user_offsets[user] + pos - 1])
+            assert (last_history_ts - meta["settings"]["window_start"]) // 86400 < (ts - meta["settings"]["window_start"]) // 86400
 
 
 def test_unknown_negative_category_is_a_user_error(synthetic_csv, tmp_path):
@@ -177,7 +274,7 @@ def test_split_fraction_on_the_one_hour_slice_gives_three_splits(tmp_path, capsy
                  "prepare.split=fraction", "prepare.valid_fraction=0.2", "prepare.test_fraction=0.2"])  # fmt: skip
     assert code == 0
     header = capsys.readouterr().out.splitlines()[0].split()
-    assert header == ["stage", "rows", "dropped", "added", "train", "valid", "test", "pos", "%"]
+    assert header == ["stage", "rows", "dropped", "added", "train", "valid", "test", "pos", "%", "train", "Δ", "paper", "train", "paper", "train", "Δ"]
     meta = read_meta(tmp_path)
     times = _split_times(tmp_path, meta)
     assert times["train"][1] < times["valid"][0] and times["valid"][1] < times["test"][0]
@@ -268,7 +365,7 @@ def test_prepare_killed_midway_leaves_the_old_data_intact(synthetic_csv, tmp_pat
     [
         ({"user_fraction": 1e-9}, r"prepare: no click \(pv\) row among the 0 rows kept of 40 valid ones \(prepare.user_fraction=1e-09\)"),
         ({"window_days": 30, "drop_empty_history": False, "category_filter": "none"}, r"prepare: the valid split is empty: no click falls in its time range \(the clicks span ts \d+\.\.\d+; valid from \d+"),
-        ({}, r"prepare: the train split is empty: the step '- empty history' dropped all its samples"),
+        ({}, r"prepare: the train split is empty: the step '- empty history \(click\)' dropped all its samples"),
     ],
     ids=["user_fraction", "time_window", "filters"],
 )

@@ -268,3 +268,52 @@ def test_unknown_filter_and_sampling_are_user_errors():
         S.category_filter(S.CategoryHistory(clicks), S.positives(clicks), "last", 50, 10)
     with pytest.raises(UserError, match="prepare.neg_sampling must be one of"):
         S.draw_negatives(clicks, np.ones(10, np.int64), window_start=START, window_seconds=1, sampling="zipf", max_draws=1, seed=0)
+
+
+def reference_history_ends(clicks: S.Clicks, cutoff: str, gap: int) -> list:
+    """Walk back from each click while the previous click of its user is in the same block."""
+    ends = []
+    for i in range(len(clicks.user)):
+        first, j = int(clicks.user_offsets[clicks.user[i]]), i
+        day = (int(clicks.ts[i]) - START) // SECONDS_PER_DAY
+        while j > first and (
+            (cutoff == "window" and (int(clicks.ts[j - 1]) - START) // SECONDS_PER_DAY == day)
+            or (cutoff == "session" and int(clicks.ts[j]) - int(clicks.ts[j - 1]) <= gap)
+        ):
+            j -= 1
+        ends.append(j - first)
+    return ends
+
+
+@pytest.mark.parametrize("cutoff", ["window", "session"])
+def test_history_cutoffs_match_brute_force(cutoff):
+    clicks = random_clicks(seed=12, n=800, users=15, days=4)
+    ends = S.history_ends(clicks, cutoff, window_start=START, window_seconds=SECONDS_PER_DAY, session_gap_seconds=3 * 3600)
+    assert ends.tolist() == reference_history_ends(clicks, cutoff, 3 * 3600)
+    assert 0 < (ends == 0).sum() < len(ends) and (ends <= clicks.pos).all()
+    assert S.history_ends(clicks, "click", window_start=START, window_seconds=SECONDS_PER_DAY, session_gap_seconds=1) is None
+    clicks.history_end = ends
+    assert S.positives(clicks).pos.tolist() == ends.tolist()
+
+
+@pytest.mark.parametrize("cutoff", ["window", "session"])
+def test_filter_consistent_negatives_follow_the_history_cutoff(cutoff):
+    clicks = random_clicks(seed=13, n=1500, users=12, items=400, categories=30)
+    clicks.history_end = S.history_ends(clicks, cutoff, window_start=START, window_seconds=SECONDS_PER_DAY, session_gap_seconds=3600)
+    counts = S.negative_counts(len(clicks.user), 1.5, seed=13)
+    draw = S.draw_negatives(clicks, counts, window_start=START, window_seconds=SECONDS_PER_DAY, sampling="uniform", max_draws=10, seed=13, category_span=5)
+    samples = S.with_negatives(clicks, draw)
+    negative = (samples.label == 0) & (samples.pos > 0)
+    assert negative.sum() > 100
+    # drawn from the last 5 clicks of the cut history, so they pass the filter that looks there
+    assert S.category_filter(S.CategoryHistory(clicks), samples, "last_k", history_length=20, last_k=5)[negative].all()
+
+
+def test_repeated_clicks_match_brute_force():
+    user = np.array([1, 1, 1, 1, 2, 2, 2, 3])
+    item = np.array([5, 5, 6, 5, 5, 7, 7, 5])
+    assert S.repeated_clicks(user, item, "none").tolist() == [False] * 8
+    assert S.repeated_clicks(user, item, "consecutive").tolist() == [False, True, False, False, False, False, True, False]
+    assert S.repeated_clicks(user, item, "user_item").tolist() == [False, True, False, True, False, False, True, False]
+    with pytest.raises(UserError, match=r"prepare.dedup_clicks must be one of \('none', 'consecutive', 'user_item'\), got 'all'"):
+        S.repeated_clicks(user, item, "all")

@@ -13,20 +13,25 @@ Stages, each counted in meta["stages"] so that every row is accounted for
    the filters, and 0.0105 (1.05M raw rows) about 2.1M. Measured values are in meta["stages"].
 3. clicks: pv events, sorted by (user, ts, original file order); cart/fav/buy are dropped.
    Dense ids (`mdaf_dist.data.vocab`) are built over the kept clicks, so every embedding row
-   is used; DIR/vocab/{user,item,category}.npy map dense ids back to raw ids.
-4. positives: every click; its history is the user's clicks before it (`pos`).
-5. negatives: `neg_ratio` per positive from the same time window (`samples.draw_negatives`);
-   with `neg_category="filter"` (default) of a category from the history span the category
-   filter looks at, so that negatives survive the filter as positives do and the kept samples
-   stay about 40 % positive (37-39 % measured on synthetic data; "any" gives 73-77 %).
-   A positive without history gets negatives from the whole window: they are dropped with it
-   by the empty-history filter, or kept (and failing any category filter) with
-   drop_empty_history=false. meta["negatives"]["category"] records the choice.
+   is used; DIR/vocab/{user,item,category}.npy map dense ids back to raw ids. Repeated clicks
+   are dropped or kept by `dedup_clicks` (`samples.repeated_clicks`, its own ledger row).
+4. positives: every click; its history is the user's clicks before it (`pos`), or before its
+   day or session (`history_cutoff`, `samples.history_ends`).
+5. negatives: `neg_ratio` per positive from the same time window (`samples.draw_negatives`).
+   `neg_category="any"` (configs/paper.yaml: the paper's protocol) draws them from any category,
+   once, before the filters and whatever they are set to: data that differ only by a filter
+   share their negatives, and the category filter drops most of them. `neg_category="filter"`
+   (the code's default) draws a category from the history span the category filter looks at,
+   so that negatives survive the filter as positives do and the kept samples stay about 40 %
+   positive (37-39 % measured on synthetic data; "any" gives 73-77 %), at the price of negatives
+   that change with the filter setting. A positive without history gets negatives from the
+   whole window either way. meta["negatives"]["category"] records the choice.
 6. empty-history removal, 7. category filter (`samples.category_filter`), 8. temporal split
    (`split_bounds`: train / valid [/ test] by days of the window or by fractions of the clicks'
    time range; a split is cut in time, so no two splits overlap in time).
    Stages 6-8 and the writing run chunk by chunk of clicks: all samples (2.5 per click) are
-   never in memory at once.
+   never in memory at once. Each filter's drop of training samples is printed beside the
+   paper's (`paper_counts`), and kept in meta["versus_paper"] with the validation share.
 
 Output: `mdaf_dist.data.layout` (events.arrow, user_offsets.npy, samples/{train,valid[,test]}/part-*.parquet
 in production order, meta.json). The loader shuffles; samples are written grouped by user and
@@ -57,6 +62,7 @@ import pyarrow.parquet as pq
 
 import mdaf_dist
 from mdaf_dist.config import PrepareConfig, load_config, to_dict
+from mdaf_dist.data import paper_counts
 from mdaf_dist.data import samples as S
 from mdaf_dist.data.ingest import BEHAVIORS, RawEvents, ingest
 from mdaf_dist.data.layout import META_FILE, PREPARED_ENTRIES, REJECTS_FILE, SAMPLE_SCHEMA, SAMPLES_DIR, SPLITS, Events, write_events, write_meta
@@ -81,11 +87,12 @@ class _Stages:
         self.peak_rss_gb: Dict[str, float] = {}
         self.progress = progress
 
-    def add(self, stage: str, rows: int, *, dropped: int = 0, added: int = 0, split: Optional[Dict[str, int]] = None) -> None:
+    def add(self, stage: str, rows: int, *, dropped: int = 0, added: int = 0, split: Optional[Dict[str, int]] = None, key: str = "") -> None:
+        """`key`: the stage's name in meta["versus_paper"], for the rows the paper counts."""
         previous = self.rows[-1]["rows"] if self.rows else rows + dropped - added
         if rows != previous - dropped + added:
             raise AssertionError(f"stage {stage!r}: {rows} rows != {previous} - {dropped} + {added}")
-        self.rows.append({"stage": stage, "rows": int(rows), "dropped": int(dropped), "added": int(added), **(split or {})})
+        self.rows.append({"stage": stage, "rows": int(rows), "dropped": int(dropped), "added": int(added), **(split or {}), **({"key": key} if key else {})})
 
     @contextmanager
     def timed(self, name: str) -> Iterator[None]:
@@ -130,6 +137,10 @@ def _check_settings(cfg: PrepareConfig) -> None:
         raise UserError(f"prepare.category_filter must be one of {S.CATEGORY_FILTERS}, got {cfg.category_filter!r}")
     if cfg.neg_category not in S.NEG_CATEGORIES:
         raise UserError(f"prepare.neg_category must be one of {S.NEG_CATEGORIES}, got {cfg.neg_category!r}")
+    if cfg.history_cutoff not in S.HISTORY_CUTOFFS:
+        raise UserError(f"prepare.history_cutoff must be one of {S.HISTORY_CUTOFFS}, got {cfg.history_cutoff!r}")
+    if cfg.dedup_clicks not in S.DEDUP_CLICKS:
+        raise UserError(f"prepare.dedup_clicks must be one of {S.DEDUP_CLICKS}, got {cfg.dedup_clicks!r}")
     if cfg.neg_sampling not in S.NEG_SAMPLING:
         raise UserError(f"prepare.neg_sampling must be one of {S.NEG_SAMPLING}, got {cfg.neg_sampling!r}")
     if cfg.split not in SPLIT_MODES:
@@ -168,8 +179,9 @@ def source_fingerprint(source: str) -> Dict[str, Any]:
     return {"name": name, "bytes": size, "sha256_name_size": digest}
 
 
-def _clicks(raw: RawEvents, out: Path) -> tuple[S.Clicks, Dict[str, int]]:
-    """Clicks in (user, ts, file order), dense ids, vocab maps saved; returns vocab sizes.
+def _clicks(raw: RawEvents, out: Path, dedup: str) -> tuple[S.Clicks, Dict[str, int], int]:
+    """Clicks in (user, ts, file order), dense ids, vocab maps saved, repeats dropped by `dedup`
+    (`samples.repeated_clicks`); returns vocab sizes and the number of repeats dropped.
 
     Consumes `raw`: each int64 column is released once its int32 click column exists, so the
     raw rows and the clicks are never all in memory together.
@@ -194,8 +206,14 @@ def _clicks(raw: RawEvents, out: Path) -> tuple[S.Clicks, Dict[str, int]]:
     for name in columns:
         columns[name] = columns[name][order]
     del order
+    repeated = S.repeated_clicks(columns["user"], columns["item"], dedup)
+    n_repeated = int(repeated.sum())
+    if n_repeated:
+        for name in columns:
+            columns[name] = columns[name][~repeated]
+    del repeated
     clicks = S.make_clicks(columns["user"], columns["item"], columns["category"], columns["ts"], vocab["user"])
-    return clicks, vocab
+    return clicks, vocab, n_repeated
 
 
 class _PartWriter:
@@ -276,6 +294,26 @@ def _filter_and_write(
     return {split: writer.close() for split, writer in writers.items()}, tallies
 
 
+def versus_paper(cfg: PrepareConfig, tallies: List[_Tally]) -> Dict[str, Any]:
+    """meta["versus_paper"]: per split, the samples before the filters and after each, each
+    filter's drop (the share of the split's samples it removes; None when the filter is off) and
+    the validation share after the filters, each beside the paper's (`paper_counts`)."""
+    splits = ("train", "valid")
+    counts = [{split: tally.split()[split] for split in splits} for tally in tallies[1:]]
+    filters_on = {"empty_history": cfg.drop_empty_history, "category_filter": cfg.category_filter != "none"}
+    versus: Dict[str, Any] = {"source": paper_counts.SOURCE}
+    for index, key in enumerate(("samples", "empty_history", "category_filter")):
+        entry = {**counts[index], **{f"paper_{split}": paper_counts.COUNTS[key].get(split) for split in splits}}
+        if key in filters_on:
+            for split in splits:
+                entry[f"{split}_drop"] = paper_counts.drop(counts[index - 1][split], counts[index][split]) if filters_on[key] else None
+                entry[f"paper_{split}_drop"] = paper_counts.STATED_DROPS[key].get(split)
+        versus[key] = entry
+    final = counts[-1]
+    versus["valid_share"] = {"ours": paper_counts.valid_share(final["train"], final["valid"]), "paper": paper_counts.PAPER_VALID_SHARE}
+    return versus
+
+
 def prepare(cfg: PrepareConfig, progress: bool = True) -> Dict[str, Any]:
     """Run every stage; publish the prepared directory `cfg.out` whole; print the stage table;
     return meta."""
@@ -313,11 +351,15 @@ def _prepare(cfg: PrepareConfig, out: Path, final: Path, progress: bool) -> Dict
 
     with stages.timed("clicks"):
         n_events = len(raw)
-        clicks, vocab = _clicks(raw, out)
+        clicks, vocab, n_repeated = _clicks(raw, out, cfg.dedup_clicks)
         del raw
         write_events(out, Events(clicks.item, clicks.category, clicks.ts, clicks.user_offsets))
+        clicks.history_end = S.history_ends(
+            clicks, cfg.history_cutoff, window_start=cfg.window_start, window_seconds=cfg.neg_window_seconds, session_gap_seconds=cfg.session_gap_seconds
+        )
     n_clicks = len(clicks.user)
-    stages.add("clicks (pv)", n_clicks, dropped=n_events - n_clicks)
+    stages.add("clicks (pv)", n_clicks + n_repeated, dropped=n_events - n_clicks - n_repeated)
+    stages.add(f"- repeated clicks ({cfg.dedup_clicks})", n_clicks, dropped=n_repeated)
     if n_clicks == 0:
         raise UserError(f"prepare: no click (pv) row among the {n_events} rows kept of {report.valid} valid ones "
                         f"(prepare.user_fraction={cfg.user_fraction:g}); nothing was written to {cfg.out}")
@@ -346,18 +388,21 @@ def _prepare(cfg: PrepareConfig, out: Path, final: Path, progress: bool) -> Dict
         added=draw.requested,
         dropped=draw.unavailable,
         split=tallies[1].split(),
+        key="samples",
     )
     stages.add(
-        "- empty history" if cfg.drop_empty_history else "- empty history (off)",
+        f"- empty history ({cfg.history_cutoff})" if cfg.drop_empty_history else "- empty history (off)",
         tallies[2].rows,
         dropped=tallies[1].rows - tallies[2].rows,
         split=tallies[2].split(),
+        key="empty_history",
     )
     stages.add(
         f"- category filter ({cfg.category_filter})",
         tallies[3].rows,
         dropped=tallies[2].rows - tallies[3].rows,
         split=tallies[3].split(),
+        key="category_filter",
     )
     meta = {
         "vocab": vocab,
@@ -369,6 +414,7 @@ def _prepare(cfg: PrepareConfig, out: Path, final: Path, progress: bool) -> Dict
         "stages": stages.rows,
         "splits": splits,
         "negatives": negatives,
+        "versus_paper": versus_paper(cfg, tallies),
         "ingest": {"lines": report.lines, "valid": report.valid, "rejected": report.rejected, "rejects_path": report.rejects_path, "header": report.header},
         "source": fingerprint,
         "settings": to_dict(cfg),
@@ -401,14 +447,21 @@ def _check_splits(cfg: PrepareConfig, meta: Dict[str, Any], ts: np.ndarray) -> N
         raise UserError(f"prepare: the {split} split is empty: {cause}; nothing was written to {cfg.out}")
 
 
+def _percent(share: Optional[float], sign: str = "-") -> str:
+    return "" if share is None else f"{sign}{100 * share:.1f} %"
+
+
 def stage_table(meta: Dict[str, Any]) -> str:
-    """The stage ledger as a text table, in the spirit of MDAF_paper.md Table 6."""
+    """The stage ledger as a text table, in the spirit of MDAF_paper.md Table 6: each filter's
+    drop of training samples beside the paper's (meta["versus_paper"]), then the validation share."""
     splits = list(meta["splits"])
-    header = ("stage", "rows", "dropped", "added", *splits, "pos %")
+    paper = meta["versus_paper"]
+    header = ("stage", "rows", "dropped", "added", *splits, "pos %", "train Δ", "paper train", "paper train Δ")
     lines = []
     for row in meta["stages"]:
         has_split = "train" in row
         share = sum(row[f"{split}_positives"] for split in splits) / max(row["rows"], 1) if has_split else None
+        versus = paper.get(row.get("key", ""), {})
         lines.append(
             (
                 row["stage"],
@@ -417,6 +470,9 @@ def stage_table(meta: Dict[str, Any]) -> str:
                 f"{row['added']:,}" if row["added"] else "",
                 *(f"{row[split]:,}" if has_split else "" for split in splits),
                 f"{100 * share:.1f}" if share is not None else "",
+                _percent(versus.get("train_drop")),
+                f"{versus['paper_train']:,}" if versus else "",
+                _percent(versus.get("paper_train_drop")),
             )
         )
     widths = [max(len(str(cells[i])) for cells in [header, *lines]) for i in range(len(header))]
@@ -425,7 +481,12 @@ def stage_table(meta: Dict[str, Any]) -> str:
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
     rule = "  ".join("-" * w for w in widths)
-    return "\n".join([fmt(header), rule, *(fmt(cells) for cells in lines)])
+    shares = paper["valid_share"]
+    footer = (
+        f"validation share after the filters: {_percent(shares['ours'], '') or 'n/a'} (paper {_percent(shares['paper'], '')}). "
+        f"Paper: {paper['source']}, 0.53 % of the users of the full data (prepare.user_fraction=0.0053)"
+    )
+    return "\n".join([fmt(header), rule, *(fmt(cells) for cells in lines), footer])
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:

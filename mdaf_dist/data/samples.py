@@ -4,7 +4,9 @@ Everything is vectorised numpy over whole columns (sorts, `searchsorted`, `binco
 full 100M-row data set goes through in minutes; no Python loop runs over rows or users.
 
 A sample is (user, pos, item, category, label, ts): its history is the user's clicks before
-local position `pos` (see `mdaf_dist.data.layout`), so histories are never materialised.
+local position `pos` (see `mdaf_dist.data.layout`), so histories are never materialised. `pos` is
+the click's own position, or with a coarser `history_cutoff` that of the first click of its time
+window or session, so that a history never holds clicks of the sample's own day or session.
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ NO_PREVIOUS = np.iinfo(np.int32).max
 WHOLE_HISTORY = NO_PREVIOUS - 1
 # negatives' categories: from the history span the category filter looks at, or any (`draw_negatives`)
 NEG_CATEGORIES = ("filter", "any")
+# where a sample's history ends (`history_ends`)
+HISTORY_CUTOFFS = ("click", "window", "session")
+# which repeated clicks are dropped (`repeated_clicks`)
+DEDUP_CLICKS = ("none", "consecutive", "user_item")
 # rows per slice in the passes that build large int64 temporaries
 CHUNK = 1 << 23
 
@@ -42,15 +48,21 @@ class Clicks:
     category: np.ndarray  # int32
     ts: np.ndarray  # int32
     user_offsets: np.ndarray  # int64 [num_users + 1]
+    # int32 per click: the length of its history, where that is not `pos` (`history_ends`)
+    history_end: Optional[np.ndarray] = None
 
     @property
     def pos(self) -> np.ndarray:
-        """Index of each click within its user's clicks = the length of its history."""
+        """Index of each click within its user's clicks."""
         return self.positions(0, len(self.user))
 
     def positions(self, start: int, stop: int) -> np.ndarray:
         """`pos` of clicks [start, stop) only."""
         return (np.arange(start, stop, dtype=np.int64) - self.user_offsets[self.user[start:stop]]).astype(np.int32)
+
+    def history_lengths(self, start: int, stop: int) -> np.ndarray:
+        """History length of clicks [start, stop): the clicks before it, or before its cutoff."""
+        return self.positions(start, stop) if self.history_end is None else self.history_end[start:stop]
 
 
 @dataclass
@@ -118,11 +130,62 @@ def make_clicks(user: np.ndarray, item: np.ndarray, category: np.ndarray, ts: np
     return Clicks(user=user, item=item, category=category, ts=ts, user_offsets=offsets)
 
 
+def repeated_clicks(user: np.ndarray, item: np.ndarray, mode: str) -> np.ndarray:
+    """Mask of the clicks `prepare.dedup_clicks` drops, over clicks in click order: "consecutive":
+    a click of the item its user clicked just before (a reload); "user_item": every click of an
+    item after the user's first; "none": keeps all."""
+    if mode not in DEDUP_CLICKS:
+        raise UserError(f"prepare.dedup_clicks must be one of {DEDUP_CLICKS}, got {mode!r}")
+    repeated = np.zeros(len(user), dtype=bool)
+    if mode == "consecutive":
+        repeated[1:] = (user[1:] == user[:-1]) & (item[1:] == item[:-1])
+    elif mode == "user_item":
+        _check_key_space("(user, item)", int(user.max(initial=0)) + 1, int(item.max(initial=0)) + 1)
+        keys = user.astype(np.int64) * (int(item.max(initial=0)) + 1) + item
+        order = np.argsort(keys, kind="stable")
+        ordered = keys[order]
+        repeated[order[1:][ordered[1:] == ordered[:-1]]] = True
+    return repeated
+
+
+def history_ends(clicks: Clicks, cutoff: str, *, window_start: int, window_seconds: int, session_gap_seconds: int) -> Optional[np.ndarray]:
+    """Per click, how many of its user's clicks its history holds (None for "click": all before it).
+
+    "window": the clicks before the click's time window (`(ts - window_start) // window_seconds`,
+    the negatives' window, one day by default), so a history holds earlier days only; "session":
+    the clicks before its session, a session ending where the user pauses for more than
+    `session_gap_seconds`. Either way the history ends at the first click of the click's block.
+    """
+    if cutoff not in HISTORY_CUTOFFS:
+        raise UserError(f"prepare.history_cutoff must be one of {HISTORY_CUTOFFS}, got {cutoff!r}")
+    if cutoff == "click":
+        return None
+    n = len(clicks.user)
+    block_start = np.ones(n, dtype=bool)
+    if cutoff == "window":
+        if window_seconds <= 0:
+            raise UserError(f"prepare.neg_window_seconds must be positive, got {window_seconds}")
+        window = (clicks.ts.astype(np.int64) - window_start) // window_seconds
+        np.not_equal(window[1:], window[:-1], out=block_start[1:])
+        del window
+    else:
+        if session_gap_seconds <= 0:
+            raise UserError(f"prepare.session_gap_seconds must be positive, got {session_gap_seconds}")
+        np.greater(np.diff(clicks.ts.astype(np.int64)), session_gap_seconds, out=block_start[1:])
+    block_start[1:] |= clicks.user[1:] != clicks.user[:-1]
+    # index of each click's block start, in place: 100M clicks take one int64 array at a time
+    first = np.arange(n, dtype=np.int64)
+    first[~block_start] = 0
+    np.maximum.accumulate(first, out=first)
+    first -= clicks.user_offsets[clicks.user]
+    return first.astype(np.int32)
+
+
 def positives(clicks: Clicks) -> Samples:
-    """Every click is a positive whose history is the user's clicks before it."""
+    """Every click is a positive whose history is the user's clicks before it (or its cutoff)."""
     return Samples(
         user=clicks.user,
-        pos=clicks.pos,
+        pos=clicks.history_lengths(0, len(clicks.user)),
         item=clicks.item,
         category=clicks.category,
         label=np.ones(len(clicks.user), dtype=np.int8),
@@ -246,7 +309,9 @@ def draw_negatives(
     group_bounds = np.append(np.searchsorted(pool, groups * num_items), len(pool))
     window_bounds = np.searchsorted(pool, np.arange(num_windows + 1, dtype=np.int64) * num_categories * num_items)
     clicked = _sorted_unique((clicks.user.astype(np.int64) * num_windows + window) * num_items + clicks.item)
-    click_pos = clicks.pos
+    # the history of click i is clicks [i - back[i], i - back[i] + history[i]) of the whole array
+    back = clicks.pos
+    history = back if clicks.history_end is None else clicks.history_end
 
     def candidate_ranges(owner: np.ndarray, w: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """[lo, hi) in `pool` to draw from for each owner: its window, or one of its history's
@@ -254,9 +319,10 @@ def draw_negatives(
         lo, hi = window_bounds[w], window_bounds[w + 1]
         if category_span is None:
             return lo, hi
-        span = np.minimum(click_pos[owner], category_span)
+        span = np.minimum(history[owner], category_span)
         has = np.flatnonzero(span)
-        source = owner[has] - 1 - (rng.random(len(has)) * span[has]).astype(np.int64)
+        known = owner[has]
+        source = known - back[known] + history[known] - 1 - (rng.random(len(has)) * span[has]).astype(np.int64)
         wanted = w[has] * num_categories + clicks.category[source]
         at = np.minimum(np.searchsorted(groups, wanted), len(groups) - 1)
         present = groups[at] == wanted
@@ -323,11 +389,11 @@ def with_negatives(clicks: Clicks, draw: NegativeDraw, start: int = 0, stop: Opt
         values = column[start:stop]
         return interleave(values, values[owner])
 
-    click_pos = clicks.positions(start, stop)
+    history = clicks.history_lengths(start, stop)
 
     return Samples(
         user=spread(clicks.user),
-        pos=interleave(click_pos, click_pos[owner]),
+        pos=interleave(history, history[owner]),
         item=interleave(clicks.item[start:stop], draw.item[first:last]),
         category=interleave(clicks.category[start:stop], draw.category[first:last]),
         label=interleave(np.ones(n, dtype=np.int8), np.zeros(m, dtype=np.int8)),

@@ -159,11 +159,19 @@ def _flat(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return flat
 
 
+def _effective(flat: Dict[str, Any]) -> Dict[str, Any]:
+    """Settings as they act: an unset train.embedding_lr is train.lr, so a checkpoint that spelled
+    out the same rate (or predates the default) is the same run."""
+    if flat.get("train.embedding_lr") is None:
+        flat["train.embedding_lr"] = flat.get("train.lr")
+    return flat
+
+
 def check_compatible(path: Path, cfg: Config, vocab: Dict[str, int]) -> None:
     """Refuse, before DCP meets tensors of other shapes, a checkpoint written under other settings
     (those not in CHANGEABLE_SETTINGS) or with other table sizes, naming each difference."""
-    saved = _flat(OmegaConf.to_container(OmegaConf.load(path / CONFIG_FILE)))
-    current = _flat(to_dict(cfg))
+    saved = _effective(_flat(OmegaConf.to_container(OmegaConf.load(path / CONFIG_FILE))))
+    current = _effective(_flat(to_dict(cfg)))
     differ = [
         f"{key}={current[key]!r} (checkpoint: {saved[key]!r})"
         for key in current

@@ -9,9 +9,15 @@ and row-wise Adagrad on CPU. The plain-PyTorch embedding backend (the unsharded 
 the same optimizer class as an ordinary optimizer stepped right after the backward, which is
 the same update.
 
-Two documented departures from the paper's single AdamW: the warmup schedules the dense
-learning rate only (the fused tables keep `train.embedding_lr`), and weight decay applies to
-the dense parameters only (the fused kernels would decay only the rows a batch touches).
+The tables follow the paper's recipe where the fused kernels can: their learning rate is
+`train.lr` unless `train.embedding_lr` is set, and the warmup schedules it with the dense one
+(the fused optimizer's param group is one of the combined optimizer's; torchrec hands its lr to
+the kernel on `zero_grad()`, which the trainer calls before each backward). Two documented
+departures from the paper's single AdamW remain: weight decay and gradient clipping apply to the
+dense parameters only. fbgemm's kernels accept a weight decay (L2 or decoupled for row-wise
+Adagrad), but they apply it only to the rows a batch touches, which is not AdamW's decay of every
+parameter at every step, and clipping by the global norm needs every table gradient, which the
+fused update never materialises. Table A1's weight-decay axis therefore moves the dense part only.
 Gradients of sharded tables are the sum of every rank's local-mean loss gradient (DDP averages
 dense gradients instead); Adam and (row-wise) Adagrad are invariant to that scale up to eps.
 """
@@ -51,9 +57,14 @@ def resolve_embedding_optimizer(name: str, device: torch.device) -> str:
     return name
 
 
+def embedding_lr(cfg: TrainConfig) -> float:
+    """The tables' learning rate: `train.embedding_lr`, or `train.lr` when it is unset."""
+    return cfg.lr if cfg.embedding_lr is None else cfg.embedding_lr
+
+
 def embedding_optimizer_spec(name: str, cfg: TrainConfig) -> Tuple[Type[torch.optim.Optimizer], Dict[str, float]]:
     """Class and arguments of a resolved embedding optimizer."""
-    kwargs: Dict[str, float] = {"lr": cfg.embedding_lr}
+    kwargs: Dict[str, float] = {"lr": embedding_lr(cfg)}
     if name != "sgd":
         kwargs["eps"] = cfg.embedding_eps
     return EMBEDDING_OPTIMIZERS[name], kwargs
@@ -95,8 +106,7 @@ def warmup_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
 
 
 def linear_warmup(optimizer: KeyedOptimizer, steps: int) -> LambdaLR:
-    """Dense lr rises linearly from lr/steps to lr over `steps` steps, then stays (paper: 2
-    epochs of warmup, no decay). Only the dense param groups are scheduled."""
-    dense_groups = optimizer.optimizers[0][1] if isinstance(optimizer, CombinedOptimizer) else optimizer
-    return LambdaLR(dense_groups, lambda step: min(1.0, (step + 1) / steps) if steps > 0 else 1.0)
+    """Every lr (dense and tables) rises linearly from lr/steps to lr over `steps` steps, then
+    stays (paper: 2 epochs of warmup, no decay)."""
+    return LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / steps) if steps > 0 else 1.0)
 

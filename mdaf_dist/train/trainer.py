@@ -185,6 +185,8 @@ class Trainer:
         is exact: the global mean the loop logs is then the same however the global batch is
         split over ranks."""
         self.model.train()
+        # also hands the scheduled lr to the fused tables' kernels before their in-backward update
+        self.optimizer.zero_grad(set_to_none=True)
         out = self.model(batch.features)
         losses = smoothed_bce(out.logits, batch.labels, self.cfg.model.label_smoothing, reduction="none")
         if weight and self.train_evaluator is not None:
@@ -193,7 +195,6 @@ class Trainer:
         if self.cfg.train.grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.dense_params, self.cfg.train.grad_clip_norm)
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return losses.detach().double().sum()
 
