@@ -12,7 +12,7 @@ import datetime
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -21,6 +21,7 @@ from mdaf_dist.config import check_choice
 from mdaf_dist.errors import UserError
 
 DEVICES = ("auto", "cpu", "cuda")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,22 @@ def distributed(device: str = "auto", timeout: Optional[datetime.timedelta] = No
     finally:
         if created and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def decided_on_rank_0(decide: Callable[[], T]) -> T:
+    """`decide()` run on rank 0 only, its answer (or its UserError) given to every rank: for a
+    choice that must be the same everywhere and that reading files on each rank could split
+    (which checkpoint to resume from, whether the run's directory is free)."""
+    answer: list = [None, None]
+    if dist.get_rank() == 0:
+        try:
+            answer[0] = decide()
+        except UserError as e:
+            answer[1] = str(e)
+    dist.broadcast_object_list(answer, src=0)
+    if answer[1] is not None:
+        raise UserError(answer[1])
+    return answer[0]
 
 
 def collective_device() -> torch.device:
