@@ -3,7 +3,8 @@
 torchrun, TorchX and `elastic_launch` set RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
 MASTER_ADDR and MASTER_PORT. A plain `python -m mdaf_dist.train` sets none of them: it becomes a
 world of one whose process group lives in an in-memory store, so the trainer, the sharding
-planner and the collective metrics run the same code with one process or many.
+planner and the collective metrics run the same code with one process or many. A worker of
+torchrun dies with torchrun's agent (see lifetime.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from mdaf_dist.config import check_choice
+from mdaf_dist.distributed.lifetime import end_with_launcher
 from mdaf_dist.errors import UserError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -67,6 +69,7 @@ def check_restartable() -> None:
 def init_distributed(device: str = "auto", timeout: Optional[datetime.timedelta] = None) -> DistEnv:
     """Join (or create) the default process group: NCCL on CUDA, gloo on CPU. A group that the
     caller initialised already (tests, notebooks) is used as it is."""
+    end_with_launcher()
     check_restartable()
     local_rank = _int_env("LOCAL_RANK", 0)
     chosen = resolve_device(device, local_rank)
