@@ -164,7 +164,7 @@ def resolve(resume: str, root: Path) -> Optional[Path]:
         return path
     found = checkpoints(path)
     if not found:
-        raise UserError(f"no checkpoint at {resume} (expected a {PREFIX}* directory with {MANIFEST_FILE}, or a folder of them)")
+        raise UserError(f"no checkpoint at {resume} (expected a {PREFIX}* directory with {TRAINER_FILE}, or a folder of them)")
     return found[-1]
 
 

@@ -288,7 +288,8 @@ class Trainer:
     def fit(self) -> Dict[str, Any]:
         """Train until max_epochs, max_steps or early stopping; evaluate after every epoch (and
         after a max_steps stop) and checkpoint each time. Returns `results` of the final model,
-        which rank 0 also writes to <output_dir>/results.json."""
+        which rank 0 also writes to <output_dir>/results.json; a resumed run with nothing left to
+        train returns the results.json it finds and leaves it as it is."""
         resume_from = self.checkpointer.resume_point(self.cfg.train.resume)
         if resume_from is not None:
             self.restore(resume_from)
