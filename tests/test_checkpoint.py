@@ -25,6 +25,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.filesystem import _StorageInfo
 
 from mdaf_dist import cli
 from mdaf_dist.distributed import checkpoint as ckpt
@@ -292,25 +293,52 @@ def test_resume_auto_skips_damaged_checkpoints_ends_as_an_uninterrupted_run_and_
     assert ckpt.newest_intact(root) == root / "step_00000006"
 
 
-def test_crafted_metadata_runs_no_code_and_a_missing_shard_is_one_line(tiny_data_dir, tmp_path, capsys):
+def _plant_in_a_shard(path, marker):
+    """Make `.metadata` say that a dense parameter is stored as a pickled value, in a new shard
+    file holding `_Planted`: DCP's own planner unpickles such values with weights_only=False."""
+    metadata = pickle.loads((path / ".metadata").read_bytes())
+    key = next(k for k in metadata.state_dict_metadata if k.startswith("model.") and "embeddings" not in k)
+    planted = io.BytesIO()
+    torch.save(_Planted(marker), planted)
+    (path / "planted.distcp").write_bytes(planted.getvalue())
+    metadata.state_dict_metadata[key] = dcp.metadata.BytesStorageMetadata()
+    metadata.storage_data[dcp.metadata.MetadataIndex(key)] = _StorageInfo("planted.distcp", 0, len(planted.getvalue()))
+    (path / ".metadata").write_bytes(pickle.dumps(metadata))
+    return key
+
+
+def _error_line(capsys):
+    """What a command printed to stderr besides torch's FutureWarnings: one line, no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.splitlines()[-1]
+
+
+def test_crafted_metadata_or_shard_runs_no_code_and_a_missing_shard_is_one_line(tiny_data_dir, tmp_path, capsys):
     out = tmp_path / "run"
     with distributed("cpu") as env:
         Trainer(tiny_config(tiny_data_dir, out, "train.max_steps=1"), env).fit()
         path = ckpt.resolve("auto", out / "checkpoints")
         marker = tmp_path / "unpickled"
-        (path / ".metadata").write_bytes(pickle.dumps(_Planted(marker)))
+        key = _plant_in_a_shard(path, marker)
         write_manifest(path)  # whoever crafts a checkpoint can write its manifest too
         capsys.readouterr()
         assert cli.main(["evaluate", "--checkpoint", str(path)]) == 2
+        assert _error_line(capsys) == f"mdaf evaluate: error: a value of {key} holds objects other than tensors and plain values: not loaded"
+        assert not marker.exists()
+
+        (path / ".metadata").write_bytes(pickle.dumps(_Planted(marker)))
+        write_manifest(path)
+        assert cli.main(["evaluate", "--checkpoint", str(path)]) == 2
         refusal = f"{path / '.metadata'} was refused: io.open is not part of a checkpoint's metadata"
-        assert capsys.readouterr().err == f"mdaf evaluate: error: {refusal}\n"
+        assert _error_line(capsys) == f"mdaf evaluate: error: {refusal}"
         with pytest.raises(UserError, match=re.escape(refusal)):
             Trainer(tiny_config(tiny_data_dir, out, "train.max_steps=2", "train.resume=auto"), env).fit()
     assert not marker.exists()
 
     (path / "__0_0.distcp").unlink()
     assert cli.main(["evaluate", "--checkpoint", str(path)]) == 2
-    assert capsys.readouterr().err == f"mdaf evaluate: error: {path} is not a complete checkpoint: __0_0.distcp is missing\n"
+    assert _error_line(capsys) == f"mdaf evaluate: error: {path} is not a complete checkpoint: __0_0.distcp is missing"
 
 
 def test_a_resumed_run_with_nothing_left_to_train_keeps_its_results(tiny_data_dir, tmp_path, capsys):
