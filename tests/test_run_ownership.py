@@ -1,10 +1,11 @@
 """One run, one directory: a second run (or study) on a directory in use is refused in one line
-naming the holder; a process started through `mdaf_dist.distributed.lifetime` dies with its
+naming the holder, and a study does not write into a cell a run is using; a process started through `mdaf_dist.distributed.lifetime` dies with its
 launcher; `kill -9` of the torchrun agent, or of `mdaf study run`, leaves no process running
 (slow: checked in /proc by an environment variable only the run's processes carry)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -42,6 +43,7 @@ axes:
   - {name: Fusion, key: model.fusion, values: [gate]}
 seeds: [1]
 """
+CELL = "fusion-gate_seed-1"
 
 
 def _holder() -> str:
@@ -67,6 +69,20 @@ def test_a_study_on_a_directory_in_use_is_refused_naming_the_holder(tmp_path, ca
         assert cli.main(["study", "run", str(study), "--out", str(out)]) == 2
     assert capsys.readouterr().err == f"mdaf study: error: {out} is in use by another study ({_holder()}); wait for it or stop it first\n"
     assert not (out / "data").exists()
+
+
+def test_a_study_cell_in_use_by_a_run_fails_untouched(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    study, out = tmp_path / "lifetime.yaml", tmp_path / "study"
+    study.write_text(TINY_STUDY)
+    StudyDir(out).claim(plan_record(expand(load_study(str(study)))))  # a study run there before
+    cell = StudyDir(out).cell(CELL)
+    with DirectoryLock(cell):  # a run started there by hand
+        assert cli.main(["study", "run", str(study), "--out", str(out)]) == 1
+    assert f"1 cell(s) failed (errors in {out}/status.json): {CELL}" in capsys.readouterr().out
+    status = json.loads((out / "status.json").read_text())[CELL]
+    assert (status["state"], status["error"]) == ("failed", f"{cell} is in use by another run ({_holder()}); wait for it or stop it first")
+    assert sorted(p.name for p in cell.iterdir()) == [".lock", "error.txt"]
 
 
 def _marked_env(marker: str) -> Dict[str, str]:
