@@ -71,15 +71,15 @@ def test_a_study_on_a_directory_in_use_is_refused_naming_the_holder(tmp_path, ca
     assert not (out / "data").exists()
 
 
-def test_a_study_cell_in_use_by_a_run_fails_untouched(tmp_path, capsys, monkeypatch):
+def test_a_study_cell_in_use_by_a_run_fails_untouched(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     study, out = tmp_path / "lifetime.yaml", tmp_path / "study"
     study.write_text(TINY_STUDY)
     StudyDir(out).claim(plan_record(expand(load_study(str(study)))))  # a study run there before
     cell = StudyDir(out).cell(CELL)
     with DirectoryLock(cell):  # a run started there by hand
-        assert cli.main(["study", "run", str(study), "--out", str(out)]) == 1
-    assert f"1 cell(s) failed (errors in {out}/status.json): {CELL}" in capsys.readouterr().out
+        study_run = subprocess.run([str(BIN / "mdaf"), "study", "run", str(study), "--out", str(out)], cwd=REPO, env=_marked_env(""), capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert study_run.returncode == 1 and f"1 cell(s) failed (errors in {out}/status.json): {CELL}" in study_run.stdout
     status = json.loads((out / "status.json").read_text())[CELL]
     assert (status["state"], status["error"]) == ("failed", f"{cell} is in use by another run ({_holder()}); wait for it or stop it first")
     assert sorted(p.name for p in cell.iterdir()) == [".lock", "error.txt"]
