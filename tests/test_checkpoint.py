@@ -1,8 +1,11 @@
 """Checkpoints: stop + resume equals an uninterrupted run bit for bit (mid-epoch, dropout on, the
 epochs' train AUC included); a save killed before its rename leaves the previous checkpoint
-loadable; rank files are loaded without unpickling objects; a checkpoint of other settings is
-refused naming them; a 2-rank checkpoint evaluates on 2 ranks (printed once) and on 1 (the run's
-files untouched) and resumes on 1 rank, restarting its epoch with a warning."""
+loadable; a damaged latest checkpoint (a truncated rank file, 4 KiB overwritten in a shard) is
+skipped by resume=auto, which ends where an uninterrupted run ends, and pruning never deletes
+the good one for it; rank files and .metadata are loaded without unpickling objects; a
+checkpoint of other settings is refused naming them; a resumed run with nothing left to train
+keeps its results.json; a 2-rank checkpoint evaluates on 2 ranks (printed once) and on 1 (the
+run's files untouched) and resumes on 1 rank, restarting its epoch with a warning."""
 
 from __future__ import annotations
 
@@ -11,17 +14,24 @@ import contextlib
 import io
 import json
 import math
+import pickle
 import random
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.filesystem import _StorageInfo
 
+from mdaf_dist import cli
 from mdaf_dist.distributed import checkpoint as ckpt
 from mdaf_dist.distributed.env import distributed
 from mdaf_dist.errors import UserError
+from mdaf_dist.files import write_manifest
 from mdaf_dist.distributed.sharding import PLAN_JSON
 from mdaf_dist.data.loader import num_samples
 from mdaf_dist.train import evaluate
@@ -172,6 +182,7 @@ def test_checkpoint_of_other_settings_is_refused_naming_them(tiny_data_dir, tmp_
 
     trainer_json = path / ckpt.TRAINER_FILE
     trainer_json.write_text(trainer_json.read_text().replace('"item": ', '"item": 1'))
+    write_manifest(path)  # as if written so: other table sizes, not a damaged file
     with pytest.raises(UserError, match=r"was written with other settings: table rows \{.*\} \(checkpoint: \{.*'item': 1"):
         evaluate_checkpoint(str(path))
 
@@ -220,3 +231,123 @@ def test_two_rank_checkpoint_evaluates_on_two_and_one_rank_and_resumes_on_one(ti
         f"was written by 2 ranks and this run has 1: epoch 0 restarts from its beginning, and the {seen} samples "
         "it trained on before the checkpoint are seen again"
     ) in capsys.readouterr().err
+
+
+def _truncated_rank_file(path):
+    file = path / ckpt.rank_file(1)
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
+def _shard_overwritten(path):
+    """4 KiB in the middle of a shard overwritten, its size unchanged: only the checksum tells."""
+    shard = sorted(path.glob("*.distcp"))[-1]
+    data = bytearray(shard.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 4096] = bytes(range(256)) * 16
+    shard.write_bytes(bytes(data))
+
+
+def _resumed_over_damaged_checkpoints(data_dir, root):
+    """On each rank: an uninterrupted 6-step run; a run of 8 steps (checkpoints at 2, 4, 6, 8,
+    the same as the first run's up to step 6) whose step-8 shard and step-6 rank file are then
+    damaged, resumed with resume=auto and keep_last=1 to step 6. Rank 0 returns what the
+    uninterrupted and the resumed run trained and reported, and the resumed run's warnings."""
+
+    def fit(name, *overrides):
+        with distributed("cpu") as env:
+            trainer = Trainer(tiny_config(data_dir, root / name, "checkpoint.every_steps=2", *overrides), env)
+            results = trainer.fit()
+            return trainer.step_losses, results
+
+    whole = fit("whole", "train.max_steps=6")
+    fit("run", "train.max_steps=8", "checkpoint.keep_last=10")
+    if dist.get_rank() == 0:
+        _shard_overwritten(root / "run" / "checkpoints" / "step_00000008")
+        _truncated_rank_file(root / "run" / "checkpoints" / "step_00000006")
+    dist.barrier()
+    warnings = io.StringIO()
+    with contextlib.redirect_stderr(warnings):
+        resumed = fit("run", "train.max_steps=6", "checkpoint.keep_last=1", "train.resume=auto")
+    return whole, resumed, [line for line in warnings.getvalue().splitlines() if line.startswith("warning:")]
+
+
+def test_resume_auto_skips_damaged_checkpoints_ends_as_an_uninterrupted_run_and_keeps_the_good_one(tiny_data_dir, tmp_path):
+    (whole_losses, whole), (losses, resumed), warnings = run_ranks(2, _resumed_over_damaged_checkpoints, tiny_data_dir, tmp_path)[0]
+    root = tmp_path / "run" / "checkpoints"
+    assert warnings == [
+        f"warning: not resuming from step_00000008: {root / 'step_00000008'} is a damaged checkpoint: "
+        "__1_0.distcp does not match its SHA-256 in manifest.json",
+        f"warning: not resuming from step_00000006: {root / 'step_00000006'} is a damaged checkpoint: "
+        f"{ckpt.rank_file(1)} has {(tmp_path / 'whole' / 'checkpoints' / 'step_00000006' / ckpt.rank_file(1)).stat().st_size // 2} bytes, "
+        f"its manifest says {(tmp_path / 'whole' / 'checkpoints' / 'step_00000006' / ckpt.rank_file(1)).stat().st_size}",
+    ]
+    # resumed from step 4: steps 5 and 6 trained as the uninterrupted run trained them
+    assert losses == pytest.approx(whole_losses[4:], rel=0, abs=1e-6) and len(losses) == 2
+    assert resumed["steps"] == whole["steps"] == 6
+    assert resumed["valid"]["num_samples"] == whole["valid"]["num_samples"]
+    for key in ("auc", "logloss"):
+        assert resumed["valid"][key] == pytest.approx(whole["valid"][key], rel=0, abs=1e-6)
+    # keep_last=1 kept the step-6 checkpoint written again, the only good one (the damaged
+    # step 8 is newer, but was never trusted: pruning leaves it), and the next resume takes it
+    assert [p.name for p in ckpt.checkpoints(root)] == ["step_00000006", "step_00000008"]
+    assert ckpt.newest_intact(root) == root / "step_00000006"
+
+
+def _plant_in_a_shard(path, marker):
+    """Make `.metadata` say that a dense parameter is stored as a pickled value, in a new shard
+    file holding `_Planted`: DCP's own planner unpickles such values with weights_only=False."""
+    metadata = pickle.loads((path / ".metadata").read_bytes())
+    key = next(k for k in metadata.state_dict_metadata if k.startswith("model.") and "embeddings" not in k)
+    planted = io.BytesIO()
+    torch.save(_Planted(marker), planted)
+    (path / "planted.distcp").write_bytes(planted.getvalue())
+    metadata.state_dict_metadata[key] = dcp.metadata.BytesStorageMetadata()
+    metadata.storage_data[dcp.metadata.MetadataIndex(key)] = _StorageInfo("planted.distcp", 0, len(planted.getvalue()))
+    (path / ".metadata").write_bytes(pickle.dumps(metadata))
+    return key
+
+
+def _error_line(capsys):
+    """What a command printed to stderr besides torch's FutureWarnings: one line, no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.splitlines()[-1]
+
+
+def test_crafted_metadata_or_shard_runs_no_code_and_a_missing_shard_is_one_line(tiny_data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    with distributed("cpu") as env:
+        Trainer(tiny_config(tiny_data_dir, out, "train.max_steps=1"), env).fit()
+        path = ckpt.resolve("auto", out / "checkpoints")
+        marker = tmp_path / "unpickled"
+        key = _plant_in_a_shard(path, marker)
+        write_manifest(path)  # whoever crafts a checkpoint can write its manifest too
+        capsys.readouterr()
+        assert cli.main(["evaluate", "--checkpoint", str(path)]) == 2
+        assert _error_line(capsys) == f"mdaf evaluate: error: a value of {key} holds objects other than tensors and plain values: not loaded"
+        assert not marker.exists()
+
+        (path / ".metadata").write_bytes(pickle.dumps(_Planted(marker)))
+        write_manifest(path)
+        assert cli.main(["evaluate", "--checkpoint", str(path)]) == 2
+        refusal = f"{path / '.metadata'} was refused: io.open is not part of a checkpoint's metadata"
+        assert _error_line(capsys) == f"mdaf evaluate: error: {refusal}"
+        with pytest.raises(UserError, match=re.escape(refusal)):
+            Trainer(tiny_config(tiny_data_dir, out, "train.max_steps=2", "train.resume=auto"), env).fit()
+    assert not marker.exists()
+
+    (path / "__0_0.distcp").unlink()
+    assert cli.main(["evaluate", "--checkpoint", str(path)]) == 2
+    assert _error_line(capsys) == f"mdaf evaluate: error: {path} is not a complete checkpoint: __0_0.distcp is missing"
+
+
+def test_a_resumed_run_with_nothing_left_to_train_keeps_its_results(tiny_data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["--config", str(SMOKE_CONFIG), f"data_dir={tiny_data_dir}", f"output_dir={out}", "model.history_length=8", "loader.history_length=8", "train.max_steps=1", "logging.tensorboard=false", "logging.progress_bar=false"]
+    assert main(base) == 0
+    written = (out / trainer_module.RESULTS_FILE).read_bytes()
+    assert json.loads(written)["samples_per_sec"] > 0
+    capsys.readouterr()
+    assert main([*base, "train.resume=auto"]) == 0
+    assert f"nothing left to train: {out / trainer_module.RESULTS_FILE} is kept as it is" in capsys.readouterr().out
+    assert (out / trainer_module.RESULTS_FILE).read_bytes() == written

@@ -91,16 +91,20 @@ def test_smoke_config_run_writes_results_json(tiny_data_dir, tmp_path, capsys):
     assert printed["auc"] == valid["auc"] and printed["num_samples"] == valid["num_samples"]
 
 
-def test_resumed_finished_run_still_reports_the_final_model(tiny_data_dir, tmp_path):
+def test_resumed_finished_run_without_results_reports_the_final_model(tiny_data_dir, tmp_path):
+    """A run killed after its last checkpoint, before results.json: the resume writes the final
+    model's results, with no throughput (it trained nothing)."""
     out = tmp_path / "run"
     base = [f"data_dir={tiny_data_dir}", f"output_dir={out}", "logging.tensorboard=false", "logging.progress_bar=false", *TINY_HISTORY]
     assert main(["--config", str(SMOKE_CONFIG), *base, "train.max_epochs=1"]) == 0
     first = json.loads((out / RESULTS_FILE).read_text())
+    (out / RESULTS_FILE).unlink()
 
     assert main(["--config", str(SMOKE_CONFIG), *base, "train.max_epochs=1", "train.resume=auto"]) == 0
     again = json.loads((out / RESULTS_FILE).read_text())
     assert again["steps"] == first["steps"] and again["evaluations"] == first["evaluations"]
     assert again["valid"]["auc"] == pytest.approx(first["valid"]["auc"], abs=1e-9)
+    assert first["samples_per_sec"] > 0 and again["samples_per_sec"] is None
 
 
 def test_drop_last_drops_training_samples_only(tiny_data_dir, tmp_path):

@@ -3,7 +3,8 @@
 torchrun, TorchX and `elastic_launch` set RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
 MASTER_ADDR and MASTER_PORT. A plain `python -m mdaf_dist.train` sets none of them: it becomes a
 world of one whose process group lives in an in-memory store, so the trainer, the sharding
-planner and the collective metrics run the same code with one process or many.
+planner and the collective metrics run the same code with one process or many. A worker of
+torchrun dies with torchrun's agent (see lifetime.py).
 """
 
 from __future__ import annotations
@@ -12,15 +13,17 @@ import datetime
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from mdaf_dist.config import check_choice
+from mdaf_dist.distributed.lifetime import end_with_launcher
 from mdaf_dist.errors import UserError
 
 DEVICES = ("auto", "cpu", "cuda")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,7 @@ def check_restartable() -> None:
 def init_distributed(device: str = "auto", timeout: Optional[datetime.timedelta] = None) -> DistEnv:
     """Join (or create) the default process group: NCCL on CUDA, gloo on CPU. A group that the
     caller initialised already (tests, notebooks) is used as it is."""
+    end_with_launcher()
     check_restartable()
     local_rank = _int_env("LOCAL_RANK", 0)
     chosen = resolve_device(device, local_rank)
@@ -100,6 +104,22 @@ def distributed(device: str = "auto", timeout: Optional[datetime.timedelta] = No
     finally:
         if created and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def decided_on_rank_0(decide: Callable[[], T]) -> T:
+    """`decide()` run on rank 0 only, its answer (or its UserError) given to every rank: for a
+    choice that must be the same everywhere and that reading files on each rank could split
+    (which checkpoint to resume from, whether the run's directory is free)."""
+    answer: list = [None, None]
+    if dist.get_rank() == 0:
+        try:
+            answer[0] = decide()
+        except UserError as e:
+            answer[1] = str(e)
+    dist.broadcast_object_list(answer, src=0)
+    if answer[1] is not None:
+        raise UserError(answer[1])
+    return answer[0]
 
 
 def collective_device() -> torch.device:

@@ -13,11 +13,19 @@ Resumable: a cell with a results.json is skipped (and a scored one is not scored
 launched with `train.resume=auto`, so an interrupted one continues from its last checkpoint.
 A failing cell is recorded (status.json, cells/<id>/error.txt) and the others go on. SIGINT and
 SIGTERM cancel the running jobs and leave everything for the next run.
+
+One study at a time: the study holds a lock on DIR while it runs, and on a cell's directory
+while it writes the cell's config and while it records the cell's outcome; in between, the
+cell's training job holds it (a run locks its output_dir), so a run started there by hand is
+refused, or makes the cell fail, rather than mixing into it. On local_cwd each cell's torchrun
+dies with the study (mdaf_dist.distributed.lifetime) and its workers with torchrun, so even a
+study killed with SIGKILL leaves nothing running.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import sys
 import time
@@ -35,6 +43,7 @@ from torchx.specs.finder import get_component
 import mdaf_dist
 from mdaf_dist.config import to_yaml
 from mdaf_dist.errors import UserError
+from mdaf_dist.files import DirectoryLock
 from mdaf_dist.studies.common import score_cells
 from mdaf_dist.studies.datacache import check_input, prepare_cells
 from mdaf_dist.studies.grid import Cell, Plan, plan_record
@@ -76,10 +85,15 @@ def _cell_app(component: Callable[..., AppDef], plan: Plan, cell: Cell, config_p
     if scheduler == "local_cwd":
         # local_cwd starts `torchrun` from PATH: this environment's first
         env["PATH"] = str(Path(sys.executable).parent)
-    return component(
+    app = component(
         str(config_path), nnodes=cell.nnodes, nproc_per_node=ranks, name=f"mdaf/{cell.id}",
         cpu=per_rank.cpu_per_rank * ranks, gpu=per_rank.gpu_per_rank * ranks, memMB=per_rank.memMB_per_rank * ranks, env=env or None,
     )  # fmt: skip
+    if scheduler == "local_cwd":
+        # local_cwd starts the job from this process, in a session of its own: it must die with it
+        role = app.roles[0]
+        role.entrypoint, role.args = sys.executable, ["-m", "mdaf_dist.distributed.lifetime", str(os.getpid()), role.entrypoint, *role.args]
+    return app
 
 
 def _scheduler_cfg(runner: Any, settings: LaunchSettings, study_dir: StudyDir) -> Dict[str, Any]:
@@ -120,6 +134,7 @@ class StudyRunner:
     def __init__(self, plan: Plan, out: str | Path, settings: LaunchSettings) -> None:
         self.plan, self.settings = plan, settings
         self.dir = StudyDir(out)
+        self.lock = DirectoryLock(self.dir.root, "study")
         self.status: Dict[str, Dict[str, Any]] = {}
 
     def _write_config(self, cell: Cell, data_dir: Path) -> Path:
@@ -147,12 +162,19 @@ class StudyRunner:
     # -- the run ---------------------------------------------------------------------------
     def run(self) -> Dict[str, Dict[str, Any]]:
         """Run every cell that has no results yet; return each cell's status."""
+        try:
+            return self._run()
+        finally:
+            self.lock.release()
+
+    def _run(self) -> Dict[str, Dict[str, Any]]:
         if self.settings.max_parallel < 1:
             raise UserError(f"--max-parallel must be >= 1, got {self.settings.max_parallel}")
         component = load_component()
         check_input(self.plan)
         if not self.settings.dryrun:
             self.dir.claim(plan_record(self.plan))
+            self.lock.acquire()
             self.status = self.dir.read_status()
             self.dir.log(f"run {self.plan.study.name}: {len(self.plan.cells)} cells, scheduler {self.settings.scheduler}")
         data_dirs, common = prepare_cells(self.plan, self.dir, create=not self.settings.dryrun)
@@ -197,7 +219,14 @@ class StudyRunner:
                         self.dir.cell(cell.id).mkdir(parents=True, exist_ok=True)
                         self._failed(cell, str(data_dirs[cell.id]), [], progress)
                         continue
+                    try:
+                        # held while the study writes the cell's config, then left to the job
+                        cell_lock = DirectoryLock(self.dir.cell(cell.id)).acquire()
+                    except UserError as e:
+                        self._failed(cell, str(e), [], progress)
+                        continue
                     app = _cell_app(component, self.plan, cell, self._write_config(cell, Path(data_dirs[cell.id])), self.settings.scheduler)
+                    cell_lock.release()
                     try:
                         handle = runner.run(app, self.settings.scheduler, cfg)
                     except Exception as e:  # noqa: BLE001 - the scheduler refused the job: recorded, the others go on
@@ -216,6 +245,8 @@ class StudyRunner:
                     running.remove(job)
                     progress.running -= 1
                     seconds = time.monotonic() - job.started
+                    # the job released the cell when it ended: the study records its outcome
+                    cell_lock = DirectoryLock(self.dir.cell(job.cell.id)).acquire()
                     if status is not None and status.state == AppState.SUCCEEDED and self.dir.results(job.cell.id).is_file():
                         self._record(job.cell.id, state="done", seconds=round(seconds, 1))
                         self.dir.log(f"done {job.cell.id} in {seconds:.0f} s")
@@ -227,6 +258,7 @@ class StudyRunner:
                         if status is not None and status.state == AppState.SUCCEEDED:
                             error = "job SUCCEEDED but wrote no results.json"
                         self._failed(job.cell, error, tail, progress, seconds)
+                    cell_lock.release()
         except (KeyboardInterrupt, SignalException) as e:
             for job in running:
                 runner.cancel(job.handle)

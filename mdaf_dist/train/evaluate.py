@@ -2,8 +2,10 @@
 
 The run's resolved config is read from the checkpoint, the model is rebuilt and sharded for
 the current world size (DCP reshards), and the whole validation split is evaluated; the result
-is printed (by rank 0) next to the metrics the checkpoint recorded when it was written. The
-run's own files (sharding plan, checkpoints, results) are left as they are.
+is printed (by rank 0) next to the metrics the checkpoint recorded when it was written. A
+checkpoint that does not match its manifest is refused. The run's own files (sharding plan,
+checkpoints, results) are left as they are, and the run's directory is not locked: evaluating
+only reads it.
 """
 
 from __future__ import annotations
@@ -28,12 +30,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def resolve_checkpoint(checkpoint: str, best: bool = False) -> Path:
     """A checkpoint directory, or of a folder of them the latest (the best by validation AUC
-    with `best`); a user error otherwise."""
+    with `best`), verified against its manifest (on every rank, before anything of it is read);
+    a user error otherwise."""
     if not Path(checkpoint).exists():
         raise UserError(f"no checkpoint at {checkpoint}: the path does not exist")
     path = ckpt.best_checkpoint(Path(checkpoint)) if best else ckpt.resolve(checkpoint, Path(checkpoint))
     if path is None:
         raise UserError(f"no checkpoint with a validation AUC under {checkpoint}")
+    ckpt.verify(path)
     return path
 
 

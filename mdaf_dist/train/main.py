@@ -1,7 +1,9 @@
 """`mdaf train` and `python -m mdaf_dist.train`: one `main` for both, so torchrun/TorchX and the
 console script run the same code. Each rank is one process; the launcher's environment says
-which (see mdaf_dist/distributed/env.py). Rank 0 writes the run's summary to <output_dir>/results.json
-(see `Trainer.results`) and prints its headline numbers."""
+which (see mdaf_dist/distributed/env.py). Rank 0 holds a lock on output_dir for the run's
+lifetime, so a second run there is refused (naming the holder) instead of mixing its files into
+this one's; it writes the run's summary to <output_dir>/results.json (see `Trainer.results`)
+and prints its headline numbers."""
 
 from __future__ import annotations
 
@@ -12,9 +14,9 @@ from pathlib import Path
 from typing import List, Optional
 
 from mdaf_dist.config import load_config
-from mdaf_dist.distributed.env import distributed
+from mdaf_dist.distributed.env import decided_on_rank_0, distributed
 from mdaf_dist.errors import UserError, one_line
-from mdaf_dist.files import finite, output_directory
+from mdaf_dist.files import DirectoryLock, finite, output_directory
 from mdaf_dist.train.trainer import EMBEDDING_BACKENDS, RESULTS_FILE, Trainer
 
 
@@ -30,7 +32,16 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("data_dir is empty: give a prepared data directory (`mdaf prepare`'s output) in the config or as data_dir=PATH")
     cfg.output_dir = str(output_directory(cfg.output_dir, "output_dir"))
     with distributed(cfg.train.device) as env:
-        results = Trainer(cfg, env, embedding_backend=args.embedding_backend).fit()
+        lock = DirectoryLock(cfg.output_dir)
+
+        def claim_output_dir() -> None:
+            lock.acquire()
+
+        decided_on_rank_0(claim_output_dir)
+        try:
+            results = Trainer(cfg, env, embedding_backend=args.embedding_backend).fit()
+        finally:
+            lock.release()
         if env.is_main:
             summary = {key: results["valid"].get(key) for key in ("auc", "logloss", "num_samples")}
             summary.update({key: results[key] for key in ("best_auc", "best_epoch", "epochs", "steps")})

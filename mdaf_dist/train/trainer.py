@@ -46,7 +46,7 @@ from mdaf_dist.distributed import checkpoint as ckpt
 from mdaf_dist.distributed.env import DistEnv, collective_device
 from mdaf_dist.distributed.sharding import PLAN_JSON, PLAN_TEXT, describe_plan, shard_model
 from mdaf_dist.errors import UserError
-from mdaf_dist.files import write_json
+from mdaf_dist.files import read_json, write_json
 from mdaf_dist.models.embeddings import init_tables
 from mdaf_dist.models.loss import smoothed_bce
 from mdaf_dist.models.output import ModelOutput
@@ -293,14 +293,16 @@ class Trainer:
     def fit(self) -> Dict[str, Any]:
         """Train until max_epochs, max_steps or early stopping; evaluate after every epoch (and
         after a max_steps stop) and checkpoint each time. Returns `results` of the final model,
-        which rank 0 also writes to <output_dir>/results.json. Refuses a run with no training step."""
+        which rank 0 also writes to <output_dir>/results.json; a resumed run with nothing left to
+        train returns the results.json it finds and leaves it as it is. Refuses a run with no
+        training step."""
         if self.steps_per_epoch == 0:
             raise UserError(
                 f"no training step: the train split of {self.cfg.data_dir} has {num_samples(self.cfg.data_dir, 'train')} samples, "
                 f"too few for {self.env.world_size} rank(s) of loader.batch_size={self.cfg.loader.batch_size} with "
                 f"loader.drop_last={self.cfg.loader.drop_last}; lower loader.batch_size, set loader.drop_last=false or use fewer ranks"
             )
-        resume_from = ckpt.resolve(self.cfg.train.resume, self.checkpointer.root)
+        resume_from = self.checkpointer.resume_point(self.cfg.train.resume)
         if resume_from is not None:
             self.restore(resume_from)
         logger = RunLogger(
@@ -333,8 +335,13 @@ class Trainer:
         finally:
             logger.close()
         wall_seconds = time.perf_counter() - started
+        results_file = self.out_dir / RESULTS_FILE
         if not metrics:
-            # nothing left to train (a resumed, finished run): still report the model's metrics
+            # nothing left to train (a resumed, finished run): its results.json stands as it is
+            if results_file.is_file():
+                if self.env.is_main:
+                    print(f"nothing left to train: {results_file} is kept as it is", flush=True)
+                return read_json(results_file, "the results of a finished run")
             metrics = self.evaluate()
             test = self.evaluate("test") if self.has_test else None
         results = self.results(metrics, self.state.samples_trained - samples_before, wall_seconds)
@@ -342,7 +349,7 @@ class Trainer:
             results["test"] = test
         if self.env.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            write_json(self.out_dir / RESULTS_FILE, results)
+            write_json(results_file, results)
         return results
 
     def _planned_steps(self) -> int:
@@ -359,7 +366,7 @@ class Trainer:
         (with the epoch's train AUC, None with train.train_auc off), "test" (set by `fit` with a
         test split), and the throughput of this process's part of the run: `samples` trained in
         `seconds` of wall time, evaluation and checkpoints included (a resumed run counts from its
-        resume)."""
+        resume; None when this process trained no sample: no throughput was measured)."""
         return {
             "valid": metrics,
             "best_auc": self.state.best_auc,
@@ -370,7 +377,7 @@ class Trainer:
             "samples_trained": self.state.samples_trained,
             "evaluations": self.state.evaluations,
             "wall_seconds": seconds,
-            "samples_per_sec": samples / seconds if seconds > 0 else float("nan"),
+            "samples_per_sec": samples / seconds if samples and seconds > 0 else None,
             "world_size": self.env.world_size,
             "embedding_optimizer": self.embedding_optimizer,
         }
@@ -407,8 +414,8 @@ class Trainer:
                 optimizer.init_state()
         ckpt.Checkpointer.load(path, self.model, self.optimizer)
         saved = ckpt.read_trainer_state(path)
-        # fields a checkpoint predates keep their defaults
-        # and so do the undefined ones (a best AUC of -inf is null in trainer.json)
+        # fields a checkpoint predates keep their defaults, and so does best_auc before the first
+        # evaluation (-inf, which strict JSON wrote as null)
         self.state = TrainState(**{k: saved[k] for k in asdict(TrainState()) if saved.get(k) is not None})
         local = ckpt.Checkpointer.load_local(path, self.env.rank, self.env.world_size)
         if local is not None:
