@@ -276,7 +276,7 @@ def test_resume_auto_skips_damaged_checkpoints_ends_as_an_uninterrupted_run_and_
     root = tmp_path / "run" / "checkpoints"
     assert warnings == [
         f"warning: not resuming from step_00000008: {root / 'step_00000008'} is a damaged checkpoint: "
-        "__1_0.distcp does not match its SHA-256 in manifest.json",
+        "__1_0.distcp does not match its SHA-256 in its manifest",
         f"warning: not resuming from step_00000006: {root / 'step_00000006'} is a damaged checkpoint: "
         f"{ckpt.rank_file(1)} has {(tmp_path / 'whole' / 'checkpoints' / 'step_00000006' / ckpt.rank_file(1)).stat().st_size // 2} bytes, "
         f"its manifest says {(tmp_path / 'whole' / 'checkpoints' / 'step_00000006' / ckpt.rank_file(1)).stat().st_size}",
