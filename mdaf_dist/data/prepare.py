@@ -18,7 +18,8 @@ Stages, each counted in meta["stages"] so that every row is accounted for
 5. negatives: `neg_ratio` per positive from the same time window (`samples.draw_negatives`);
    with `neg_category="filter"` (default) of a category from the history span the category
    filter looks at, so that negatives survive the filter as positives do and the kept samples
-   stay about 40 % positive (37-39 % measured on synthetic data; "any" gives 73-77 %).
+   stay near 40 % positive (33 % measured on synthetic data, as on real histories, where the
+   filter drops about a third of positives; "any" gives 88-91 %).
    A positive without history gets negatives from the whole window: they are dropped with it
    by the empty-history filter, or kept (and failing any category filter) with
    drop_empty_history=false. meta["negatives"]["category"] records the choice.
