@@ -20,7 +20,6 @@ from mdaf_dist.errors import UserError
 def configure_parser(parser) -> None:
     parser.add_argument("--out", default="outputs/demo", help="working directory (default: outputs/demo)")
     parser.add_argument("--rows", type=int, default=120_000, help="synthetic rows to generate")
-    parser.add_argument("--categories", type=int, default=300, help="synthetic categories")
     parser.add_argument("--config", default="configs/demo.yaml", help="training config")
     parser.add_argument("--nproc", type=int, default=2, help="training processes (CPU ranks)")
     parser.add_argument("--seed", type=int, default=42)
@@ -42,8 +41,7 @@ def run(args) -> int:
     py = sys.executable
     if not raw.exists():
         _step("synthesise UserBehavior-format data",
-              [py, "-m", "mdaf_dist.cli", "synth", "--out", str(raw), "--rows", str(args.rows),
-               "--categories", str(args.categories), "--seed", str(args.seed)])
+              [py, "-m", "mdaf_dist.cli", "synth", "--out", str(raw), "--rows", str(args.rows), "--seed", str(args.seed)])
     if not (data / "meta.json").exists():
         _step("prepare CTR samples",
               [py, "-m", "mdaf_dist.cli", "prepare", "--config", args.config, "--input", str(raw), "--out", str(data)])

@@ -52,9 +52,9 @@ def run_ranks(world_size: int, fn: Callable[..., Any], *args: Any, timeout_s: fl
     return [results[rank] for rank in range(world_size)]
 
 
-def prepare_tiny_data(root: Path, rows: int = 1500, seed: int = 3, **settings: Any) -> Path:
-    """Synthetic UserBehavior rows -> a prepared directory small enough for 2-rank tests;
-    `settings` are further PrepareConfig fields (e.g. test_days=1)."""
+def prepare_tiny_data(root: Path, rows: int = 2250, seed: int = 3, **settings: Any) -> Path:
+    """Synthetic UserBehavior rows -> a prepared directory small enough for 2-rank tests (2,630
+    training samples: 11 batches of 256); `settings` are further PrepareConfig fields (e.g. test_days=1)."""
     root.mkdir(parents=True, exist_ok=True)
     generate(str(root / "raw.csv"), rows, seed=seed, progress=False)
     prepare(PrepareConfig(input=str(root / "raw.csv"), out=str(root / "data"), history_length=8, samples_row_group=256, **settings), progress=False)

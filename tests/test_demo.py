@@ -13,7 +13,7 @@ SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
 
 @pytest.mark.slow
 def test_demo_runs_the_whole_chain(tmp_path, capsys):
-    argv = ["demo", "--out", str(tmp_path), "--rows", "4000", "--categories", "40", "--config", str(SMOKE)]
+    argv = ["demo", "--out", str(tmp_path), "--rows", "4000", "--config", str(SMOKE)]
     assert cli.main(argv) == 0
     auc = float(re.search(r"final validation AUC (\S+)", capsys.readouterr().out).group(1))
     assert 0.5 < auc <= 1.0

@@ -24,7 +24,7 @@ from mdaf_dist.studies.workdir import StudyDir
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-TINY = "configs: [configs/paper.yaml, configs/studies/tiny/base_config.yaml]\nsynth: {rows: 4000, categories: 40, seed: 3}\n"
+TINY = "configs: [configs/paper.yaml, configs/studies/tiny/base_config.yaml]\nsynth: {rows: 4000, seed: 3}\n"
 
 FUSIONS = TINY + """name: fusions
 title: two fusions x two seeds

@@ -23,7 +23,8 @@ Stages, each counted in meta["stages"] so that every row is accounted for
    share their negatives, and the category filter drops most of them. `neg_category="filter"`
    (the code's default) draws a category from the history span the category filter looks at,
    so that negatives survive the filter as positives do and the kept samples stay about 40 %
-   positive (37-39 % measured on synthetic data; "any" gives 73-77 %), at the price of negatives
+   positive (33 % measured on synthetic data, as on real histories, where the filter drops about a
+   third of positives; "any" gives 88-91 %), at the price of negatives
    that change with the filter setting. A positive without history gets negatives from the
    whole window either way. meta["negatives"]["category"] records the choice.
 6. empty-history removal, 7. category filter (`samples.category_filter`), 8. temporal split
