@@ -202,7 +202,7 @@ def test_prepare_on_a_sample_sees_new_items_and_filters_like_real_data(tmp_path)
     unseen = np.mean(~np.isin(valid_items, train["item"].to_numpy()))
     assert unseen >= 0.75, unseen
     stages = {row["stage"]: row for row in meta["stages"]}
-    before, after = stages["- empty history"], stages["- category filter (last_l)"]
+    before, after = stages["- empty history (click)"], stages["- category filter (last_l)"]
     positives = [sum(row[f"{split}_positives"] for split in ("train", "valid")) for row in (before, after)]
     dropped = 1 - positives[1] / positives[0]
     assert 0.25 <= dropped <= 0.40, dropped
