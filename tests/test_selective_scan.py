@@ -38,8 +38,10 @@ def assert_matches_reference(backend, inputs, delta_softplus):
     y_ref, grads_ref = run_scan(inputs, "reference", delta_softplus)
     y, grads = run_scan(inputs, backend, delta_softplus)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    # the gradients of delta, A, B and C are fp32 sums over L x N terms, added in an order that
+    # the kernel's vectorisation sets (7.4e-5 of 3.0 seen with AVX-512), hence a looser bound
     for name in inputs:
-        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-5, atol=1e-5,
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-4,
                                    msg=lambda message: f"grad of {name}: {message}")
 
 
