@@ -132,6 +132,13 @@ def test_data_scaling_report_and_filtering_report_count_each_prepared_directory(
     raw, empty = (results[f"preprocessing-stage-{s}_seed-42"]["best_auc"] for s in ("raw-data", "empty-sequence-removal"))
     assert rows["+ Empty sequence removal"]["Δ vs previous row"] == _bp(empty - raw)
     assert len({row["Train samples"] for row in rows.values()}) == 3
+    # each stage's sample drop beside the paper's (MDAF_paper.md 5.1.1: -13.0 %, then -48.3 %)
+    samples = {label: int(row["Train samples"].replace(",", "")) for label, row in rows.items()}
+    stage = rows["+ Empty sequence removal"]
+    assert stage["Train samples vs previous row"] == f"{100 * (samples['+ Empty sequence removal'] / samples['Raw data'] - 1):+.1f} %"
+    assert stage["Paper train samples vs previous row"] == "-12.9 %"
+    assert rows["+ Category filtering"]["Paper train samples vs previous row"] == "-48.4 %"
+    assert rows["Raw data"]["Train samples vs previous row"] == "n/a"
     _assert_png(study_dir.report / "filtering.png")
 
 

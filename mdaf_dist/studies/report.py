@@ -72,6 +72,15 @@ def _mean(stat: Optional[Stat]) -> Optional[float]:
     return None if stat is None else stat.mean
 
 
+def _change(value: Optional[float], reference: Optional[float]) -> Optional[float]:
+    """The relative change from `reference` (a filter's sample drop is negative)."""
+    return None if value is None or not reference else value / reference - 1
+
+
+def fmt_share_change(change: Optional[float]) -> str:
+    return NA if change is None else f"{100 * change:+.1f} %"
+
+
 def fmt_params(count: Optional[int]) -> str:
     if count is None:
         return NA
@@ -310,6 +319,11 @@ def _filtering(plan: Dict[str, Any], cells: Dict[str, CellRecord], out: Path) ->
         reference = fixed or table_rows[max(i - 1, 0)]
         comparison = basis.compare(row, reference)
         stage, samples_stage = _paper_stage(row, prepare_only=False), _paper_stage(row, prepare_only=True)
+        reference_stage = _paper_stage(reference, prepare_only=True)
+        samples_change = paper_samples_change = None
+        if reference is not row:
+            samples_change = _change(_mean(row.stat("train_samples")), _mean(reference.stat("train_samples")))
+            paper_samples_change = _change(*(paper.TABLE6.rows[s].train_samples if s else None for s in (samples_stage, reference_stage)))
         if fixed is None:
             paper_delta = fmt_paper_bp(paper.TABLE6.rows[stage].delta_bp) if stage else NA
         elif row is fixed:
@@ -318,17 +332,21 @@ def _filtering(plan: Dict[str, Any], cells: Dict[str, CellRecord], out: Path) ->
             paper_delta = fmt_bp(paper_auc[row.label] - paper_auc[fixed.label]) if row.label in paper_auc and fixed.label in paper_auc else NA
         share = _mean(row.stat("train_positive_share"))
         body.append([
-            row.label, str(len(row.cells)), fmt_count(_mean(row.stat("train_samples"))), fmt_count(_mean(row.stat("valid_samples"))),
-            NA if share is None else f"{100 * share:.1f}", fmt_stat(row.stat("auc")), fmt_stat(row.stat("common_auc")),
-            fmt_delta(comparison), fmt_p(comparison.p_value if comparison else None),
+            row.label, str(len(row.cells)), fmt_count(_mean(row.stat("train_samples"))), fmt_share_change(samples_change),
+            fmt_count(_mean(row.stat("valid_samples"))), NA if share is None else f"{100 * share:.1f}",
+            fmt_stat(row.stat("auc")), fmt_stat(row.stat("common_auc")), fmt_delta(comparison), fmt_p(comparison.p_value if comparison else None),
             stage or NA, fmt_count(paper.TABLE6.rows[samples_stage].train_samples if samples_stage else None),
-            fmt_value(paper_auc.get(row.label)), paper_delta,
+            fmt_share_change(paper_samples_change), fmt_value(paper_auc.get(row.label)), paper_delta,
         ])  # fmt: skip
-        data.append(_row_data(row, ("logloss", "train_samples", "valid_samples", "train_positive_share"), comparison, reference=reference.label, paper_stage=stage))
+        data.append(_row_data(
+            row, ("logloss", "train_samples", "valid_samples", "train_positive_share"), comparison, reference=reference.label,
+            paper_stage=stage, train_samples_change=samples_change, paper_train_samples_change=paper_samples_change,
+        ))  # fmt: skip
+    versus = f"vs {ref_label}" if fixed else "vs previous row"
     header = [
-        _first_axis_name(plan), "Seeds", "Train samples", "Valid samples", "Train pos %", "Val AUC", "Common AUC",
-        f"Δ vs {ref_label}" if fixed else "Δ vs previous row", "p", "Paper stage", "Paper train samples", "Paper Val AUC",
-        f"Paper Δ vs {ref_label}" if fixed else "Paper Δ",
+        _first_axis_name(plan), "Seeds", "Train samples", f"Train samples {versus}", "Valid samples", "Train pos %", "Val AUC",
+        "Common AUC", f"Δ {versus}", "p", "Paper stage", "Paper train samples", f"Paper train samples {versus}",
+        "Paper Val AUC", f"Paper Δ {versus}" if fixed else "Paper Δ",
     ]  # fmt: skip
     parts.sections += [basis.above, markdown_table(*_without_empty_columns(header, body)), basis.below]
     parts.sections.append(
