@@ -11,14 +11,16 @@ the same update.
 
 Two documented departures from the paper's single AdamW: the warmup schedules the dense
 learning rate only (the fused tables keep `train.embedding_lr`), and weight decay applies to
-the dense parameters only (the fused kernels would decay only the rows a batch touches).
+the dense parameters only (the fused kernels would decay only the rows a batch touches). Of the
+dense parameters, those marked `_no_weight_decay` (the Mamba block's A_log and D, as mamba_ssm
+marks them) are not decayed either.
 Gradients of sharded tables are the sum of every rank's local-mean loss gradient (DDP averages
 dense gradients instead); Adam and (row-wise) Adagrad are invariant to that scale up to eps.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Tuple, Type
+from typing import Dict, List, Tuple, Type
 
 import torch
 from torch import nn
@@ -74,12 +76,20 @@ def dense_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
     }
 
 
+def adamw(params: List[torch.Tensor], cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on every parameter but those marked `_no_weight_decay`."""
+    decayed = [p for p in params if not getattr(p, "_no_weight_decay", False)]
+    exempt = [p for p in params if getattr(p, "_no_weight_decay", False)]
+    groups = [{"params": decayed}] + ([{"params": exempt, "weight_decay": 0.0}] if exempt else [])
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig, embedding_optimizer: str) -> KeyedOptimizer:
     """One keyed optimizer over the whole model (its state_dict is what a checkpoint stores):
     AdamW over the dense parameters, plus the tables' optimizer, fused (`model.fused_optimizer`
     of a DistributedModelParallel) or, for plain tables, an ordinary one."""
     dense = KeyedOptimizerWrapper(
-        dense_parameters(model), lambda params: torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        dense_parameters(model), lambda params: adamw(params, cfg)
     )
     fused = getattr(model, "fused_optimizer", None)
     if fused is not None:
