@@ -10,11 +10,13 @@ import torch
 from scipy.special import erf, softmax
 from torch import nn
 
-from mdaf_dist.config import ModelConfig, TrainConfig
+from mdaf_dist.cli import main as mdaf_main
+from mdaf_dist.config import ConfigError, ModelConfig, TrainConfig, load_config
 from mdaf_dist.models.autoint import InteractingLayer
 from mdaf_dist.models.dcn import OfficialDCNv3, SelfMaskCross
 from mdaf_dist.models.mamba4rec import SequenceBranch
 from mdaf_dist.models.registry import build_model
+from mdaf_dist.studies.paper import AUTHORS_README_TABLE2
 from mdaf_dist.train.optim import build_optimizer
 from tests.test_models import features
 
@@ -300,3 +302,65 @@ def test_a_log_and_d_get_no_weight_decay():
     for name, p in model.named_parameters():
         factor = 1.0 if name in exempt or name.startswith("embeddings.") else 1 - 0.1 * 0.5
         torch.testing.assert_close(p.detach(), before[name] * factor, msg=name)
+
+
+# --- parameter counts beside the papers' formulas, and the new settings -----------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, module, expected",
+    [
+        (["model.name=autoint"], "interacting layer x2", 4 * 64**2),
+        (["model.name=bst"], "positions", 51 * 64),
+        (["model.name=bst"], "transformer block x2", 4 * 128**2 + 4 * 128 + 2 * 128**2 + 2 * 128 + 4 * 128),
+        (["model.static_branch=dcnv3_official"], "cross layer x4", 192 * 96 + 192 + 2 * 96),
+        (["model.static_branch=dcnv3_official", "model.dcnv3_batch_norm=true"], "cross layer x4", 192 * 96 + 192 + 2 * 96 + 2),
+    ],
+)
+def test_describe_shows_counts_beside_the_reference_formula(capsys, overrides, module, expected):
+    assert mdaf_main(["describe", "--vocab", "user=4,item=4,category=4", *overrides]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(module))
+    numbers = [int(word.replace(",", "")) for word in row[len(module):].split() if word.replace(",", "").isdigit()]
+    assert numbers[0] == numbers[-1] == expected
+
+
+def test_gate_hidden_and_mamba_layers_are_settings_whose_defaults_keep_the_model():
+    vocab = {"user": 5, "item": 5, "category": 5}
+    default = build_model(ModelConfig(), vocab, embedding_backend="plain")
+    assert [tuple(p.shape) for p in default.fusion.parameters()] == [(64, 128), (64,), (1, 64), (1,)]
+    assert len(default.sequence.layers) == 1
+    authors = build_model(ModelConfig(embedding_dim=32, gate_hidden=64, mamba_layers=2), vocab, embedding_backend="plain")
+    assert [tuple(p.shape) for p in authors.fusion.parameters()] == [(64, 64), (64,), (1, 64), (1,)]
+    assert len(authors.sequence.layers) == 2 and all(layer.residual for layer in authors.sequence.layers)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("mamba_layers", 0, r"^model.mamba_layers=0 must be at least 1$"),
+        ("gate_hidden", -1, r"^model.gate_hidden=-1 must be 0 \(D\) or a width$"),
+        ("bst_heads", 3, r"^model.bst_heads=3 does not divide the attention width 128$"),
+    ],
+)
+def test_bad_settings_name_themselves(field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        build_model(ModelConfig(name="bst", **{field: value}), {"user": 5, "item": 5, "category": 5}, embedding_backend="plain")
+
+
+def test_authors_readme_config_builds_the_authors_variant():
+    cfg = load_config(["configs/paper.yaml", "configs/authors_readme.yaml"], [])
+    assert (cfg.loader.batch_size, cfg.train.lr, cfg.train.weight_decay) == (512, 0.0005, 0.00001)
+    model = build_model(cfg.model, {"user": 5, "item": 5, "category": 5}, embedding_backend="plain")
+    assert model.embeddings.embeddings["item"].weight.shape[1] == 32
+    assert model.static.lcn._num_layers == len(model.static.ecn.layers) == 3
+    assert len(model.sequence.layers) == 2 and model.fusion.mlp[0].out_features == 64
+
+
+def test_authors_readme_table2_deltas_follow_from_its_aucs():
+    """The README's "Improvement vs BST" column is its Val AUCs' difference, in basis points."""
+    rows = AUTHORS_README_TABLE2.rows
+    reference = rows[AUTHORS_README_TABLE2.reference].auc
+    for label, row in rows.items():
+        assert row.test_auc is not None and row.test_auc < row.auc, label
+        if label != AUTHORS_README_TABLE2.reference:
+            assert row.delta_bp == round((row.auc - reference) * 1e4), label

@@ -53,8 +53,8 @@ def check_model_config(cfg: ModelConfig) -> None:
     if cfg.gate_hidden < 0:
         raise ConfigError(f"model.gate_hidden={cfg.gate_hidden!r} must be 0 (D) or a width")
     # attention splits its width evenly over the heads (BST's width is 2D: item + position)
-    for key, width in (("autoint_heads", cfg.embedding_dim), ("bst_heads", 2 * cfg.embedding_dim)):
-        if width % getattr(cfg, key):
+    for model, key, width in (("autoint", "autoint_heads", cfg.embedding_dim), ("bst", "bst_heads", 2 * cfg.embedding_dim)):
+        if cfg.name == model and width % getattr(cfg, key):
             raise ConfigError(f"model.{key}={getattr(cfg, key)} does not divide the attention width {width}")
 
 
