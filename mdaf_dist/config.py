@@ -117,8 +117,16 @@ class ModelConfig:
     static_branch: str = "dcnv3"
     lcn_layers: int = 2
     ecn_layers: int = 2
+    # dcnv3_official: BatchNorm on each layer's W x_l (the published layer's batch_norm switch;
+    # off by its default, on in most of its tuned configs)
+    dcnv3_batch_norm: bool = False
     # sequential branch: "mamba" or "none"
     sequence_branch: str = "mamba"
+    # Mamba4Rec layers (Mamba block + FFN) stacked in the sequential branch (the paper: 1)
+    mamba_layers: int = 1
+    # residual around a single Mamba block: the paper's reading (true); Mamba4Rec drops it for
+    # one layer (false). Stacked layers always have it, as in Mamba4Rec
+    single_layer_residual: bool = True
     d_state: int = 32
     expand: int = 2
     d_conv: int = 4
@@ -126,9 +134,16 @@ class ModelConfig:
     # fusion: "gate" (paper), "concat", "fixed", "attention"
     fusion: str = "gate"
     fixed_gate: float = 0.5
-    # baselines
+    # hidden width of the adaptive gate 2D -> gate_hidden -> 1; 0 means D (the paper's 2D -> D -> 1)
+    gate_hidden: int = 0
+    # attention fusion's heads
     num_heads: int = 2
-    num_attention_layers: int = 2
+    # baselines: AutoInt's interacting layers and heads, BST's transformer blocks and heads
+    # (the original BST: 1 block, 8 heads)
+    autoint_layers: int = 2
+    autoint_heads: int = 2
+    bst_blocks: int = 2
+    bst_heads: int = 2
     num_cross_layers: int = 3
     # DCNv2's mixture of low-rank cross experts (5.1.2: "mixture-of-experts cross layers")
     cross_experts: int = 4

@@ -87,6 +87,33 @@ def count_parts(model: nn.Module) -> List[Tuple[str, int]]:
     return list(counts.items()) + [("total", sum(p.numel() for p in model.parameters()))]
 
 
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def reference_formulas(cfg: ModelConfig, model: nn.Module) -> List[Tuple[str, int, str, int]]:
+    """(module, our parameters, the count its paper's equations give, that count) for the modules
+    laid out as a reference publishes them: AutoInt's interacting layer, BST's block, the
+    published DCNv3's cross layer. Empty for the other models."""
+    dim = cfg.embedding_dim
+    if cfg.name == "autoint":
+        return [(f"interacting layer x{cfg.autoint_layers}", _count(model.layers[0]), "4D^2 (W_Q, W_K, W_V, W_Res)", 4 * dim * dim)]
+    if cfg.name == "bst":
+        m = 2 * dim
+        return [
+            ("positions", _count(model.positions), "(L+1)D", (cfg.history_length + 1) * dim),
+            (f"transformer block x{cfg.bst_blocks}", _count(model.blocks[0]), "6m^2+10m, m=2D (MH 4m^2+4m, FFN 2m^2+2m, 2 LN)", 6 * m * m + 10 * m),
+        ]
+    layers = [*model.static.lcn, *model.static.ecn] if cfg.name == "mdaf" and cfg.static_branch == "dcnv3_official" else []
+    if layers:
+        d = 3 * dim
+        formula, n = "d^2/2+2d, d=3D (W d x d/2, b, LN(d/2))", d * d // 2 + 2 * d
+        if cfg.dcnv3_batch_norm:
+            formula, n = formula + " + BN 2", n + 2
+        return [(f"cross layer x{len(layers)}", _count(layers[0]), formula, n)]
+    return []
+
+
 def describe(cfg: ModelConfig, vocab: Dict[str, int]) -> str:
     model = build_model(cfg, vocab, embedding_backend="plain", embedding_device=torch.device("meta"))
     lines = [str(model), "", f"vocab: {vocab}", ""]
@@ -97,6 +124,10 @@ def describe(cfg: ModelConfig, vocab: Dict[str, int]) -> str:
     for part, n in ours:
         paper_col = f"{paper[part]:>15,}" if paper and part in paper else ("" if not paper else f"{'-':>15}")
         lines.append(f"{part:<20}{n:>15,}{paper_col}")
+    formulas = reference_formulas(cfg, model)
+    if formulas:
+        lines += ["", f"{'module':<24}{'parameters':>12}  {'from the reference':<48}{'formula':>10}"]
+        lines += [f"{name:<24}{ours:>12,}  {formula:<48}{n:>10,}" for name, ours, formula, n in formulas]
     if paper:
         lines += ["", PAPER_NOTES]
     return "\n".join(lines)

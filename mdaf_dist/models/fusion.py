@@ -18,12 +18,14 @@ Fused = Tuple[torch.Tensor, Optional[torch.Tensor]]
 
 class AdaptiveGate(nn.Module):
     """MDAF's fusion (4.5): g = sigmoid(w_2 . ReLU(W_1 [h_s; h_q] + b_1) + b_2), one scalar per
-    sample, h = (1 - g) h_s + g h_q. 2D -> D -> 1: 8,321 parameters at D = 64 (paper: ~8K)."""
+    sample, h = (1 - g) h_s + g h_q. 2D -> D -> 1: 8,321 parameters at D = 64 (paper: ~8K); the
+    authors' repository uses a hidden width of 64 at D = 32 (`hidden`, default D)."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, hidden: int = 0):
         super().__init__()
         self.out_dim = dim
-        self.mlp = nn.Sequential(nn.Linear(2 * dim, dim), nn.ReLU(), nn.Linear(dim, 1))
+        hidden = hidden or dim
+        self.mlp = nn.Sequential(nn.Linear(2 * dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
 
     def forward(self, h_static: torch.Tensor, h_seq: torch.Tensor) -> Fused:
         g = torch.sigmoid(self.mlp(torch.cat([h_static, h_seq], dim=-1)))
@@ -85,9 +87,9 @@ class AttentionFusion(nn.Module):
         return fused + torch.clamp(self.residual_gate(residual), min=self.eps) * residual, None
 
 
-def build_fusion(name: str, dim: int, fixed_gate: float, num_heads: int, dropout: float) -> nn.Module:
+def build_fusion(name: str, dim: int, fixed_gate: float, num_heads: int, dropout: float, gate_hidden: int = 0) -> nn.Module:
     if name == "gate":
-        return AdaptiveGate(dim)
+        return AdaptiveGate(dim, gate_hidden)
     if name == "concat":
         return ConcatFusion(dim)
     if name == "fixed":

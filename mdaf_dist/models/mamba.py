@@ -54,6 +54,9 @@ class Mamba(nn.Module):
         self.A_log = nn.Parameter(torch.empty(self.d_inner, d_state))
         self.D = nn.Parameter(torch.empty(self.d_inner))
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+        # mamba_ssm keeps weight decay off A_log and D; the optimizer reads this mark
+        self.A_log._no_weight_decay = True
+        self.D._no_weight_decay = True
         self._init_ssm(dt_min, dt_max, dt_init_floor)
 
     @torch.no_grad()

@@ -1,5 +1,6 @@
 """Mamba4Rec (Liu et al. 2024): MDAF's sequential branch and, with the target item appended to the
-sequence, the sequence-only baseline of Tables 2 and 3."""
+sequence, the sequence-only baseline of Tables 2 and 3. Layers, their LayerNorm eps and the
+initialisation follow Mamba4Rec's code (MambaLayer, FeedForward, _init_weights)."""
 
 from __future__ import annotations
 
@@ -13,30 +14,56 @@ from mdaf_dist.models.mamba import Mamba
 from mdaf_dist.models.output import ModelOutput, prediction_head
 
 
-class Mamba4RecLayer(nn.Module):
-    """One Mamba block and a position-wise FFN (D -> 4D -> D, GELU), each wrapped as
-    LayerNorm(x + Dropout(f(x))). Mamba4Rec's code drops the residual around the Mamba block when
-    it has a single layer; the residual is kept here because MDAF's text gives no reason to drop it
-    and it keeps the block close to identity at initialisation."""
+# Mamba4Rec's LayerNorm eps (its layers and its input norm)
+LAYER_NORM_EPS = 1e-12
 
-    def __init__(self, dim: int, d_state: int, d_conv: int, expand: int, dropout: float, scan_backend: str):
+
+@torch.no_grad()
+def mamba4rec_init(module: nn.Module) -> None:
+    """Mamba4Rec's `_init_weights`, applied to every submodule: each Linear, those inside the
+    Mamba block included, gets weights N(0, 0.02) and a zero bias (dt_proj's too: softplus(0) =
+    0.693 in every channel); LayerNorms weight 1, bias 0. The conv1d, A_log and D keep the Mamba
+    block's own initialisation."""
+    if isinstance(module, nn.Linear):
+        module.weight.normal_(mean=0.0, std=0.02)
+        if module.bias is not None:
+            module.bias.zero_()
+    elif isinstance(module, nn.LayerNorm):
+        module.weight.fill_(1.0)
+        module.bias.zero_()
+
+
+class Mamba4RecLayer(nn.Module):
+    """Mamba4Rec's MambaLayer: one Mamba block and a position-wise FFN (D -> 4D -> D, GELU), each
+    wrapped as LayerNorm(x + Dropout(f(x))) with eps 1e-12.
+
+    `residual=False` is Mamba4Rec's own single-layer case: LayerNorm(Dropout(Mamba(x))), without
+    the x. MDAF's paper describes one Mamba layer and gives no reason to drop the residual, so
+    MDAF keeps it by default (`model.single_layer_residual`); stacked layers always have it."""
+
+    def __init__(self, dim: int, d_state: int, d_conv: int, expand: int, dropout: float, scan_backend: str,
+                 residual: bool = True):
         super().__init__()
+        self.residual = residual
         self.mamba = Mamba(dim, d_state=d_state, d_conv=d_conv, expand=expand, scan_backend=scan_backend)
-        self.mamba_norm = nn.LayerNorm(dim)
+        self.mamba_norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.ffn = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * dim, dim))
-        self.ffn_norm = nn.LayerNorm(dim)
+        self.ffn_norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """[B, L, D] -> [B, L, D], or with last_only the last step's [B, D]: everything after the
         Mamba block is position-wise, so the other steps need not be computed at all."""
-        mamba = self.mamba(x, mask, last_only=last_only)
-        x = self.mamba_norm((x[:, -1] if last_only else x) + self.dropout(mamba))
+        mamba = self.dropout(self.mamba(x, mask, last_only=last_only))
+        if self.residual:
+            mamba = mamba + (x[:, -1] if last_only else x)
+        x = self.mamba_norm(mamba)
         return self.ffn_norm(x + self.dropout(self.ffn(x)))
 
 
 class SequenceBranch(nn.Module):
-    """H = LayerNorm(Dropout(E_v[hist])) -> Mamba4Rec layer -> h_seq = output at the last real step.
+    """H = LayerNorm(Dropout(E_v[hist])) -> `mamba_layers` Mamba4Rec layers -> h_seq = output at the
+    last real step, initialised as Mamba4Rec initialises its layers (`mamba4rec_init`).
 
     Sequences are right-aligned, so the last real step is position L - 1 for every sample.
     An empty history (possible only when the empty-history filter is off; the paper drops those
@@ -47,11 +74,19 @@ class SequenceBranch(nn.Module):
         super().__init__()
         dim = cfg.embedding_dim
         self.input_dropout = nn.Dropout(cfg.dropout)
-        self.input_norm = nn.LayerNorm(dim)
-        self.layer = Mamba4RecLayer(dim, cfg.d_state, cfg.d_conv, cfg.expand, cfg.dropout, cfg.scan_backend)
+        self.input_norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        residual = cfg.single_layer_residual or cfg.mamba_layers > 1
+        self.layers = nn.ModuleList(
+            Mamba4RecLayer(dim, cfg.d_state, cfg.d_conv, cfg.expand, cfg.dropout, cfg.scan_backend, residual)
+            for _ in range(cfg.mamba_layers)
+        )
+        self.apply(mamba4rec_init)
 
     def forward(self, sequence: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        out = self.layer(self.input_norm(self.input_dropout(sequence)), mask, last_only=True)
+        out = self.input_norm(self.input_dropout(sequence))
+        for layer in self.layers[:-1]:
+            out = layer(out, mask)
+        out = self.layers[-1](out, mask, last_only=True)
         return out * mask[:, -1:].to(out.dtype)
 
 
@@ -60,7 +95,8 @@ class Mamba4Rec(nn.Module):
     that step has read the whole history and knows which item is scored; head D -> D -> 1.
     Without the target the model could not tell a clicked item from a sampled negative of the same
     user and moment. It is also MDAF's "sequence only" ablation: the paper reports the same AUC
-    (0.5716) for both in Tables 2 and 3."""
+    (0.5716) for both in Tables 2 and 3. The baseline's config drops the residual around the
+    single layer as Mamba4Rec does; the ablation keeps MDAF's branch as it is."""
 
     def __init__(self, cfg: ModelConfig, embeddings: nn.Module):
         super().__init__()

@@ -40,11 +40,11 @@ class MDAF(nn.Module):
         self.history_length = cfg.history_length
         self.static_dropout = nn.Dropout(cfg.dropout)
         self.static_norm = nn.LayerNorm(3 * dim)
-        self.static = build_static_branch(cfg.static_branch, 3 * dim, dim, cfg.lcn_layers, cfg.ecn_layers, cfg.dropout)
+        self.static = build_static_branch(cfg.static_branch, 3 * dim, dim, cfg.lcn_layers, cfg.ecn_layers, cfg.dropout, cfg.dcnv3_batch_norm)
         self.sequence: Optional[SequenceBranch] = SequenceBranch(cfg) if cfg.sequence_branch == "mamba" else None
         # with one branch there is nothing to fuse: h is that branch's representation
         self.fusion: Optional[nn.Module] = (
-            build_fusion(cfg.fusion, dim, cfg.fixed_gate, cfg.num_heads, cfg.dropout) if self.sequence is not None else None
+            build_fusion(cfg.fusion, dim, cfg.fixed_gate, cfg.num_heads, cfg.dropout, cfg.gate_hidden) if self.sequence is not None else None
         )
         self.fusion_dropout = nn.Dropout(cfg.dropout)
         # the paper's head is D -> D -> 1; concat fusion hands it 2D inputs, the hidden width stays D

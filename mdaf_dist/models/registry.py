@@ -47,6 +47,15 @@ def check_model_config(cfg: ModelConfig) -> None:
         raise ConfigError("model.static_branch and model.sequence_branch cannot both be 'none'")
     if not 0.0 <= cfg.fixed_gate <= 1.0:
         raise ConfigError(f"model.fixed_gate={cfg.fixed_gate!r} must lie in [0, 1]")
+    for key in ("mamba_layers", "autoint_layers", "autoint_heads", "bst_blocks", "bst_heads"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"model.{key}={getattr(cfg, key)!r} must be at least 1")
+    if cfg.gate_hidden < 0:
+        raise ConfigError(f"model.gate_hidden={cfg.gate_hidden!r} must be 0 (D) or a width")
+    # attention splits its width evenly over the heads (BST's width is 2D: item + position)
+    for model, key, width in (("autoint", "autoint_heads", cfg.embedding_dim), ("bst", "bst_heads", 2 * cfg.embedding_dim)):
+        if cfg.name == model and width % getattr(cfg, key):
+            raise ConfigError(f"model.{key}={getattr(cfg, key)} does not divide the attention width {width}")
 
 
 def build_model(

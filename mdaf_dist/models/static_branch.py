@@ -19,11 +19,13 @@ def mlp_static_branch(in_dim: int, out_dim: int, num_layers: int, dropout: float
     return nn.Sequential(*layers, nn.Linear(in_dim, out_dim), nn.LayerNorm(out_dim))
 
 
-def build_static_branch(name: str, in_dim: int, out_dim: int, lcn_layers: int, ecn_layers: int, dropout: float) -> nn.Module:
+def build_static_branch(name: str, in_dim: int, out_dim: int, lcn_layers: int, ecn_layers: int, dropout: float,
+                        batch_norm: bool = False) -> nn.Module:
+    """`batch_norm`: the published DCNv3's BatchNorm switch (dcnv3_official only)."""
     if name == "dcnv3":
         return PaperDCNv3(in_dim, out_dim, lcn_layers, ecn_layers)
     if name == "dcnv3_official":
-        return OfficialDCNv3(in_dim, out_dim, lcn_layers, ecn_layers)
+        return OfficialDCNv3(in_dim, out_dim, lcn_layers, ecn_layers, batch_norm=batch_norm, dropout=dropout)
     if name == "mlp":
         return mlp_static_branch(in_dim, out_dim, max(lcn_layers, ecn_layers), dropout)
     raise ValueError(f"unknown static_branch {name!r}; expected one of {STATIC_BRANCHES}")

@@ -18,13 +18,15 @@ dense parameters only. fbgemm's kernels accept a weight decay (L2 or decoupled f
 Adagrad), but they apply it only to the rows a batch touches, which is not AdamW's decay of every
 parameter at every step, and clipping by the global norm needs every table gradient, which the
 fused update never materialises. Table A1's weight-decay axis therefore moves the dense part only.
+Of the dense parameters, those marked `_no_weight_decay` (the Mamba block's A_log and D, as
+mamba_ssm marks them) are not decayed either.
 Gradients of sharded tables are the sum of every rank's local-mean loss gradient (DDP averages
 dense gradients instead); Adam and (row-wise) Adagrad are invariant to that scale up to eps.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Tuple, Type
+from typing import Dict, List, Tuple, Type
 
 import torch
 from torch import nn
@@ -85,12 +87,20 @@ def dense_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
     }
 
 
+def adamw(params: List[torch.Tensor], cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on every parameter but those marked `_no_weight_decay`."""
+    decayed = [p for p in params if not getattr(p, "_no_weight_decay", False)]
+    exempt = [p for p in params if getattr(p, "_no_weight_decay", False)]
+    groups = [{"params": decayed}] + ([{"params": exempt, "weight_decay": 0.0}] if exempt else [])
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig, embedding_optimizer: str) -> KeyedOptimizer:
     """One keyed optimizer over the whole model (its state_dict is what a checkpoint stores):
     AdamW over the dense parameters, plus the tables' optimizer, fused (`model.fused_optimizer`
     of a DistributedModelParallel) or, for plain tables, an ordinary one."""
     dense = KeyedOptimizerWrapper(
-        dense_parameters(model), lambda params: torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        dense_parameters(model), lambda params: adamw(params, cfg)
     )
     fused = getattr(model, "fused_optimizer", None)
     if fused is not None:
