@@ -161,6 +161,29 @@ def test_models_report_puts_the_papers_numbers_beside_each_row(tmp_path):
     assert epochs["2"]["Val AUC"] == f"{statistics.fmean(mdaf_epoch2):.4f}" and epochs["2"]["Paper Train AUC"] == "0.7738"
 
 
+def test_a_study_of_the_authors_config_shows_their_readme_numbers_beside_the_papers(tmp_path):
+    plan, study_dir, results = _recorded_study(tmp_path, "configs/studies/table2_authors_readme.yaml")
+    report = write_report(study_dir.root)
+    rows = _markdown_rows(report.markdown, "Model")
+    # the authors' README, Performance Results: Val AUC, Test AUC, Parameters, Improvement vs BST
+    readme = {"BST": ("0.5711", "0.5698", "130M", "baseline"), "AutoInt": ("0.5655", "0.5648", "23M", "-56bp"),
+              "DCNv2": ("0.5602", "0.5594", "23M", "-109bp"), "MDAF": ("0.6007", "0.5992", "46M", "+296bp")}  # fmt: skip
+    columns = ("Authors' README Val AUC", "Authors' README Test AUC", "Authors' README Parameters", "Authors' README Δ vs BST")
+    for label, numbers in readme.items():
+        assert tuple(rows[label][column] for column in columns) == numbers
+    assert all(rows[label][column] == "n/a" for label in ("Mamba4Rec", "Static only (DCNv3)") for column in columns)
+    # the paper's own columns stay beside them
+    assert rows["AutoInt"]["Paper Val AUC"] == "0.5499" and rows["AutoInt"]["Paper Δ vs BST"] == "-212bp"
+    # neither paper has a column that is n/a in every row: no log loss in the README, no test AUC in the paper
+    assert "Authors' README Log Loss" not in rows["MDAF"] and "Paper Test AUC" not in rows["MDAF"]
+    assert "Paper numbers: MDAF_paper.md 5.2" in report.markdown and "Authors' README numbers: the MDAF authors' repository README" in report.markdown
+
+    data = {row["label"]: row for row in report.data["rows"]}
+    assert data["MDAF"]["paper2"]["auc"] == 0.6007 and data["MDAF"]["paper2"]["test_auc"] == 0.5992
+    assert data["AutoInt"]["paper2"]["delta_bp"] == -56 and data["AutoInt"]["paper"]["auc"] == 0.5499
+    assert data["Mamba4Rec"]["paper2"] is None and data["Mamba4Rec"]["paper"]["auc"] == 0.5716
+
+
 FILTER_STUDY = """name: filters
 configs: [configs/paper.yaml, configs/studies/tiny/base_config.yaml]
 axes:

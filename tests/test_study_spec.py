@@ -89,6 +89,31 @@ def test_world_size_axis_and_command_line_set_the_component_ranks():
     assert {(c.nproc_per_node, c.config.train.max_epochs) for c in plan.cells} == {(2, 1)}
 
 
+def test_the_authors_table2_study_trains_every_model_on_the_authors_config():
+    plan = expand(load_study("configs/studies/table2_authors_readme.yaml"))
+    models = {cell.coords["Model"]: cell.config for cell in plan.cells if cell.seed == 42}
+    # configs/authors_readme.yaml under each model's own overlay: D 32, 3 + 3 cross layers, 2 Mamba layers, gate 64, batch 512
+    assert models["AutoInt"].model.name == "autoint" and models["MDAF"].model.name == "mdaf"
+    for config in models.values():
+        model = config.model
+        assert (model.embedding_dim, model.lcn_layers, model.ecn_layers, model.mamba_layers, model.gate_hidden) == (32, 3, 3, 2, 64)
+        assert config.loader.batch_size == 512
+    assert plan.study.file.report.paper2 == "table2_authors_readme"
+
+
+@pytest.mark.parametrize(
+    "report, message",
+    [
+        ("{kind: models, paper: table2, paper2: table2_authors}",
+         "report.paper2 must be one of ('', 'table2', 'table2_authors_readme', 'table3', 'table6', 'tableA1'), got 'table2_authors'"),
+        ("{kind: filtering, paper: table6, paper2: table2_authors_readme}", "report.paper2 is shown by models reports only, not 'filtering'"),
+    ],
+)  # fmt: skip
+def test_a_second_paper_that_is_unknown_or_on_a_report_without_it_is_one_line(tmp_path, capsys, report, message):
+    path = _write(tmp_path, _study("  - {key: model.fusion, values: [gate, concat]}\n") + f"report: {report}\n")
+    assert _error(capsys, "run", path, "--out", str(tmp_path / "out")) == f"mdaf study: error: {path}: {message}"
+
+
 def test_unknown_axis_key_is_one_line(tmp_path, capsys):
     path = _write(tmp_path, _study("  - {key: model.fusoin, values: [gate, concat]}\n"))
     err = _error(capsys, "run", path, "--out", str(tmp_path / "out"))

@@ -30,6 +30,8 @@ class PaperTable:
     source: str
     rows: Dict[str, PaperRow]
     reference: str = ""
+    # what the report's column headers call it ("Paper Val AUC")
+    title: str = "Paper"
 
 
 TABLE2 = PaperTable(
@@ -46,11 +48,12 @@ TABLE2 = PaperTable(
 )
 
 # The authors' repository README ("Performance Results"), a second "paper" for studies that run
-# configs/authors_readme.yaml: its own Table 2, with a test AUC per model and other AutoInt/DCNv2
-# numbers and parameter counts than the paper's Table 2
+# configs/authors_readme.yaml (report.paper2): its own Table 2, with a test AUC per model and
+# other AutoInt/DCNv2 numbers and parameter counts than the paper's Table 2
 AUTHORS_README_TABLE2 = PaperTable(
     source="the MDAF authors' repository README, Performance Results (Val AUC, Test AUC, Parameters, Improvement vs BST)",
     reference="BST",
+    title="Authors' README",
     rows={
         "BST": PaperRow(0.5711, None, None, "130M", test_auc=0.5698),
         "AutoInt": PaperRow(0.5655, None, -56, "23M", test_auc=0.5648),

@@ -224,36 +224,60 @@ def _parameters(row: Row) -> Optional[int]:
     return dict(count_parts(model))["total"]
 
 
+# the report fields naming the mdaf_dist.studies.paper tables a models report shows beside ours
+PAPER_FIELDS = ("paper", "paper2")
+
+
+def _published_header(table: paper.PaperTable) -> List[str]:
+    """One paper's column group, headed by its title ("Paper Val AUC")."""
+    return [f"{table.title} {name}" for name in ("Parameters", "Val AUC", "Test AUC", "Log Loss", f"Δ vs {table.reference}")]
+
+
+def _published_cells(published: Optional[paper.PaperRow]) -> List[str]:
+    if published is None:
+        return [NA] * 5
+    return [
+        published.parameters or NA, fmt_value(published.auc), fmt_value(published.test_auc),
+        fmt_value(published.logloss, 3), fmt_paper_bp(published.delta_bp),
+    ]  # fmt: skip
+
+
 def _models(plan: Dict[str, Any], cells: Dict[str, CellRecord], out: Path) -> _Parts:
-    """Tables 2 and 3: AUC and log loss per model/variant, the difference from a reference row."""
+    """Tables 2 and 3: AUC and log loss per model/variant, the difference from a reference row,
+    beside each paper's (`paper`, `paper2`) published numbers; a paper's column that is n/a in
+    every row is left out."""
     parts = _Parts()
-    table = paper.TABLES.get(plan["report"]["paper"])
+    tables = {key: table for key in PAPER_FIELDS if (table := paper.TABLES.get(plan["report"].get(key, "")))}
     table_rows = rows(plan, cells)
     ref_label = plan["report"]["reference"] or table_rows[0].label
     reference = next((r for r in table_rows if r.label == ref_label), table_rows[0])
     basis = _basis(cells, reference.label)
-    typed = bool(table) and any(r.kind for r in table.rows.values())
-    body, data = [], []
+    typed = "paper" in tables and any(r.kind for r in tables["paper"].rows.values())
+    body, published_body, data = [], [], []
     for row in table_rows:
-        published = table.rows.get(row.label) if table else None
+        published = {key: tables[key].rows.get(row.label) if key in tables else None for key in PAPER_FIELDS}
         comparison = basis.compare(row, reference)
         parameters = _parameters(row)
+        kind = published["paper"].kind if published["paper"] else NA
         body.append([
-            row.label, *([published.kind if published else NA] if typed else []), str(len(row.cells)), fmt_params(parameters),
+            row.label, *([kind] if typed else []), str(len(row.cells)), fmt_params(parameters),
             fmt_stat(row.stat("auc")), fmt_stat(row.stat("logloss"), 3), fmt_stat(row.stat("common_auc")),
             fmt_delta(comparison), fmt_p(comparison.p_value if comparison else None), fmt_stat(row.stat("test_auc")),
-            (published.parameters or NA) if published else NA,
-            fmt_value(published.auc if published else None), fmt_value(published.logloss if published else None, 3),
-            fmt_paper_bp(published.delta_bp) if published else NA,
         ])  # fmt: skip
-        data.append(_row_data(row, ("logloss", "test_auc", "train_auc"), comparison, parameters=parameters, paper=published.__dict__ if published else None))
+        published_body.append([text for key in tables for text in _published_cells(published[key])])
+        data.append(_row_data(
+            row, ("logloss", "test_auc", "train_auc"), comparison, parameters=parameters,
+            **{key: published[key].__dict__ if published[key] else None for key in PAPER_FIELDS},
+        ))  # fmt: skip
     header = [
         _first_axis_name(plan), *(["Type"] if typed else []), "Seeds", "Parameters", "Val AUC", "Log Loss (best epoch)", "Common AUC",
-        f"Δ vs {reference.label}", "p", "Test AUC", "Paper Parameters", "Paper Val AUC", "Paper Log Loss", f"Paper Δ vs {table.reference if table else NA}",
+        f"Δ vs {reference.label}", "p", "Test AUC",
     ]  # fmt: skip
-    parts.sections += [basis.above, markdown_table(header, body), basis.below]
-    if table:
-        parts.sections.append(f"Paper numbers: {table.source}.")
+    published_header = [name for table in tables.values() for name in _published_header(table)]
+    published_header, published_body = _without_empty_columns(published_header, published_body)
+    body = [ours + theirs for ours, theirs in zip(body, published_body)]
+    parts.sections += [basis.above, markdown_table(header + published_header, body), basis.below]
+    parts.sections += [f"{table.title} numbers: {table.source}." for table in tables.values()]
     parts.data["rows"] = data
     parts.data["reference"] = reference.label
     parts.data["compared_on"] = basis.metric

@@ -18,6 +18,8 @@
     resources: {cpu_per_rank: 8, gpu_per_rank: 1, memMB_per_rank: 32768}
     env: {NCCL_DEBUG: WARN}                # environment of every rank
     report: {kind: models, paper: table3, reference: "MDAF (Full)", dynamics: "MDAF (Full)"}
+    # a study of configs/authors_readme.yaml: the authors' README numbers beside the paper's
+    # report: {kind: models, paper: table2, paper2: table2_authors_readme, reference: BST}
     evaluate_on: [prepare.category_filter=none]  # the common evaluation set (studies.common)
 
 OmegaConf checks the file's shape and types (an unknown field is an error naming it); this
@@ -83,6 +85,8 @@ class ReportSpec:
     kind: str = "models"
     # mdaf_dist.studies.paper table whose numbers are shown beside ours ("" for none)
     paper: str = ""
+    # a second table shown beside it, under its own title (models), e.g. table2_authors_readme
+    paper2: str = ""
     # row label that deltas are measured against (models); the first row when empty
     reference: str = ""
     # row label whose per-epoch train/val AUC is shown beside the paper's Table 7 ("" for none)
@@ -224,8 +228,11 @@ def load_study(path: str) -> Study:
         raise UserError(f"{path}: grid must be one of {GRIDS}, got {file.grid!r}")
     if file.report.kind not in REPORT_KINDS:
         raise UserError(f"{path}: report.kind must be one of {REPORT_KINDS}, got {file.report.kind!r}")
-    if file.report.paper not in PAPER_TABLES:
-        raise UserError(f"{path}: report.paper must be one of {PAPER_TABLES}, got {file.report.paper!r}")
+    for key in ("paper", "paper2"):
+        if getattr(file.report, key) not in PAPER_TABLES:
+            raise UserError(f"{path}: report.{key} must be one of {PAPER_TABLES}, got {getattr(file.report, key)!r}")
+    if file.report.paper2 and file.report.kind != "models":
+        raise UserError(f"{path}: report.paper2 is shown by models reports only, not {file.report.kind!r}")
     if not file.seeds:
         raise UserError(f"{path}: seeds is empty: give at least one seed")
     for config in file.configs:
