@@ -140,13 +140,16 @@ def test_an_evaluation_set_that_is_not_prepare_settings_is_one_line(tmp_path, ca
 
 def test_the_common_evaluation_set_is_the_base_config_with_evaluate_on():
     plan = expand(load_study("configs/studies/tiny/scaling_filter.yaml"), ["prepare.input=raw.csv"])
-    base = common_prepare(plan)
-    assert base.category_filter == "last_l" and base.input == "raw.csv" and base.history_length == 10
-    # the last_l row trains on exactly that data; the relaxed rows on their own
     keys = {cell.coords["Category filter"]: prepare_key(cell.config.prepare) for cell in plan.cells}
-    assert keys["last_l"] == prepare_key(base) and len(set(keys.values())) == 4
-    plan.study.file.evaluate_on = ["prepare.category_filter=none"]
-    assert common_prepare(plan).category_filter == "none" and prepare_key(common_prepare(plan)) == keys["none"]
+    assert len(set(keys.values())) == 4
+    # the filter study names the unfiltered data: the none row trains on exactly that data
+    assert plan.study.file.evaluate_on == ["prepare.category_filter=none"]
+    common = common_prepare(plan)
+    assert common.category_filter == "none" and common.input == "raw.csv" and common.history_length == 10
+    assert prepare_key(common) == keys["none"]
+    # without evaluate_on: the base config's own data (the paper's filter), which the last_l row trains on
+    plan.study.file.evaluate_on = []
+    assert common_prepare(plan).category_filter == "last_l" and prepare_key(common_prepare(plan)) == keys["last_l"]
 
 
 def test_a_file_that_is_not_yaml_is_one_line(tmp_path, capsys):
