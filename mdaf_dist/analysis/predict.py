@@ -155,12 +155,15 @@ def predict(env: DistEnv, path: Path, out: str, split: str = "valid", data_dir: 
     if not out_dir.parent.is_dir():
         raise UserError(f"cannot write {out}: the directory {out_dir.parent} does not exist")
     cfg = checkpoint_config(path, overrides)
-    scored_dir = data_dir or cfg.data_dir
-    check_split(scored_dir, split)
-    check_history_length(scored_dir, read_meta(scored_dir, checksums=True), cfg.model.history_length)
-    trainer = load_trainer(path, cfg, env)
     training_dir = cfg.data_dir
-    remap = VocabMap.between(scored_dir, training_dir) if Path(scored_dir).resolve() != Path(training_dir).resolve() else None
+    scored_dir = data_dir or training_dir
+    check_split(scored_dir, split)
+    other_data = Path(scored_dir).resolve() != Path(training_dir).resolve()
+    if other_data:
+        # the training data is verified (and its history length checked) by the trainer
+        check_history_length(scored_dir, read_meta(scored_dir, checksums=True), cfg.model.history_length)
+    trainer = load_trainer(path, cfg, env)
+    remap = VocabMap.between(scored_dir, training_dir) if other_data else None
     unseen: Dict[str, int] = {}
     transform = (lambda batch: remap.apply(batch, unseen)) if remap is not None else None
     outputs: Dict[str, List[np.ndarray]] = {"label": [], "logit": [], "gate": [], "hist_len": []}
