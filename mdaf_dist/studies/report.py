@@ -87,7 +87,9 @@ def fmt_params(count: Optional[int]) -> str:
     return f"{count / 1e6:.1f}M" if count >= 1e6 else f"{count / 1e3:.1f}K"
 
 
-def fmt_p(p: Optional[float]) -> str:
+def fmt_p(comparison: Optional[Comparison]) -> str:
+    """The comparison's p-value (n/a for the reference row or without a test)."""
+    p = None if comparison is None else comparison.p_value
     return NA if p is None else f"{p:.2g}"
 
 
@@ -262,7 +264,7 @@ def _models(plan: Dict[str, Any], cells: Dict[str, CellRecord], out: Path) -> _P
         body.append([
             row.label, *([kind] if typed else []), str(len(row.cells)), fmt_params(parameters),
             fmt_stat(row.stat("auc")), fmt_stat(row.stat("logloss"), 3), fmt_stat(row.stat("common_auc")),
-            fmt_delta(comparison), fmt_p(comparison.p_value if comparison else None), fmt_stat(row.stat("test_auc")),
+            fmt_delta(comparison), fmt_p(comparison), fmt_stat(row.stat("test_auc")),
         ])  # fmt: skip
         published_body.append([text for key in tables for text in _published_cells(published[key])])
         data.append(_row_data(
@@ -358,7 +360,7 @@ def _filtering(plan: Dict[str, Any], cells: Dict[str, CellRecord], out: Path) ->
         body.append([
             row.label, str(len(row.cells)), fmt_count(_mean(row.stat("train_samples"))), fmt_share_change(samples_change),
             fmt_count(_mean(row.stat("valid_samples"))), NA if share is None else f"{100 * share:.1f}",
-            fmt_stat(row.stat("auc")), fmt_stat(row.stat("common_auc")), fmt_delta(comparison), fmt_p(comparison.p_value if comparison else None),
+            fmt_stat(row.stat("auc")), fmt_stat(row.stat("common_auc")), fmt_delta(comparison), fmt_p(comparison),
             stage or NA, fmt_count(paper.TABLE6.rows[samples_stage].train_samples if samples_stage else None),
             fmt_share_change(paper_samples_change), fmt_value(paper_auc.get(row.label)), paper_delta,
         ])  # fmt: skip
@@ -416,7 +418,7 @@ def _sensitivity(plan: Dict[str, Any], cells: Dict[str, CellRecord], out: Path) 
                 best = row
             detail.append([
                 name, label, str(len(row.cells)), fmt_stat(stat), fmt_stat(row.stat("common_auc")), fmt_delta(comparison) if base else NA,
-                fmt_p(comparison.p_value if comparison else None), fmt_value(paper_auc), fmt_bp(paper_delta),
+                fmt_p(comparison), fmt_value(paper_auc), fmt_bp(paper_delta),
             ])  # fmt: skip
             panel["labels"].append(label)
             panel["ours"].append(None if delta is None else delta * 1e4)
@@ -464,7 +466,7 @@ def _scaling_data(plan: Dict[str, Any], cells: Dict[str, CellRecord], out: Path)
     body = [
         [row.label, str(len(row.cells)), fmt_count(_mean(row.stat("train_samples"))), fmt_stat(row.stat("auc")),
          fmt_stat(row.stat("logloss"), 3), fmt_stat(row.stat("common_auc")), fmt_delta(comparison),
-         fmt_p(comparison.p_value if comparison else None), fmt_count(_mean(row.stat("samples_per_sec")))]
+         fmt_p(comparison), fmt_count(_mean(row.stat("samples_per_sec")))]
         for row, comparison in zip(table_rows, comparisons)
     ]  # fmt: skip
     parts.sections.append(
@@ -505,7 +507,7 @@ def _scaling_world(plan: Dict[str, Any], cells: Dict[str, CellRecord], out: Path
         efficiency.append(eff)
         comparison = basis.compare(row, first)
         body.append([str(row.world_size), str(len(row.cells)), fmt_stat(row.stat("samples_per_sec"), 0), f"{rate / (first.stat('samples_per_sec').mean):.2f}x",
-                     f"{eff:.2f}", fmt_stat(row.stat("auc")), fmt_delta(comparison), fmt_p(comparison.p_value if comparison else None),
+                     f"{eff:.2f}", fmt_stat(row.stat("auc")), fmt_delta(comparison), fmt_p(comparison),
                      fmt_stat(row.stat("wall_seconds"), 1)])  # fmt: skip
         data.append(_row_data(row, ("samples_per_sec", "wall_seconds"), comparison, world_size=row.world_size, efficiency=eff))
     header = ["Ranks", "Seeds", "Samples/s", f"Speedup vs {first.world_size}", "Parallel efficiency", "Val AUC", f"Δ vs {first.world_size}", "p", WALL]
