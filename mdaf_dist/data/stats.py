@@ -4,7 +4,7 @@ Studies measure what filters, negatives and histories do, so a synthetic file mu
 one where those act: how many items and categories a sample of users touches, how concentrated
 clicks are, how users move between categories and items. `compute` measures them on any
 UserBehavior CSV (synthetic or real, read by the validating ingest), `TARGETS` holds the real data
-set's values, and `python tools/data_stats.py FILE` prints the two side by side.
+set's values, and `mdaf synth --stats FILE` prints the two side by side.
 
 Definitions. Clicks are pv rows; a user's clicks are taken in (time, file) order. "In the last k"
 means among the user's k clicks before this one (clicks with at least one earlier click). The
