@@ -84,6 +84,12 @@ class PrepareConfig:
     samples_row_group: int = 1 << 14
     # row groups per samples/<split>/part-*.parquet file
     samples_part_row_groups: int = 128
+    # users are prepared in partitions by a hash of their id (data.partitions): as many as let
+    # `workers` processes (0: one per CPU core) at a time stay within memory_gb, or exactly
+    # `partitions` when it is set; the output is the same whatever the partitioning
+    memory_gb: float = 3.0
+    workers: int = 0
+    partitions: int = 0
 
 
 @dataclass

@@ -31,6 +31,23 @@ def random_clicks(seed: int, n: int = 3000, users: int = 40, items: int = 300, c
     )
 
 
+def window_pool(clicks: S.Clicks, sampling: str, window_start: int = START) -> S.NegativePool:
+    """The pool of the clicks' own days, as `mdaf prepare`'s scan builds it over every click."""
+    window = (clicks.ts.astype(np.int64) - window_start) // SECONDS_PER_DAY
+    first = int(window.min())
+    num_categories, num_items = int(clicks.category.max()) + 1, int(clicks.item.max()) + 1
+    keys, counts = S.count_sorted(S.pack_pool_keys(window - first, clicks.category, clicks.item, num_categories, num_items))
+    return S.NegativePool(keys, counts, sampling, first, int(window.max()) - first + 1, num_categories, num_items)
+
+
+def draw(clicks: S.Clicks, counts, seed: int, sampling: str = "uniform", max_draws: int = 10, category_span=None, window_start: int = START) -> S.NegativeDraw:
+    """Negatives of `clicks`; `counts` a ratio or the count per click."""
+    click_hash = S.click_hashes(clicks, seed)
+    counts = S.negative_counts(click_hash, counts) if isinstance(counts, float) else np.asarray(counts)
+    return S.draw_negatives(clicks, counts, window_pool(clicks, sampling, window_start), click_hash, window_start=window_start, window_seconds=SECONDS_PER_DAY,
+                            max_draws=max_draws, category_span=category_span)
+
+
 def test_histories_are_the_clicks_strictly_before_with_ties_in_file_order():
     # equal timestamps everywhere, users interleaved, file order unsorted in time
     user = [7, 3, 7, 7, 3, 7, 3, 7]
@@ -68,13 +85,13 @@ def test_dense_ids_follow_raw_order_on_both_paths():
 @pytest.mark.parametrize("sampling", S.NEG_SAMPLING)
 def test_negatives_avoid_the_users_window_clicks_and_come_from_the_window(sampling):
     clicks = random_clicks(seed=1)
-    counts = S.negative_counts(len(clicks.user), 1.5, seed=3)
-    draw = S.draw_negatives(clicks, counts, window_start=START, window_seconds=SECONDS_PER_DAY, sampling=sampling, max_draws=10, seed=3)
+    counts = S.negative_counts(S.click_hashes(clicks, 3), 1.5)
+    negatives = draw(clicks, counts, seed=3, sampling=sampling)
     day = (clicks.ts.astype(np.int64) - START) // SECONDS_PER_DAY
     window_items = {d: set(clicks.item[day == d].tolist()) for d in np.unique(day).tolist()}
     user_window_items = set(zip(clicks.user.tolist(), day.tolist(), clicks.item.tolist()))
-    assert draw.requested == counts.sum() and len(draw.owner) == draw.requested - draw.unavailable
-    for owner, item in zip(draw.owner.tolist(), draw.item.tolist()):
+    assert negatives.requested == counts.sum() and len(negatives.owner) == negatives.requested - negatives.unavailable
+    for owner, item in zip(negatives.owner.tolist(), negatives.item.tolist()):
         u, d = int(clicks.user[owner]), int(day[owner])
         assert item in window_items[d]
         assert (u, d, item) not in user_window_items
@@ -82,13 +99,12 @@ def test_negatives_avoid_the_users_window_clicks_and_come_from_the_window(sampli
 
 def test_negatives_share_the_positive_user_pos_ts_and_take_the_item_category():
     clicks = random_clicks(seed=2)
-    counts = S.negative_counts(len(clicks.user), 2.0, seed=0)
-    draw = S.draw_negatives(clicks, counts, window_start=START, window_seconds=SECONDS_PER_DAY, sampling="uniform", max_draws=10, seed=0)
-    samples = S.with_negatives(clicks, draw)
-    assert len(samples) == len(clicks.user) + len(draw.owner)
+    negatives = draw(clicks, 2.0, seed=0)
+    samples = S.with_negatives(clicks, negatives)
+    assert len(samples) == len(clicks.user) + len(negatives.owner)
     item_category = dict(zip(clicks.item.tolist(), clicks.category.tolist()))  # one category per item here
     positive = np.flatnonzero(samples.label == 1)
-    assert positive.tolist() == (np.arange(len(clicks.user)) + np.concatenate([[0], np.cumsum(np.bincount(draw.owner, minlength=len(clicks.user)))[:-1]])).tolist()
+    assert positive.tolist() == (np.arange(len(clicks.user)) + np.concatenate([[0], np.cumsum(np.bincount(negatives.owner, minlength=len(clicks.user)))[:-1]])).tolist()
     # each negative follows its positive: same user, pos, ts as the last positive before it
     last_positive = np.maximum.accumulate(np.where(samples.label == 1, np.arange(len(samples)), 0))
     for name in ("user", "pos", "ts"):
@@ -99,26 +115,49 @@ def test_negatives_share_the_positive_user_pos_ts_and_take_the_item_category():
 
 
 def test_negative_ratio_gives_the_positive_share():
-    counts = S.negative_counts(200_000, 1.5, seed=7)
+    click_hash = S.splitmix64(np.arange(200_000, dtype=np.uint64))
+    counts = S.negative_counts(click_hash, 1.5)
     assert set(np.unique(counts).tolist()) == {1, 2}
     assert 1 / (1 + counts.mean()) == pytest.approx(0.4, abs=0.002)
-    assert np.array_equal(counts, S.negative_counts(200_000, 1.5, seed=7))
-    assert (S.negative_counts(10, 2.0, seed=1) == 2).all()
+    assert (S.negative_counts(click_hash[:10], 2.0) == 2).all()
+
+
+def test_popularity_draws_index_the_clicks_in_key_order():
+    # the reference: every click's key, sorted, indexed by the draw
+    keys = np.array([3, 9, 3, 5, 9, 9, 12], dtype=np.int64)
+    distinct, counts = S.count_sorted(keys)
+    assert (distinct.tolist(), counts.tolist()) == ([3, 5, 9, 12], [2, 1, 3, 1])
+    pool = S.NegativePool(distinct, counts, "popularity", 0, 1, 1, 13)
+    every_draw = np.arange(len(keys))
+    assert pool.key_at(every_draw).tolist() == np.sort(keys).tolist()
+    assert S.NegativePool(distinct, counts, "uniform", 0, 1, 1, 13).key_at(np.arange(4)).tolist() == [3, 5, 9, 12]
+
+
+def test_a_users_negatives_do_not_depend_on_the_other_users():
+    clicks = random_clicks(seed=6)
+    whole = draw(clicks, 1.5, seed=6)
+    # user 3 alone, with the same pool (the pool is every user's clicks)
+    mine = slice(clicks.user_offsets[3], clicks.user_offsets[4])
+    alone = S.Clicks(clicks.user[mine], clicks.item[mine], clicks.category[mine], clicks.ts[mine], clicks.user_offsets - clicks.user_offsets[3])
+    click_hash = S.click_hashes(alone, 6)
+    negatives = S.draw_negatives(alone, S.negative_counts(click_hash, 1.5), window_pool(clicks, "uniform"), click_hash,
+                                 window_start=START, window_seconds=SECONDS_PER_DAY, max_draws=10)
+    in_whole = (whole.owner >= mine.start) & (whole.owner < mine.stop)
+    assert in_whole.sum() > 20
+    assert np.array_equal(whole.owner[in_whole] - mine.start, negatives.owner) and np.array_equal(whole.item[in_whole], negatives.item)
 
 
 def test_negatives_are_dropped_and_counted_when_the_user_clicked_every_window_item():
     # user 1 clicked both items of day 0; user 2 clicked one of them
     clicks = clicks_from_raw([1, 1, 2], [5, 6, 5], [1, 1, 1], [START, START + 1, START + 2])
-    draw = S.draw_negatives(clicks, np.array([1, 1, 1]), window_start=START, window_seconds=SECONDS_PER_DAY, sampling="uniform", max_draws=5, seed=0)
-    assert (draw.requested, draw.unavailable) == (3, 2)
-    assert draw.owner.tolist() == [2] and draw.item.tolist() == [2]  # dense id of raw item 6
+    negatives = draw(clicks, [1, 1, 1], seed=0, max_draws=5)
+    assert (negatives.requested, negatives.unavailable) == (3, 2)
+    assert negatives.owner.tolist() == [2] and negatives.item.tolist() == [2]  # dense id of raw item 6
 
 
 def test_negative_draws_are_reproducible():
     clicks = random_clicks(seed=4)
-    counts = S.negative_counts(len(clicks.user), 1.5, seed=9)
-    kwargs = dict(window_start=START, window_seconds=SECONDS_PER_DAY, sampling="popularity", max_draws=10, seed=9)
-    a, b = S.draw_negatives(clicks, counts, **kwargs), S.draw_negatives(clicks, counts, **kwargs)
+    a, b = draw(clicks, 1.5, seed=9, sampling="popularity"), draw(clicks, 1.5, seed=9, sampling="popularity")
     assert np.array_equal(a.item, b.item) and np.array_equal(a.owner, b.owner)
 
 
@@ -135,8 +174,7 @@ def reference_keep(clicks: S.Clicks, samples: S.Samples, mode: str, history_leng
 @pytest.mark.parametrize("mode", S.CATEGORY_FILTERS)
 def test_category_filter_matches_brute_force(mode):
     clicks = random_clicks(seed=5, n=2500, users=15, categories=40)
-    draw = S.draw_negatives(clicks, S.negative_counts(len(clicks.user), 1.5, 5), window_start=START, window_seconds=SECONDS_PER_DAY, sampling="uniform", max_draws=10, seed=5)
-    samples = S.with_negatives(clicks, draw)
+    samples = S.with_negatives(clicks, draw(clicks, 1.5, seed=5))
     got = S.category_filter(S.CategoryHistory(clicks), samples, mode, history_length=20, last_k=4)
     expected = reference_keep(clicks, samples, mode, history_length=20, last_k=4)
     assert np.array_equal(got, expected)
@@ -145,9 +183,9 @@ def test_category_filter_matches_brute_force(mode):
 
 def test_samples_built_by_click_ranges_equal_the_whole():
     clicks = random_clicks(seed=8, n=500)
-    draw = S.draw_negatives(clicks, S.negative_counts(len(clicks.user), 1.5, 8), window_start=START, window_seconds=SECONDS_PER_DAY, sampling="uniform", max_draws=10, seed=8)
-    whole = S.with_negatives(clicks, draw)
-    parts = [S.with_negatives(clicks, draw, start, min(start + 77, 500)) for start in range(0, 500, 77)]
+    negatives = draw(clicks, 1.5, seed=8)
+    whole = S.with_negatives(clicks, negatives)
+    parts = [S.with_negatives(clicks, negatives, start, min(start + 77, 500)) for start in range(0, 500, 77)]
     for name in ("user", "pos", "item", "category", "label", "ts"):
         assert np.array_equal(np.concatenate([getattr(p, name) for p in parts]), getattr(whole, name))
 
@@ -168,24 +206,22 @@ def reference_filter_span_categories(clicks: S.Clicks, span: int) -> dict:
 def test_filter_consistent_negatives_match_brute_force(sampling, mode):
     clicks = random_clicks(seed=10, n=1500, users=12, items=400, categories=30)
     span = S.filter_span(mode, history_length=20, last_k=3)
-    counts = S.negative_counts(len(clicks.user), 1.5, seed=10)
-    draw = S.draw_negatives(
-        clicks, counts, window_start=START, window_seconds=SECONDS_PER_DAY, sampling=sampling, max_draws=10, seed=10, category_span=span
-    )
+    counts = S.negative_counts(S.click_hashes(clicks, 10), 1.5)
+    negatives = draw(clicks, counts, seed=10, sampling=sampling, category_span=span)
     day = (clicks.ts.astype(np.int64) - START) // SECONDS_PER_DAY
     window_pairs = set(zip(day.tolist(), clicks.item.tolist(), clicks.category.tolist()))
     user_window_items = set(zip(clicks.user.tolist(), day.tolist(), clicks.item.tolist()))
     span_categories = reference_filter_span_categories(clicks, span)
-    assert draw.requested == counts.sum() and len(draw.owner) == draw.requested - draw.unavailable
-    assert draw.unavailable < 0.05 * draw.requested
-    for owner, item, category in zip(draw.owner.tolist(), draw.item.tolist(), draw.category.tolist()):
+    assert negatives.requested == counts.sum() and len(negatives.owner) == negatives.requested - negatives.unavailable
+    assert negatives.unavailable < 0.05 * negatives.requested
+    for owner, item, category in zip(negatives.owner.tolist(), negatives.item.tolist(), negatives.category.tolist()):
         u, d = int(clicks.user[owner]), int(day[owner])
         assert (d, item, category) in window_pairs  # an item clicked under that category in the window
         assert (u, d, item) not in user_window_items
         if span_categories[owner]:
             assert category in span_categories[owner]
     # hence every negative with a history passes the filter, as the paper's negatives do
-    samples = S.with_negatives(clicks, draw)
+    samples = S.with_negatives(clicks, negatives)
     negative = (samples.label == 0) & (samples.pos > 0)
     assert S.category_filter(S.CategoryHistory(clicks), samples, mode, history_length=20, last_k=3)[negative].all()
 
@@ -193,10 +229,8 @@ def test_filter_consistent_negatives_match_brute_force(sampling, mode):
 def test_filter_consistent_negatives_fall_back_to_the_window_without_history():
     # user 1's first click has no history; its negative can only be user 2's item of day 0
     clicks = clicks_from_raw([1, 2, 1], [5, 6, 7], [1, 2, 3], [START, START + 1, START + 2])
-    draw = S.draw_negatives(
-        clicks, np.array([1, 0, 0]), window_start=START, window_seconds=SECONDS_PER_DAY, sampling="uniform", max_draws=5, seed=0, category_span=50
-    )
-    assert draw.owner.tolist() == [0] and (draw.item.tolist(), draw.category.tolist()) == ([2], [2])
+    negatives = draw(clicks, [1, 0, 0], seed=0, max_draws=5, category_span=50)
+    assert negatives.owner.tolist() == [0] and (negatives.item.tolist(), negatives.category.tolist()) == ([2], [2])
 
 
 def test_filter_consistent_negatives_drawn_from_the_history_category_only():
@@ -208,13 +242,13 @@ def test_filter_consistent_negatives_drawn_from_the_history_category_only():
     second_click_of_user_1 = 1
     counts = np.zeros(len(clicks.user), dtype=np.int64)
     counts[second_click_of_user_1] = 20
-    draw = S.draw_negatives(clicks, counts, window_start=START, window_seconds=SECONDS_PER_DAY, sampling="uniform", max_draws=60, seed=0, category_span=50)
-    assert set(draw.item.tolist()) == {4} and set(draw.category.tolist()) == {1}  # dense ids of raw item 8, category 1
-    assert draw.unavailable == 0
+    negatives = draw(clicks, counts, seed=0, max_draws=60, category_span=50)
+    assert set(negatives.item.tolist()) == {4} and set(negatives.category.tolist()) == {1}  # dense ids of raw item 8, category 1
+    assert negatives.unavailable == 0
     # history category absent from the window: every draw fails, and the negatives are counted
     clicks = clicks_from_raw([1, 1, 2], [5, 6, 7], [1, 2, 2], [START - SECONDS_PER_DAY, START, START + 1])
-    draw = S.draw_negatives(clicks, np.array([0, 3, 0]), window_start=START - SECONDS_PER_DAY, window_seconds=SECONDS_PER_DAY, sampling="uniform", max_draws=4, seed=0, category_span=1)
-    assert (draw.requested, draw.unavailable, len(draw.owner)) == (3, 3, 0)
+    negatives = draw(clicks, [0, 3, 0], seed=0, max_draws=4, category_span=1, window_start=START - SECONDS_PER_DAY)
+    assert (negatives.requested, negatives.unavailable, len(negatives.owner)) == (3, 3, 0)
 
 
 def test_category_gap_counts_back_from_the_target():
@@ -267,7 +301,7 @@ def test_unknown_filter_and_sampling_are_user_errors():
     with pytest.raises(UserError, match="prepare.category_filter must be one of"):
         S.category_filter(S.CategoryHistory(clicks), S.positives(clicks), "last", 50, 10)
     with pytest.raises(UserError, match="prepare.neg_sampling must be one of"):
-        S.draw_negatives(clicks, np.ones(10, np.int64), window_start=START, window_seconds=1, sampling="zipf", max_draws=1, seed=0)
+        window_pool(clicks, "zipf")
 
 
 def reference_history_ends(clicks: S.Clicks, cutoff: str, gap: int) -> list:
@@ -300,9 +334,8 @@ def test_history_cutoffs_match_brute_force(cutoff):
 def test_filter_consistent_negatives_follow_the_history_cutoff(cutoff):
     clicks = random_clicks(seed=13, n=1500, users=12, items=400, categories=30)
     clicks.history_end = S.history_ends(clicks, cutoff, window_start=START, window_seconds=SECONDS_PER_DAY, session_gap_seconds=3600)
-    counts = S.negative_counts(len(clicks.user), 1.5, seed=13)
-    draw = S.draw_negatives(clicks, counts, window_start=START, window_seconds=SECONDS_PER_DAY, sampling="uniform", max_draws=10, seed=13, category_span=5)
-    samples = S.with_negatives(clicks, draw)
+    negatives = draw(clicks, 1.5, seed=13, category_span=5)
+    samples = S.with_negatives(clicks, negatives)
     negative = (samples.label == 0) & (samples.pos > 0)
     assert negative.sum() > 100
     # drawn from the last 5 clicks of the cut history, so they pass the filter that looks there

@@ -111,6 +111,9 @@ class RawEvents:
     def __len__(self) -> int:
         return len(self.user)
 
+    def select(self, mask: np.ndarray) -> "RawEvents":
+        return RawEvents(*(getattr(self, name)[mask] for name in COLUMNS))
+
 
 @dataclass
 class IngestReport:
@@ -237,63 +240,81 @@ class _BadLineLimit:
 def ingest(
     source: str, cfg: PrepareConfig, rejects_path: str | Path, progress: bool = True
 ) -> Tuple[RawEvents, IngestReport]:
-    """Read and validate `source`; return its valid rows and a report of what was rejected.
+    """Read and validate `source`; return its valid rows and a report of what was rejected
+    (`IngestStream`, its blocks gathered in memory)."""
+    stream = IngestStream(source, cfg, rejects_path, progress)
+    columns = _Columns()
+    for block, fraction_read in stream:
+        columns.append([getattr(block, name) for name in COLUMNS], fraction_read)
+    return columns.events(), stream.report
+
+
+class IngestStream:
+    """The valid rows of `source` block by block, as (RawEvents in file order, fraction of the
+    input read or None), so a caller that reduces the blocks holds one at a time; `report` is set
+    once every block was read.
 
     Raises UserError for a missing, unreadable or empty input, and when more than
     `cfg.max_bad_fraction` of the lines are rejected (as soon as the estimate shows it).
     """
-    source = str(source)
-    window_end = cfg.window_start + cfg.window_days * SECONDS_PER_DAY
-    window = (cfg.window_start, window_end) if cfg.check_window else None
-    rejects = _Rejects(rejects_path)
-    columns = _Columns()
-    lines = 0  # lines of the file read so far, a header included
-    header: Optional[bytes] = None
-    parsed_bytes = read_bytes = 0  # decompressed bytes parsed and read so far
-    with ExitStack() as stack:
-        stack.callback(rejects.close)
-        raw, stream, size, csv_size = stack.enter_context(_open_source(source))
-        limit = _BadLineLimit(cfg.max_bad_fraction, size, csv_size)
-        bar = stack.enter_context(
-            tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=f"ingest {Path(source).name}",
-                 disable=not progress)
+
+    def __init__(self, source: str, cfg: PrepareConfig, rejects_path: str | Path, progress: bool = True) -> None:
+        self.source, self.cfg, self.rejects_path, self.progress = str(source), cfg, rejects_path, progress
+        self.report: Optional[IngestReport] = None
+
+    def __iter__(self) -> Iterator[Tuple[RawEvents, Optional[float]]]:
+        source, cfg = self.source, self.cfg
+        window_end = cfg.window_start + cfg.window_days * SECONDS_PER_DAY
+        window = (cfg.window_start, window_end) if cfg.check_window else None
+        rejects = _Rejects(self.rejects_path)
+        valid = 0
+        lines = 0  # lines of the file read so far, a header included
+        header: Optional[bytes] = None
+        parsed_bytes = read_bytes = 0  # decompressed bytes parsed and read so far
+        with ExitStack() as stack:
+            stack.callback(rejects.close)
+            raw, stream, size, csv_size = stack.enter_context(_open_source(source))
+            limit = _BadLineLimit(cfg.max_bad_fraction, size, csv_size)
+            bar = stack.enter_context(
+                tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=f"ingest {Path(source).name}",
+                     disable=not self.progress)
+            )
+            for block, last_without_newline in _blocks(stream, cfg.block_size_bytes):
+                bar.update(raw.tell() - bar.n)
+                read_bytes += len(block)
+                if lines == 0:
+                    header, block = _split_header(block)
+                    lines = int(header is not None)
+                    parsed_bytes = read_bytes - len(block)
+                    if not block:
+                        continue
+                block_lines = block.count(b"\n") + last_without_newline
+                for first_line, piece, parsed in _parse(block, block_lines, last_without_newline, window, lines + 1):
+                    texts = _line_texts(piece, parsed.reject_rows) if len(parsed.reject_rows) else []
+                    for row, code, text in zip(parsed.reject_rows.tolist(), parsed.reject_codes.tolist(), texts):
+                        rejects.add(first_line + row, REJECT_REASONS[code], text)
+                    valid += len(parsed.columns[0])
+                    parsed_bytes += len(piece)
+                    parsed_lines = first_line - 1 + len(parsed.columns[0]) + len(parsed.reject_rows) - (header is not None)
+                    estimated = limit.estimate(parsed_lines, parsed_bytes, read_bytes, raw.tell())
+                    if limit.exceeded(rejects.total(), estimated) and estimated > parsed_lines:
+                        raise UserError(
+                            f"{source}: {rejects.total()} of the first {parsed_lines} lines are malformed, more than "
+                            f"max_bad_fraction={cfg.max_bad_fraction} of the file's estimated {estimated} lines; stopped reading; "
+                            f"{rejects.describe()}"
+                        )
+                    yield RawEvents(*parsed.columns), raw.tell() / size if size else None
+                lines += block_lines
+        report = IngestReport(
+            source=source,
+            lines=lines - (header is not None),
+            valid=valid,
+            rejected=rejects.by_reason(),
+            rejects_path=rejects.path if rejects.counts else None,
+            header=None if header is None else header.decode("utf-8", errors="backslashreplace"),
         )
-        for block, last_without_newline in _blocks(stream, cfg.block_size_bytes):
-            bar.update(raw.tell() - bar.n)
-            read_bytes += len(block)
-            if lines == 0:
-                header, block = _split_header(block)
-                lines = int(header is not None)
-                parsed_bytes = read_bytes - len(block)
-                if not block:
-                    continue
-            block_lines = block.count(b"\n") + last_without_newline
-            for first_line, piece, parsed in _parse(block, block_lines, last_without_newline, window, lines + 1):
-                texts = _line_texts(piece, parsed.reject_rows) if len(parsed.reject_rows) else []
-                for row, code, text in zip(parsed.reject_rows.tolist(), parsed.reject_codes.tolist(), texts):
-                    rejects.add(first_line + row, REJECT_REASONS[code], text)
-                columns.append(parsed.columns, fraction_read=raw.tell() / size if size else None)
-                parsed_bytes += len(piece)
-                parsed_lines = first_line - 1 + len(parsed.columns[0]) + len(parsed.reject_rows) - (header is not None)
-                estimated = limit.estimate(parsed_lines, parsed_bytes, read_bytes, raw.tell())
-                if limit.exceeded(rejects.total(), estimated) and estimated > parsed_lines:
-                    raise UserError(
-                        f"{source}: {rejects.total()} of the first {parsed_lines} lines are malformed, more than "
-                        f"max_bad_fraction={cfg.max_bad_fraction} of the file's estimated {estimated} lines; stopped reading; "
-                        f"{rejects.describe()}"
-                    )
-            lines += block_lines
-    events = columns.events()
-    report = IngestReport(
-        source=source,
-        lines=lines - (header is not None),
-        valid=len(events),
-        rejected=rejects.by_reason(),
-        rejects_path=rejects.path if rejects.counts else None,
-        header=None if header is None else header.decode("utf-8", errors="backslashreplace"),
-    )
-    _check_report(report, rejects, cfg)
-    return events, report
+        _check_report(report, rejects, cfg)
+        self.report = report
 
 
 def _check_report(report: IngestReport, rejects: _Rejects, cfg: PrepareConfig) -> None:

@@ -47,9 +47,10 @@ naming the stage that emptied it.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
+import os
 import resource
+import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -59,21 +60,17 @@ from typing import Any, Dict, Iterator, List, Optional
 import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 import mdaf_dist
 from mdaf_dist.config import PrepareConfig, load_config, to_dict
 from mdaf_dist.data import paper_counts
+from mdaf_dist.data import partitions as P
 from mdaf_dist.data import samples as S
-from mdaf_dist.data.ingest import BEHAVIORS, RawEvents, ingest
-from mdaf_dist.data.layout import META_FILE, PREPARED_ENTRIES, REJECTS_FILE, SAMPLE_SCHEMA, SAMPLES_DIR, SPLITS, Events, write_events, write_meta
-from mdaf_dist.data.vocab import dense_ids, save_vocab
+from mdaf_dist.data.layout import META_FILE, PREPARED_ENTRIES, REJECTS_FILE, SPLITS, write_meta
 from mdaf_dist.errors import UserError
-from mdaf_dist.files import output_directory, published_directory
+from mdaf_dist.files import output_directory, published_directory, read_json
 
 SPLIT_MODES = ("days", "fraction")
-CLICK = BEHAVIORS.index("pv")
-_INT32 = np.iinfo(np.int32)
 
 
 class _Stages:
@@ -104,25 +101,6 @@ class _Stages:
         self.peak_rss_gb[name] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
         if self.progress:
             print(f"prepare: {name} done in {self.seconds[name]:.1f} s", file=sys.stderr, flush=True)
-
-
-class _Tally:
-    """Rows and positives per split of one ledger stage, summed over the chunks of samples."""
-
-    KEYS = SPLITS + tuple(f"{name}_positives" for name in SPLITS)
-
-    def __init__(self) -> None:
-        self.counts = np.zeros(len(self.KEYS), dtype=np.int64)
-
-    def add(self, labels: np.ndarray, split: np.ndarray) -> None:
-        self.counts += S.split_counts(labels, split)
-
-    @property
-    def rows(self) -> int:
-        return int(self.counts[: len(SPLITS)].sum())
-
-    def split(self) -> Dict[str, int]:
-        return dict(zip(self.KEYS, map(int, self.counts)))
 
 
 def _check_settings(cfg: PrepareConfig) -> None:
@@ -156,18 +134,21 @@ def _check_settings(cfg: PrepareConfig) -> None:
         raise UserError(f"prepare.neg_ratio must be >= 0, got {cfg.neg_ratio}")
     if not 0.0 <= cfg.max_bad_fraction <= 1.0:  # nan fails too
         raise UserError(f"prepare.max_bad_fraction must be in [0, 1], got {cfg.max_bad_fraction}")
+    if not cfg.memory_gb > 0 or cfg.workers < 0 or cfg.partitions < 0:
+        raise UserError(f"prepare.memory_gb must be > 0 and prepare.workers, prepare.partitions >= 0 (0: chosen), "
+                        f"got {cfg.memory_gb}, {cfg.workers}, {cfg.partitions}")
     if cfg.block_size_bytes < 1:
         raise UserError(f"prepare.block_size_bytes must be >= 1, got {cfg.block_size_bytes}")
 
 
-def split_bounds(cfg: PrepareConfig, clicks: S.Clicks) -> tuple[int, Optional[int]]:
-    """(first validation ts, first test ts or None without a test split), by `prepare.split`."""
+def split_bounds(cfg: PrepareConfig, ts_range: tuple[int, int]) -> tuple[int, Optional[int]]:
+    """(first validation ts, first test ts or None without a test split), by `prepare.split`
+    (`ts_range`: the clicks' first and last ts)."""
     if cfg.split == "days":
         valid_start, test_start = S.split_bounds_by_days(cfg.window_start, cfg.window_days, cfg.valid_days, cfg.test_days)
         has_test = cfg.test_days > 0
     else:
-        first, last = (int(clicks.ts.min()), int(clicks.ts.max())) if len(clicks.ts) else (0, 0)
-        valid_start, test_start = S.split_bounds_by_fraction(first, last, cfg.valid_fraction, cfg.test_fraction)
+        valid_start, test_start = S.split_bounds_by_fraction(*ts_range, cfg.valid_fraction, cfg.test_fraction)
         has_test = cfg.test_fraction > 0
     return valid_start, test_start if has_test else None
 
@@ -180,127 +161,12 @@ def source_fingerprint(source: str) -> Dict[str, Any]:
     return {"name": name, "bytes": size, "sha256_name_size": digest}
 
 
-def _clicks(raw: RawEvents, out: Path, dedup: str) -> tuple[S.Clicks, Dict[str, int], int]:
-    """Clicks in (user, ts, file order), dense ids, vocab maps saved, repeats dropped by `dedup`
-    (`samples.repeated_clicks`); returns vocab sizes and the number of repeats dropped.
-
-    Consumes `raw`: each int64 column is released once its int32 click column exists, so the
-    raw rows and the clicks are never all in memory together.
-    """
-    is_click = raw.behavior == CLICK
-    raw.behavior = None
-    ts = raw.ts[is_click]
-    raw.ts = None
-    if len(ts) and (ts.min() < _INT32.min or ts.max() > _INT32.max):
-        raise UserError("timestamps outside the int32 range; keep prepare.check_window=true")
-    columns = {"ts": ts.astype(np.int32)}
-    del ts
-    vocab = {}
-    for name in ("user", "item", "category"):
-        columns[name], raw_by_dense = dense_ids(getattr(raw, name)[is_click])
-        setattr(raw, name, None)
-        save_vocab(out, name, raw_by_dense)
-        vocab[name] = len(raw_by_dense)
-    del is_click
-    # dense user ids follow raw ids, so this is the (raw user, ts, file order) order
-    order = S.click_order(columns["user"], columns["ts"])
-    for name in columns:
-        columns[name] = columns[name][order]
-    del order
-    repeated = S.repeated_clicks(columns["user"], columns["item"], dedup)
-    n_repeated = int(repeated.sum())
-    if n_repeated:
-        for name in columns:
-            columns[name] = columns[name][~repeated]
-    del repeated
-    clicks = S.make_clicks(columns["user"], columns["item"], columns["category"], columns["ts"], vocab["user"])
-    return clicks, vocab, n_repeated
-
-
-class _PartWriter:
-    """Appends samples to samples/<split>/part-*.parquet as they come: row groups of exactly
-    `samples_row_group` rows (the split's last may be shorter), `samples_part_row_groups` per file.
-
-    Part files let the loader spread row groups over ranks and workers.
-    """
-
-    def __init__(self, out: Path, split: str, cfg: PrepareConfig) -> None:
-        self.directory = out / SAMPLES_DIR / split
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.group_rows, self.groups_per_file = cfg.samples_row_group, cfg.samples_part_row_groups
-        self.pending: List[pa.Table] = []
-        self.pending_rows = 0
-        self.writer: Optional[pq.ParquetWriter] = None
-        self.files = self.row_groups = self.rows = self.positives = 0
-
-    def write(self, samples: S.Samples) -> None:
-        self.pending.append(pa.table([getattr(samples, name) for name in SAMPLE_SCHEMA.names], schema=SAMPLE_SCHEMA))
-        self.pending_rows += len(samples)
-        self.rows += len(samples)
-        self.positives += int(samples.label.sum(dtype=np.int64))
-        while self.pending_rows >= self.group_rows:
-            self._write_group(self.group_rows)
-
-    def _write_group(self, rows: int) -> None:
-        table = pa.concat_tables(self.pending)
-        if self.writer is None:
-            # dictionary pages cost 3x the write time for about 10 % smaller files: ids are too many
-            self.writer = pq.ParquetWriter(self.directory / f"part-{self.files:05d}.parquet", SAMPLE_SCHEMA, use_dictionary=False)
-            self.files += 1
-        self.writer.write_table(table.slice(0, rows), row_group_size=rows)
-        self.row_groups += 1
-        if self.row_groups % self.groups_per_file == 0:
-            self.writer.close()
-            self.writer = None
-        self.pending, self.pending_rows = [table.slice(rows)], len(table) - rows
-
-    def close(self) -> Dict[str, Any]:
-        if self.pending_rows:
-            self._write_group(self.pending_rows)
-        if self.writer is not None:
-            self.writer.close()
-        share = self.positives / max(self.rows, 1)
-        return {"rows": self.rows, "positives": self.positives, "positive_share": share, "files": self.files, "row_groups": self.row_groups}
-
-
-def _filter_and_write(
-    out: Path, clicks: S.Clicks, draw: S.NegativeDraw, cfg: PrepareConfig, bounds: tuple[int, Optional[int]]
-) -> tuple[Dict[str, Dict[str, Any]], List[_Tally]]:
-    """Build, filter, split and write the samples chunk by chunk of clicks, so that at most
-    about `samples.CHUNK` sample rows exist at a time (100M clicks make 250M samples).
-
-    Returns the splits' summaries and the tallies after: positives, + negatives, - empty
-    history, - category filter.
-    """
-    valid_start, test_start = bounds
-    writers = {split: _PartWriter(out, split, cfg) for split in SPLITS[: 2 if test_start is None else 3]}
-    # without a test split the test code never occurs
-    test_start = np.iinfo(np.int64).max if test_start is None else test_start
-    history = S.CategoryHistory(clicks)
-    tallies = [_Tally() for _ in range(4)]
-    n_clicks = len(clicks.user)
-    step = max(1, S.CHUNK * n_clicks // max(n_clicks + len(draw.owner), 1))
-    for start in range(0, n_clicks, step):
-        chunk = S.with_negatives(clicks, draw, start, min(start + step, n_clicks))
-        split = S.assign_split(chunk.ts, valid_start, test_start)
-        positive = chunk.label == 1
-        tallies[0].add(chunk.label[positive], split[positive])
-        tallies[1].add(chunk.label, split)
-        keep = S.has_history(chunk) if cfg.drop_empty_history else np.ones(len(chunk), dtype=bool)
-        tallies[2].add(chunk.label[keep], split[keep])
-        keep &= S.category_filter(history, chunk, cfg.category_filter, cfg.history_length, cfg.category_last_k)
-        tallies[3].add(chunk.label[keep], split[keep])
-        for code, writer in enumerate(writers.values()):
-            writer.write(chunk.select(keep & (split == code)))
-    return {split: writer.close() for split, writer in writers.items()}, tallies
-
-
-def versus_paper(cfg: PrepareConfig, tallies: List[_Tally]) -> Dict[str, Any]:
+def versus_paper(cfg: PrepareConfig, tallies: np.ndarray) -> Dict[str, Any]:
     """meta["versus_paper"]: per split, the samples before the filters and after each, each
     filter's drop (the share of the split's samples it removes; None when the filter is off) and
     the validation share after the filters, each beside the paper's (`paper_counts`)."""
     splits = ("train", "valid")
-    counts = [{split: tally.split()[split] for split in splits} for tally in tallies[1:]]
+    counts = [{split: _split(tally)[split] for split in splits} for tally in tallies[1:]]
     filters_on = {"empty_history": cfg.drop_empty_history, "category_filter": cfg.category_filter != "none"}
     versus: Dict[str, Any] = {"source": paper_counts.SOURCE}
     for index, key in enumerate(("samples", "empty_history", "category_filter")):
@@ -315,120 +181,152 @@ def versus_paper(cfg: PrepareConfig, tallies: List[_Tally]) -> Dict[str, Any]:
     return versus
 
 
+def _split(tally: np.ndarray) -> Dict[str, int]:
+    """A row of `partitions.Totals.tallies` by name: rows, then positives, per split."""
+    return dict(zip(SPLITS + tuple(f"{name}_positives" for name in SPLITS), map(int, tally)))
+
+
 def prepare(cfg: PrepareConfig, progress: bool = True) -> Dict[str, Any]:
-    """Run every stage; publish the prepared directory `cfg.out` whole; print the stage table;
-    return meta."""
+    """Run every stage on this machine, the partitions `prepare.workers` at a time; publish the
+    prepared directory `cfg.out` whole; print the stage table; return meta."""
     _check_settings(cfg)
     final = output_directory(cfg.out, "prepare.out")
+    stages = _Stages(progress)
+    work = final.with_name(f".{final.name}.work-{os.getpid()}")
+    buckets = cfg.partitions or P.BUCKETS
+    try:
+        with published_directory(final, PREPARED_ENTRIES, last=META_FILE) as staging:
+            with stages.timed("ingest"):
+                shared = P.scan(cfg, staging / REJECTS_FILE, work / "spill", buckets, progress=progress)
+            partitions = P.plan_partitions(cfg, shared)
+            bounds = split_bounds(cfg, shared.ts_range)
+            with stages.timed("partitions"):
+                parts = P.prepare_partitions(cfg, shared, work / "shared", work / "spill", buckets, partitions, bounds, work)
+            with stages.timed("merge"):
+                totals = P.merge(shared, parts, staging)
+            meta = write_meta(staging, _meta(cfg, shared, totals, bounds, stages, final, partitions))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    _print_summary(meta)
+    return meta
+
+
+def prepare_task(cfg: PrepareConfig, index: int, count: int, progress: bool = True) -> None:
+    """`mdaf prepare --partition I/N`: the whole input read, partition I of N prepared and
+    published in DIR.partitions/ for `merge_tasks`."""
+    _check_settings(cfg)
+    final = output_directory(cfg.out, "prepare.out")
+    target = P.task_directory(final, index, count)
+    with published_directory(target, P.TASK_ENTRIES, last=P.SUMMARY_FILE) as staging:
+        shared = P.scan(cfg, staging / REJECTS_FILE, staging / "spill", count, keep=index, progress=progress)
+        shared.scan["source"] = source_fingerprint(cfg.input)
+        shared.scan["settings"] = to_dict(cfg)
+        shared.save(staging)
+        spill = sorted((staging / "spill").glob("bucket-*.bin"))
+        P.prepare_partition(cfg, shared, spill, split_bounds(cfg, shared.ts_range), staging)
+        shutil.rmtree(staging / "spill")
+    print(f"prepare: partition {index}/{count} written to {target}; when all {count} are, run `mdaf prepare --merge --out {cfg.out}`")
+
+
+def merge_tasks(out: str, progress: bool = True) -> Dict[str, Any]:
+    """`mdaf prepare --merge`: the partitions of `prepare_task` joined into the prepared
+    directory `out`, as `prepare` would have written it; the partitions are removed."""
+    if not out:
+        raise UserError("no output directory: pass --out DIR (or prepare.out=DIR)")
+    final = output_directory(out, "prepare.out")
+    parts = P.task_directories(final)
+    scans = [read_json(part / P.SCAN_FILE, "partition scan") for part in parts]
+    for index, other in enumerate(scans):
+        for key, value in _task_identity(other).items():
+            if value != _task_identity(scans[0])[key]:
+                raise UserError(f"prepare --merge: partition {index}/{len(parts)} was prepared with other {key} than partition 0/{len(parts)}; "
+                                f"run `mdaf prepare --partition {index}/{len(parts)}` again with partition 0's")
+    cfg = PrepareConfig(**{**scans[0]["settings"], "out": out})
+    shared = P.Shared.load(parts[0], cfg)
+    stages = _Stages(progress)
     with published_directory(final, PREPARED_ENTRIES, last=META_FILE) as staging:
-        meta = _prepare(cfg, staging, final, progress)
+        if (parts[0] / REJECTS_FILE).is_file():
+            shutil.copyfile(parts[0] / REJECTS_FILE, staging / REJECTS_FILE)
+        with stages.timed("merge"):
+            totals = P.merge(shared, parts, staging)
+        meta = write_meta(staging, _meta(cfg, shared, totals, split_bounds(cfg, shared.ts_range), stages, final, len(parts)))
+    shutil.rmtree(parts[0].parent)
+    _print_summary(meta)
+    return meta
+
+
+def _task_identity(scan: Dict[str, Any]) -> Dict[str, Any]:
+    """What the tasks of one partitioning share: input, settings, what the scan saw."""
+    return {
+        "input": scan["source"],
+        "settings": {key: value for key, value in scan["settings"].items() if key not in ("out", "workers", "memory_gb", "partitions")},
+        "ingest counts": {key: value for key, value in scan["ingest"].items() if key != "rejects_path"},
+    }
+
+
+def _print_summary(meta: Dict[str, Any]) -> None:
     if meta["ingest"]["header"] is not None:
         print(f"skipped the header line: {meta['ingest']['header']}")
     print(stage_table(meta))
     if meta["ingest"]["rejected"]:
         reasons = ", ".join(f"{reason}={count}" for reason, count in meta["ingest"]["rejected"].items())
         print(f"rejected: {reasons} (lines in {meta['ingest']['rejects_path']})")
-    return meta
 
 
-def _prepare(cfg: PrepareConfig, out: Path, final: Path, progress: bool) -> Dict[str, Any]:
-    """Every stage, written into `out` (the staging directory of `final`); returns meta."""
-    stages = _Stages(progress)
-
-    with stages.timed("ingest"):
-        raw, report = ingest(cfg.input, cfg, out / REJECTS_FILE, progress=progress)
-    if report.rejects_path is not None:
-        report = dataclasses.replace(report, rejects_path=str(final / REJECTS_FILE))
-    fingerprint = source_fingerprint(cfg.input)
-    stages.add("raw lines", report.lines)
-    stages.add("ingest: valid rows", report.valid, dropped=report.lines - report.valid)
-
-    with stages.timed("subsample"):
-        if cfg.user_fraction < 1.0:
-            keep = S.keep_users(raw.user, cfg.user_fraction, cfg.seed)
-            raw = RawEvents(raw.user[keep], raw.item[keep], raw.category[keep], raw.behavior[keep], raw.ts[keep])
-            del keep
-    stages.add(f"users subsampled ({cfg.user_fraction:g})", len(raw), dropped=report.valid - len(raw))
-
-    with stages.timed("clicks"):
-        n_events = len(raw)
-        clicks, vocab, n_repeated = _clicks(raw, out, cfg.dedup_clicks)
-        del raw
-        write_events(out, Events(clicks.item, clicks.category, clicks.ts, clicks.user_offsets))
-        clicks.history_end = S.history_ends(
-            clicks, cfg.history_cutoff, window_start=cfg.window_start, window_seconds=cfg.neg_window_seconds, session_gap_seconds=cfg.session_gap_seconds
-        )
-    n_clicks = len(clicks.user)
-    stages.add("clicks (pv)", n_clicks + n_repeated, dropped=n_events - n_clicks - n_repeated)
-    stages.add(f"- repeated clicks ({cfg.dedup_clicks})", n_clicks, dropped=n_repeated)
-    if n_clicks == 0:
-        raise UserError(f"prepare: no click (pv) row among the {n_events} rows kept of {report.valid} valid ones "
-                        f"(prepare.user_fraction={cfg.user_fraction:g}); nothing was written to {cfg.out}")
-
-    with stages.timed("negatives"):
-        span = S.filter_span(cfg.category_filter, cfg.history_length, cfg.category_last_k)
-        draw = S.draw_negatives(
-            clicks,
-            S.negative_counts(n_clicks, cfg.neg_ratio, cfg.seed),
-            window_start=cfg.window_start,
-            window_seconds=cfg.neg_window_seconds,
-            sampling=cfg.neg_sampling,
-            max_draws=cfg.neg_max_draws,
-            seed=cfg.seed,
-            category_span=span if cfg.neg_category == "filter" else None,
-        )
-    negatives = {"requested": draw.requested, "unavailable": draw.unavailable, "category": cfg.neg_category}
-
-    bounds = split_bounds(cfg, clicks)
-    with stages.timed("filter+write"):
-        splits, tallies = _filter_and_write(out, clicks, draw, cfg, bounds)
-    stages.add("positives", n_clicks, split=tallies[0].split())
+def _meta(cfg: PrepareConfig, shared: P.Shared, totals: P.Totals, bounds: tuple[int, Optional[int]], stages: _Stages, final: Path,
+          partitions: int) -> Dict[str, Any]:
+    """meta.json (without its file list): the stage ledger from the scan's and the partitions' counts."""
+    scan = shared.scan
+    ingest = {**scan["ingest"], "rejects_path": str(final / REJECTS_FILE) if scan["ingest"]["rejects_path"] else None}
+    stages.add("raw lines", ingest["lines"])
+    stages.add("ingest: valid rows", ingest["valid"], dropped=ingest["lines"] - ingest["valid"])
+    stages.add(f"users subsampled ({cfg.user_fraction:g})", scan["events"], dropped=ingest["valid"] - scan["events"])
+    stages.add("clicks (pv)", scan["clicks"], dropped=scan["events"] - scan["clicks"])
+    stages.add(f"- repeated clicks ({cfg.dedup_clicks})", totals.clicks, dropped=totals.repeated)
+    tallies = totals.tallies
+    stages.add("positives", totals.clicks, split=_split(tallies[0]))
+    rows = tallies[:, : len(SPLITS)].sum(axis=1)
     stages.add(
         f"+ negatives (ratio {cfg.neg_ratio:g}, {cfg.neg_sampling}, {cfg.neg_category})",
-        tallies[1].rows,
-        added=draw.requested,
-        dropped=draw.unavailable,
-        split=tallies[1].split(),
+        rows[1],
+        added=totals.requested,
+        dropped=totals.unavailable,
+        split=_split(tallies[1]),
         key="samples",
     )
     stages.add(
         f"- empty history ({cfg.history_cutoff})" if cfg.drop_empty_history else "- empty history (off)",
-        tallies[2].rows,
-        dropped=tallies[1].rows - tallies[2].rows,
-        split=tallies[2].split(),
+        rows[2],
+        dropped=rows[1] - rows[2],
+        split=_split(tallies[2]),
         key="empty_history",
     )
-    stages.add(
-        f"- category filter ({cfg.category_filter})",
-        tallies[3].rows,
-        dropped=tallies[2].rows - tallies[3].rows,
-        split=tallies[3].split(),
-        key="category_filter",
-    )
+    stages.add(f"- category filter ({cfg.category_filter})", rows[3], dropped=rows[2] - rows[3], split=_split(tallies[3]), key="category_filter")
     meta = {
-        "vocab": vocab,
-        "num_users": len(clicks.user_offsets) - 1,
-        "num_clicks": n_clicks,
+        "vocab": {name: len(raw_by_dense) for name, raw_by_dense in shared.vocab.items()},
+        "num_users": len(shared.vocab["user"]),
+        "num_clicks": totals.clicks,
         "history_length": cfg.history_length,
         "valid_start_ts": bounds[0],
         "test_start_ts": bounds[1],
         "stages": stages.rows,
-        "splits": splits,
-        "negatives": negatives,
+        "splits": totals.splits,
+        "negatives": {"requested": totals.requested, "unavailable": totals.unavailable, "category": cfg.neg_category},
         "versus_paper": versus_paper(cfg, tallies),
-        "ingest": {"lines": report.lines, "valid": report.valid, "rejected": report.rejected, "rejects_path": report.rejects_path, "header": report.header},
-        "source": fingerprint,
+        "ingest": ingest,
+        "source": scan.get("source") or source_fingerprint(cfg.input),
         "settings": to_dict(cfg),
+        "partitions": partitions,
         "versions": {"mdaf_dist": mdaf_dist.__version__, "numpy": np.__version__, "pyarrow": pa.__version__, "python": sys.version.split()[0]},
         "seconds": stages.seconds,
         "cpu_seconds": stages.cpu_seconds,
         "peak_rss_gb": stages.peak_rss_gb,
     }
-    _check_splits(cfg, meta, clicks.ts)
-    return write_meta(out, meta)
+    _check_splits(cfg, meta, shared.ts_range)
+    return meta
 
 
-def _check_splits(cfg: PrepareConfig, meta: Dict[str, Any], ts: np.ndarray) -> None:
+def _check_splits(cfg: PrepareConfig, meta: Dict[str, Any], ts_range: tuple[int, int]) -> None:
     """Refuse an empty split, naming the stage that emptied it: the user subsample, the time
     window (no click in the split's time range) or a filter."""
     for split, info in meta["splits"].items():
@@ -437,7 +335,7 @@ def _check_splits(cfg: PrepareConfig, meta: Dict[str, Any], ts: np.ndarray) -> N
         counts = [row[split] for row in meta["stages"] if split in row]
         if counts[0] == 0:
             cause = (
-                f"no click falls in its time range (the clicks span ts {int(ts.min())}..{int(ts.max())}; valid from "
+                f"no click falls in its time range (the clicks span ts {ts_range[0]}..{ts_range[1]}; valid from "
                 f"{meta['valid_start_ts']}, test from {meta['test_start_ts']}; prepare.split={cfg.split}: for an input "
                 f"shorter than the window use prepare.split=fraction, or set prepare.window_start/window_days/valid_days/test_days)"
             )
@@ -495,6 +393,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="output directory (prepared-data layout; a local path or file:// URI)")
     parser.add_argument("--config", action="append", help="YAML config file; its prepare: section is used; repeat to overlay files in order")
     parser.add_argument("--quiet", action="store_true", help="no progress output (the stage table is still printed)")
+    whole = parser.add_mutually_exclusive_group()
+    whole.add_argument("--partition", metavar="I/N", help="prepare only partition I of N (one task of an array job) into DIR.partitions/")
+    whole.add_argument("--merge", action="store_true", help="join the N partitions of DIR.partitions/ into DIR")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. prepare.neg_ratio=2 prepare.user_fraction=0.01")
 
 
@@ -502,5 +403,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides).prepare
     cfg.input = args.input or cfg.input
     cfg.out = args.out or cfg.out
-    prepare(cfg, progress=not args.quiet)
+    if args.merge:
+        merge_tasks(cfg.out, progress=not args.quiet)
+    elif args.partition:
+        prepare_task(cfg, *P.parse_partition(args.partition), progress=not args.quiet)
+    else:
+        prepare(cfg, progress=not args.quiet)
     return 0

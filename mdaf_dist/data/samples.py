@@ -83,13 +83,22 @@ class Samples:
         return Samples(*(getattr(self, f.name)[mask] for f in fields(self)))
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
+def splitmix64(x: np.ndarray) -> np.ndarray:
     """A well-mixed 64-bit hash (Steele et al., SplitMix64 finaliser); wraps modulo 2**64."""
     with np.errstate(over="ignore"):
         z = x + np.uint64(0x9E3779B97F4A7C15)
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         return z ^ (z >> np.uint64(31))
+
+
+def _seed_hash(seed: int) -> np.uint64:
+    return splitmix64(np.array([seed], dtype=np.uint64))[0]
+
+
+def _uniform(h: np.ndarray) -> np.ndarray:
+    """Floats in [0, 1) from the top 53 bits of 64-bit hashes."""
+    return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
 def keep_users(raw_user: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -100,11 +109,9 @@ def keep_users(raw_user: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """
     if not 0.0 < fraction <= 1.0:
         raise UserError(f"prepare.user_fraction must be in (0, 1], got {fraction}")
-    seed_hash = _splitmix64(np.array([seed], dtype=np.uint64))[0]
     with np.errstate(over="ignore"):
-        h = _splitmix64(raw_user.astype(np.uint64) + seed_hash)
-    uniform = (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
-    return uniform < fraction
+        h = splitmix64(raw_user.astype(np.uint64) + _seed_hash(seed))
+    return _uniform(h) < fraction
 
 
 def click_order(user: np.ndarray, ts: np.ndarray) -> np.ndarray:
@@ -216,9 +223,14 @@ def _sorted_unique(values: np.ndarray) -> np.ndarray:
     """Sorted distinct values: `np.unique` hashes in numpy 2.x, which is several times slower
     than a sort on 100M int64 keys."""
     ordered = np.sort(values)
+    return ordered[_run_starts(ordered)]
+
+
+def _run_starts(ordered: np.ndarray) -> np.ndarray:
+    """Index of the first element of each run of equal values in a sorted array."""
     distinct = np.ones(len(ordered), dtype=bool)
     np.not_equal(ordered[1:], ordered[:-1], out=distinct[1:])
-    return ordered[distinct]
+    return np.flatnonzero(distinct)
 
 
 def _check_key_space(what: str, *radices: int) -> None:
@@ -237,13 +249,75 @@ def filter_span(mode: str, history_length: int, last_k: int) -> Optional[int]:
     return {"last_l": history_length, "last_k": last_k, "any": WHOLE_HISTORY, "none": None}[mode]
 
 
-def negative_counts(num_positives: int, ratio: float, seed: int) -> np.ndarray:
+def click_hashes(clicks: Clicks, seed: int) -> np.ndarray:
+    """A 64-bit hash of (seed, user, position in the user's clicks) per click: the source of every
+    random number of its negatives (`negative_counts`, `draw_negatives`). It names the click, not
+    its place in an array, so a user's negatives are the same whichever other users are processed
+    with it (`mdaf_dist.data.partitions`)."""
+    with np.errstate(over="ignore"):
+        return splitmix64((clicks.user.astype(np.uint64) << np.uint64(32)) + clicks.pos.astype(np.uint64) + _seed_hash(seed))
+
+
+def negative_counts(click_hash: np.ndarray, ratio: float) -> np.ndarray:
     """Negatives per positive: floor(ratio) plus one more with probability frac(ratio)."""
     if ratio < 0:
         raise UserError(f"prepare.neg_ratio must be >= 0, got {ratio}")
     whole = int(np.floor(ratio))
-    rng = np.random.default_rng([seed, 1])
-    return (whole + (rng.random(num_positives) < ratio - whole)).astype(np.int32)
+    return (whole + (_uniform(click_hash) < ratio - whole)).astype(np.int32)
+
+
+def pack_pool_keys(window: np.ndarray, category: np.ndarray, item: np.ndarray, num_categories: int, num_items: int) -> np.ndarray:
+    """(window, category, item) as one int64 key, ordered as the triples are."""
+    return (window.astype(np.int64) * num_categories + category) * num_items + item
+
+
+def count_sorted(keys: np.ndarray, counts: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """(sorted distinct keys, occurrences of each, or the sum of their `counts`): `np.unique`
+    with counts, by one sort (several times faster)."""
+    if counts is None:
+        ordered = np.sort(keys)
+        starts = _run_starts(ordered)
+        return ordered[starts], np.diff(np.append(starts, len(ordered)))
+    order = np.argsort(keys, kind="stable")  # merges the sorted runs of concatenated tables
+    ordered = keys[order]
+    starts = _run_starts(ordered)
+    return ordered[starts], np.add.reduceat(counts[order], starts) if len(starts) else counts[:0]
+
+
+@dataclass
+class NegativePool:
+    """The (window, category, item) triples clicked by anyone, that `draw_negatives` draws from:
+    `keys` (`pack_pool_keys`, window counted from `first_window`, the first window of the
+    data) sorted and distinct, each drawn with weight one ("uniform") or its number of clicks
+    ("popularity"). Built once over all clicks, it is shared by every partition of the users."""
+
+    keys: np.ndarray  # int64
+    clicks: np.ndarray  # int64: clicks of each key
+    sampling: str
+    first_window: int
+    num_windows: int
+    num_categories: int
+    num_items: int
+
+    def __post_init__(self) -> None:
+        if self.sampling not in NEG_SAMPLING:
+            raise UserError(f"prepare.neg_sampling must be one of {NEG_SAMPLING}, got {self.sampling!r}")
+        _check_key_space("(window, category, item)", self.num_windows, self.num_categories, self.num_items)
+        # draws are indices in [0, total weight): key k holds [ends[k] - weight[k], ends[k])
+        self.ends = np.cumsum(self.clicks) if self.sampling == "popularity" else None
+        starts = np.concatenate(([0], self.ends[:-1])) if self.ends is not None else np.arange(len(self.keys), dtype=np.int64)
+        group_of_key = self.keys // self.num_items
+        first = _run_starts(group_of_key)
+        self.groups = group_of_key[first]
+        total = int(self.ends[-1]) if self.ends is not None and len(self.ends) else len(self.keys)
+        self.group_bounds = np.append(starts[first], total)
+        window_first = np.searchsorted(self.keys, np.arange(self.num_windows + 1, dtype=np.int64) * self.num_categories * self.num_items)
+        self.window_bounds = np.append(starts, total)[window_first]
+
+    def key_at(self, draw: np.ndarray) -> np.ndarray:
+        """The key of each draw index (in [0, total weight))."""
+        index = draw if self.ends is None else np.searchsorted(self.ends, draw, side="right")
+        return self.keys[np.minimum(index, len(self.keys) - 1)]
 
 
 @dataclass
@@ -258,19 +332,19 @@ class NegativeDraw:
 def draw_negatives(
     clicks: Clicks,
     counts: np.ndarray,
+    pool: NegativePool,
+    click_hash: np.ndarray,
     *,
     window_start: int,
     window_seconds: int,
-    sampling: str,
     max_draws: int,
-    seed: int,
     category_span: Optional[int] = None,
 ) -> NegativeDraw:
     """Draw `counts[i]` negative items for the positive at click i.
 
     Candidates are the (item, category) pairs clicked by anyone in the positive's window
-    (`(ts - window_start) // window_seconds`): "uniform" over the window's distinct pairs (so
-    an item's popularity stays a signal a static model can learn), or "popularity", in
+    (`(ts - window_start) // window_seconds`), from `pool`: "uniform" over the window's distinct
+    pairs (so an item's popularity stays a signal a static model can learn), or "popularity", in
     proportion to their clicks.
 
     `category_span` None: any candidate of the window. An int k: a random click among the last
@@ -282,65 +356,50 @@ def draw_negatives(
 
     A draw that finds no item of the category in the window, or an item the user clicked in
     that window, is redrawn (history click included) up to `max_draws` times in all; negatives
-    still unresolved are dropped and counted. Everything is vectorised over the negatives:
-    candidates are packed (window, category, item) keys in one sorted array, with the start of
-    each window and of each (window, category) run found by `searchsorted`.
+    still unresolved are dropped and counted. The random numbers of the j-th negative's d-th draw
+    hash (`click_hash` of its positive, j, d), so a negative does not depend on which other
+    clicks are drawn for in the same call. Everything is vectorised over the negatives.
     """
-    if sampling not in NEG_SAMPLING:
-        raise UserError(f"prepare.neg_sampling must be one of {NEG_SAMPLING}, got {sampling!r}")
     if window_seconds <= 0:
         raise UserError(f"prepare.neg_window_seconds must be positive, got {window_seconds}")
-    rng = np.random.default_rng([seed, 2])
-    window = (clicks.ts.astype(np.int64) - window_start) // window_seconds
-    if len(window):
-        window -= window.min()
-    num_windows = int(window.max(initial=0)) + 1
-    num_items = int(clicks.item.max(initial=0)) + 1
-    num_categories = int(clicks.category.max(initial=0)) + 1
+    window = (clicks.ts.astype(np.int64) - window_start) // window_seconds - pool.first_window
+    num_windows, num_categories, num_items = pool.num_windows, pool.num_categories, pool.num_items
     _check_key_space("(user, window, item)", len(clicks.user_offsets), num_windows, num_items)
-    _check_key_space("(window, category, item)", num_windows, num_categories, num_items)
-
-    group = window * num_categories + clicks.category  # (window, category) of each click
-    keys = group * num_items + clicks.item
-    pool = _sorted_unique(keys) if sampling == "uniform" else np.sort(keys)
-    del keys
-    groups = _sorted_unique(group)
-    del group
-    group_bounds = np.append(np.searchsorted(pool, groups * num_items), len(pool))
-    window_bounds = np.searchsorted(pool, np.arange(num_windows + 1, dtype=np.int64) * num_categories * num_items)
     clicked = _sorted_unique((clicks.user.astype(np.int64) * num_windows + window) * num_items + clicks.item)
     # the history of click i is clicks [i - back[i], i - back[i] + history[i]) of the whole array
     back = clicks.pos
     history = back if clicks.history_end is None else clicks.history_end
 
-    def candidate_ranges(owner: np.ndarray, w: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        """[lo, hi) in `pool` to draw from for each owner: its window, or one of its history's
-        categories in its window (lo == hi where that category has no item in the window)."""
-        lo, hi = window_bounds[w], window_bounds[w + 1]
+    def candidate_ranges(owner: np.ndarray, w: np.ndarray, uniform: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """[lo, hi) of pool draws for each owner: its window, or one of its history's categories
+        in its window (lo == hi where that category has no item in the window)."""
+        lo, hi = pool.window_bounds[w], pool.window_bounds[w + 1]
         if category_span is None:
             return lo, hi
         span = np.minimum(history[owner], category_span)
         has = np.flatnonzero(span)
         known = owner[has]
-        source = known - back[known] + history[known] - 1 - (rng.random(len(has)) * span[has]).astype(np.int64)
+        source = known - back[known] + history[known] - 1 - (uniform[has] * span[has]).astype(np.int64)
         wanted = w[has] * num_categories + clicks.category[source]
-        at = np.minimum(np.searchsorted(groups, wanted), len(groups) - 1)
-        present = groups[at] == wanted
-        lo[has] = np.where(present, group_bounds[at], 0)
-        hi[has] = np.where(present, group_bounds[at + 1], 0)
+        at = np.minimum(np.searchsorted(pool.groups, wanted), len(pool.groups) - 1)
+        present = pool.groups[at] == wanted
+        lo[has] = np.where(present, pool.group_bounds[at], 0)
+        hi[has] = np.where(present, pool.group_bounds[at + 1], 0)
         return lo, hi
 
-    def fill(owner: np.ndarray, item: np.ndarray, category: np.ndarray) -> np.ndarray:
+    def fill(owner: np.ndarray, negative_hash: np.ndarray, item: np.ndarray, category: np.ndarray) -> np.ndarray:
         """Fill `item` and `category` for negatives of these owners; return the indices left unresolved."""
         pending = np.arange(len(owner), dtype=np.int64)
-        for _ in range(max_draws):
+        for attempt in range(max_draws):
             if not len(pending):
                 break
             o = owner[pending]
             w = window[o]
-            lo, hi = candidate_ranges(o, w)
-            pick = lo + (rng.random(len(pending)) * (hi - lo)).astype(np.int64)
-            key = pool[np.minimum(pick, len(pool) - 1)]
+            with np.errstate(over="ignore"):
+                h = negative_hash[pending] + np.uint64(2 * attempt)
+                lo, hi = candidate_ranges(o, w, _uniform(splitmix64(h + np.uint64(1))))
+                pick = lo + (_uniform(splitmix64(h)) * (hi - lo)).astype(np.int64)
+            key = pool.key_at(pick)
             candidate = key % num_items
             taken = (hi == lo) | _contains(clicked, (clicks.user[o].astype(np.int64) * num_windows + w) * num_items + candidate)
             free = ~taken
@@ -350,12 +409,16 @@ def draw_negatives(
         return pending
 
     owner = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+    first_negative = np.cumsum(counts, dtype=np.int64) - counts
     item = np.zeros(len(owner), dtype=np.int32)
     category = np.zeros(len(owner), dtype=np.int32)
-    unresolved = [
-        start + fill(owner[start : start + CHUNK], item[start : start + CHUNK], category[start : start + CHUNK])
-        for start in _chunks(len(owner))
-    ]
+    unresolved = []
+    for start in _chunks(len(owner)):
+        chunk = owner[start : start + CHUNK]
+        ordinal = np.arange(start, start + len(chunk), dtype=np.int64) - first_negative[chunk]
+        with np.errstate(over="ignore"):
+            negative_hash = splitmix64(click_hash[chunk] + ordinal.astype(np.uint64))
+        unresolved.append(start + fill(chunk, negative_hash, item[start : start + CHUNK], category[start : start + CHUNK]))
     requested = len(owner)
     if unresolved and sum(map(len, unresolved)):
         ok = np.ones(requested, dtype=bool)
