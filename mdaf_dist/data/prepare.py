@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import resource
 import shutil
 import sys
@@ -192,21 +191,19 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> Dict[str, Any]:
     _check_settings(cfg)
     final = output_directory(cfg.out, "prepare.out")
     stages = _Stages(progress)
-    work = final.with_name(f".{final.name}.work-{os.getpid()}")
     buckets = cfg.partitions or P.BUCKETS
-    try:
-        with published_directory(final, PREPARED_ENTRIES, last=META_FILE) as staging:
-            with stages.timed("ingest"):
-                shared = P.scan(cfg, staging / REJECTS_FILE, work / "spill", buckets, progress=progress)
-            partitions = P.plan_partitions(cfg, shared)
-            bounds = split_bounds(cfg, shared.ts_range)
-            with stages.timed("partitions"):
-                parts = P.prepare_partitions(cfg, shared, work / "shared", work / "spill", buckets, partitions, bounds, work)
-            with stages.timed("merge"):
-                totals = P.merge(shared, parts, staging)
-            meta = write_meta(staging, _meta(cfg, shared, totals, bounds, stages, final, partitions))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with published_directory(final, PREPARED_ENTRIES, last=META_FILE) as staging:
+        work = staging / ".work"  # spills and partitions, removed before the manifest
+        with stages.timed("ingest"):
+            shared = P.scan(cfg, staging / REJECTS_FILE, work / "spill", buckets, progress=progress)
+        partitions = P.plan_partitions(cfg, shared)
+        bounds = split_bounds(cfg, shared.ts_range)
+        with stages.timed("partitions"):
+            parts = P.prepare_partitions(cfg, shared, work / "shared", work / "spill", buckets, partitions, bounds, work)
+        with stages.timed("merge"):
+            totals = P.merge(shared, parts, staging)
+        shutil.rmtree(work)
+        meta = write_meta(staging, _meta(cfg, shared, totals, bounds, stages, final, partitions))
     _print_summary(meta)
     return meta
 
