@@ -1,13 +1,16 @@
 """Data-pipeline benchmark: `mdaf synth` then `mdaf prepare`, each timed as its own process.
 
-    python tools/bench_data.py --rows 100000000 [prepare overrides like prepare.user_fraction=0.01]
+    python tools/bench_data.py --rows 20000000 [--modes single partitioned] [prepare overrides like prepare.memory_gb=3]
 
-Prints one JSON object: rows, CSV bytes, wall seconds and peak resident memory (GB) of each
-phase, prepare's per-stage wall and CPU seconds and peak memory so far (meta["seconds"],
-meta["cpu_seconds"], meta["peak_rss_gb"]; CPU seconds are the steadier number on a busy
-machine) and its final split sizes. Peak memory
-is each child's own `ru_maxrss` from `os.wait4`, so the phases do not mask each other.
-Target (2 cores, 24 GB): 100M rows prepared in under 5 minutes with a peak under 12 GB.
+Prints one JSON object: rows, CSV bytes, and for synth and each prepare mode the wall seconds
+and the peak resident memory (GB) of its whole process tree (sampled every 50 ms: the prepare's
+worker processes count together), then prepare's per-stage wall and CPU seconds and peak memory
+of the main process so far (meta["seconds"], meta["cpu_seconds"], meta["peak_rss_gb"]; CPU
+seconds are the steadier number on a busy machine), its partitions and its final split sizes.
+Modes: "single" is one partition in one process (`prepare.partitions=1 prepare.workers=1`: every
+click in memory at once), "partitioned" the partitions the memory budget chooses
+(`prepare.memory_gb`, `prepare.workers`). Goal (2 cores): 100M rows in at most 90 s with at most
+3 GB, and the peak at 20M rows at most 1.3x the peak at 5M.
 """
 
 from __future__ import annotations
@@ -19,46 +22,90 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Dict, List
 
+MODES = {"single": ["prepare.partitions=1", "prepare.workers=1"], "partitioned": []}
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def tree_rss(root: int) -> int:
+    """Resident bytes of `root` and all its descendants now (Linux /proc)."""
+    parents: Dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    tree, frontier = {root}, [root]
+    while frontier:
+        frontier = [pid for pid, parent in parents.items() if parent in frontier and pid not in tree]
+        tree.update(frontier)
+    total = 0
+    for pid in tree:
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                total += int(f.read().split()[1]) * _PAGE
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
 
 def run_phase(argv: List[str]) -> Dict[str, float]:
-    """Run one child to completion; its wall seconds and peak RSS in GB (Linux ru_maxrss is KiB)."""
+    """Run one child to completion; its wall seconds and the peak resident memory of its process tree in GB."""
     start = time.perf_counter()
     child = subprocess.Popen(argv)
-    _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)
+    peak = [0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.05):
+            peak[0] = max(peak[0], tree_rss(child.pid))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    child.wait()
+    seconds = time.perf_counter() - start
+    done.set()
+    sampler.join()
     if child.returncode:
         raise SystemExit(f"{' '.join(argv)} failed with exit code {child.returncode}")
-    return {"seconds": round(time.perf_counter() - start, 2), "peak_gb": round(usage.ru_maxrss / 2**20, 3)}
+    return {"seconds": round(seconds, 2), "peak_gb": round(peak[0] / 2**30, 3)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=100_000_000)
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--workdir", help="where the CSV and prepared directory go (default: a temporary directory, removed)")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    parser.add_argument("--workdir", help="where the CSV and prepared directories go (default: a temporary directory, removed)")
     parser.add_argument("overrides", nargs="*", help="passed to `mdaf prepare`")
     args = parser.parse_args()
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_data_"))
     workdir.mkdir(parents=True, exist_ok=True)
-    csv_path, out = workdir / "synthetic.csv", workdir / "prepared"
+    csv_path = workdir / "synthetic.csv"
     mdaf = [sys.executable, "-m", "mdaf_dist.cli"]
     try:
         synth = run_phase([*mdaf, "synth", "--out", str(csv_path), "--rows", str(args.rows), "--seed", str(args.seed), "--no-progress"])
-        prepare = run_phase([*mdaf, "prepare", "--input", str(csv_path), "--out", str(out), "--quiet", *args.overrides])
-        meta = json.loads((out / "meta.json").read_text())
-        result = {
-            "rows": args.rows,
-            "csv_bytes": csv_path.stat().st_size,
-            "synth": synth,
-            "prepare": {**prepare, "stages": meta["seconds"], "stage_cpu_seconds": meta["cpu_seconds"], "stage_peak_rss_gb": meta["peak_rss_gb"]},
-            "samples": {split: meta["splits"][split]["rows"] for split in meta["splits"]},
-            "cpus": os.cpu_count(),
-        }
+        result = {"rows": args.rows, "csv_bytes": csv_path.stat().st_size, "synth": synth, "cpus": os.cpu_count()}
+        for mode in args.modes:
+            out = workdir / mode
+            phase = run_phase([*mdaf, "prepare", "--input", str(csv_path), "--out", str(out), "--quiet", *args.overrides, *MODES[mode]])
+            meta = json.loads((out / "meta.json").read_text())
+            result[mode] = {
+                **phase,
+                "partitions": meta["partitions"],
+                "stages": meta["seconds"],
+                "stage_cpu_seconds": meta["cpu_seconds"],
+                "stage_peak_rss_gb": meta["peak_rss_gb"],
+                "samples": {split: meta["splits"][split]["rows"] for split in meta["splits"]},
+            }
+            shutil.rmtree(out)
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
