@@ -131,12 +131,17 @@ def test_the_memory_budget_sets_the_partitions(synthetic_csv, tmp_path):
     cfg = PrepareConfig(input=str(synthetic_csv), workers=2)
     shared = P.scan(cfg, tmp_path / "rejects.csv", tmp_path / "spill", P.BUCKETS, progress=False)
     shared.scan["clicks"] = 10_000_000  # as if the input were larger: the shared tables are small beside the partitions
-    clicks, budget = shared.scan["clicks"], lambda n: (clicks * P.BYTES_PER_CLICK / n + P.WORKER_BASE_BYTES) * 2 / 2**30
+    clicks = shared.scan["clicks"]
+
+    def budget(partitions: int) -> float:
+        """GB for two workers of these partitions and the main process, without the shared tables."""
+        return (2 * (clicks * P.BYTES_PER_CLICK / partitions + P.WORKER_BASE_BYTES) + P.WORKER_BASE_BYTES) / 2**30
+
     # the partitions are as few as fit the budget (the shared tables take a little more)
     assert P.plan_partitions(dataclasses.replace(cfg, memory_gb=100.0), shared) == 1
     assert P.plan_partitions(dataclasses.replace(cfg, memory_gb=budget(4) * 1.05), shared) == 4
     assert P.plan_partitions(dataclasses.replace(cfg, memory_gb=budget(4) * 1.05, partitions=7), shared) == 7
-    with pytest.raises(UserError, match=r"^prepare.memory_gb=0.5 is too small for 10,000,000 clicks on 2 workers \(each needs at least 0.3\d GB\): "
+    with pytest.raises(UserError, match=r"^prepare.memory_gb=0.5 is too small for 10,000,000 clicks on 2 workers \(they need at least 0.9\d GB\): "
                                         r"raise it or lower prepare.workers$"):
         P.plan_partitions(dataclasses.replace(cfg, memory_gb=0.5), shared)
 

@@ -37,7 +37,7 @@ def window_pool(clicks: S.Clicks, sampling: str, window_start: int = START) -> S
     first = int(window.min())
     num_categories, num_items = int(clicks.category.max()) + 1, int(clicks.item.max()) + 1
     keys, counts = S.count_sorted(S.pack_pool_keys(window - first, clicks.category, clicks.item, num_categories, num_items))
-    return S.NegativePool(keys, counts, sampling, first, int(window.max()) - first + 1, num_categories, num_items)
+    return S.NegativePool.of(keys, counts, sampling, first, int(window.max()) - first + 1, num_categories, num_items)
 
 
 def draw(clicks: S.Clicks, counts, seed: int, sampling: str = "uniform", max_draws: int = 10, category_span=None, window_start: int = START) -> S.NegativeDraw:
@@ -127,10 +127,10 @@ def test_popularity_draws_index_the_clicks_in_key_order():
     keys = np.array([3, 9, 3, 5, 9, 9, 12], dtype=np.int64)
     distinct, counts = S.count_sorted(keys)
     assert (distinct.tolist(), counts.tolist()) == ([3, 5, 9, 12], [2, 1, 3, 1])
-    pool = S.NegativePool(distinct, counts, "popularity", 0, 1, 1, 13)
+    pool = S.NegativePool.of(distinct, counts, "popularity", 0, 1, 1, 13)
     every_draw = np.arange(len(keys))
     assert pool.key_at(every_draw).tolist() == np.sort(keys).tolist()
-    assert S.NegativePool(distinct, counts, "uniform", 0, 1, 1, 13).key_at(np.arange(4)).tolist() == [3, 5, 9, 12]
+    assert S.NegativePool.of(distinct, None, "uniform", 0, 1, 1, 13).key_at(np.arange(4)).tolist() == [3, 5, 9, 12]
 
 
 def test_a_users_negatives_do_not_depend_on_the_other_users():

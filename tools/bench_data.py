@@ -3,8 +3,9 @@
     python tools/bench_data.py --rows 20000000 [--modes single partitioned] [prepare overrides like prepare.memory_gb=3]
 
 Prints one JSON object: rows, CSV bytes, and for synth and each prepare mode the wall seconds
-and the peak resident memory (GB) of its whole process tree (sampled every 50 ms: the prepare's
-worker processes count together), then prepare's per-stage wall and CPU seconds and peak memory
+and the peak memory (GB) of its whole process tree, sampled every 50 ms, the prepare's worker
+processes together: resident (RSS, shared pages counted in every process) and proportional (PSS),
+then prepare's per-stage wall and CPU seconds and peak memory
 of the main process so far (meta["seconds"], meta["cpu_seconds"], meta["peak_rss_gb"]; CPU
 seconds are the steadier number on a busy machine), its partitions and its final split sizes.
 Modes: "single" is one partition in one process (`prepare.partitions=1 prepare.workers=1`: every
@@ -25,14 +26,15 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 MODES = {"single": ["prepare.partitions=1", "prepare.workers=1"], "partitioned": []}
-_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def tree_rss(root: int) -> int:
-    """Resident bytes of `root` and all its descendants now (Linux /proc)."""
+def tree_memory(root: int) -> Tuple[int, int]:
+    """(resident, proportional) bytes of `root` and all its descendants now (Linux /proc): the
+    resident sum counts pages the processes share (memory-mapped tables, libraries) once per
+    process, the proportional sum (PSS) splits them among their sharers."""
     parents: Dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -45,26 +47,30 @@ def tree_rss(root: int) -> int:
     while frontier:
         frontier = [pid for pid, parent in parents.items() if parent in frontier and pid not in tree]
         tree.update(frontier)
-    total = 0
+    totals = {"Rss:": 0, "Pss:": 0}
     for pid in tree:
         try:
-            with open(f"/proc/{pid}/statm") as f:
-                total += int(f.read().split()[1]) * _PAGE
-        except (OSError, IndexError, ValueError):
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    name, value = line.split()[:2]
+                    if name in totals:
+                        totals[name] += int(value) << 10
+        except (OSError, ValueError):
             continue
-    return total
+    return totals["Rss:"], totals["Pss:"]
 
 
 def run_phase(argv: List[str]) -> Dict[str, float]:
-    """Run one child to completion; its wall seconds and the peak resident memory of its process tree in GB."""
+    """Run one child to completion; its wall seconds and the peak resident and proportional memory
+    of its process tree in GB."""
     start = time.perf_counter()
     child = subprocess.Popen(argv)
-    peak = [0]
+    peak = [0, 0]
     done = threading.Event()
 
     def sample() -> None:
         while not done.wait(0.05):
-            peak[0] = max(peak[0], tree_rss(child.pid))
+            peak[:] = map(max, peak, tree_memory(child.pid))
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -74,7 +80,7 @@ def run_phase(argv: List[str]) -> Dict[str, float]:
     sampler.join()
     if child.returncode:
         raise SystemExit(f"{' '.join(argv)} failed with exit code {child.returncode}")
-    return {"seconds": round(seconds, 2), "peak_gb": round(peak[0] / 2**30, 3)}
+    return {"seconds": round(seconds, 2), "peak_gb": round(peak[0] / 2**30, 3), "peak_pss_gb": round(peak[1] / 2**30, 3)}
 
 
 def main() -> None:

@@ -66,9 +66,9 @@ PART_EVENTS = np.dtype([("user", "<i4"), ("item", "<i4"), ("category", "<i4"), (
 PART_EVENTS_FILE = "events.npy"
 SUMMARY_FILE = "summary.json"
 SCAN_FILE = "scan.json"
-POOL_FILE = "pool.npz"
+POOL_DIR = "pool"
 # what `mdaf prepare --partition` writes into its directory
-TASK_ENTRIES = (SCAN_FILE, POOL_FILE, VOCAB_DIR, PART_EVENTS_FILE, SAMPLES_DIR, REJECTS_FILE, SUMMARY_FILE, "spill")
+TASK_ENTRIES = (SCAN_FILE, POOL_DIR, VOCAB_DIR, PART_EVENTS_FILE, SAMPLES_DIR, REJECTS_FILE, SUMMARY_FILE, "spill")
 
 
 def user_buckets(raw_user: np.ndarray, buckets: int) -> np.ndarray:
@@ -84,26 +84,30 @@ def parse_partition(text: str) -> Tuple[int, int]:
     return int(index), int(count)
 
 
-class _DistinctCounts:
-    """Sorted distinct keys and their counts over blocks, merged as they accumulate so that the
-    pending blocks never hold more keys than the merged table."""
+class _DistinctKeys:
+    """Sorted distinct keys over blocks (and how often each occurred, when `counted`), merged as
+    they accumulate so that the pending blocks never hold more keys than the merged table."""
 
-    def __init__(self) -> None:
-        self.keys, self.counts = np.zeros(0, np.int64), np.zeros(0, np.int64)
-        self.pending: List[Tuple[np.ndarray, np.ndarray]] = []
+    def __init__(self, counted: bool) -> None:
+        self.keys = np.zeros(0, np.int64)
+        self.counts = np.zeros(0, np.int64) if counted else None
+        self.pending: List[Tuple[np.ndarray, Optional[np.ndarray]]] = []
         self.pending_size = 0
 
     def add(self, keys: np.ndarray) -> None:
-        self.pending.append(S.count_sorted(keys))
+        self.pending.append(S.count_sorted(keys) if self.counts is not None else (np.sort(keys), None))
         self.pending_size += len(self.pending[-1][0])
         if self.pending_size > max(len(self.keys), 1 << 22):
             self.result()
 
-    def result(self) -> Tuple[np.ndarray, np.ndarray]:
+    def result(self) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         if self.pending:
             keys = np.concatenate([self.keys, *(k for k, _ in self.pending)])
-            counts = np.concatenate([self.counts, *(c for _, c in self.pending)])
-            self.keys, self.counts = S.count_sorted(keys, counts)
+            if self.counts is None:
+                keys.sort()
+                self.keys = keys[S.run_starts(keys)]
+            else:
+                self.keys, self.counts = S.count_sorted(keys, np.concatenate([self.counts, *(c for _, c in self.pending)]))
             self.pending, self.pending_size = [], 0
         return self.keys, self.counts
 
@@ -124,21 +128,25 @@ class Shared:
     def save(self, directory: Path) -> None:
         for name, raw_by_dense in self.vocab.items():
             save_vocab(directory, name, raw_by_dense)
-        pool = self.pool
-        np.savez(directory / POOL_FILE, keys=pool.keys, clicks=pool.clicks)
+        (directory / POOL_DIR).mkdir(parents=True, exist_ok=True)
+        np.save(directory / POOL_DIR / "keys.npy", self.pool.keys)
+        if self.pool.ends is not None:
+            np.save(directory / POOL_DIR / "ends.npy", self.pool.ends)
         write_json(directory / SCAN_FILE, self.scan)
 
     @classmethod
-    def load(cls, directory: Path, cfg: PrepareConfig) -> "Shared":
+    def load(cls, directory: Path) -> "Shared":
+        """The saved tables, memory-mapped: the workers on one machine share their pages."""
         scan = read_json(directory / SCAN_FILE, "partition scan")
-        vocab = {name: np.asarray(load_vocab(directory, name)) for name in ("user", "item", "category")}
-        with np.load(directory / POOL_FILE) as arrays:
-            pool = _pool(arrays["keys"], arrays["clicks"], cfg, scan, vocab)
+        vocab = {name: load_vocab(directory, name) for name in ("user", "item", "category")}
+        ends = directory / POOL_DIR / "ends.npy"
+        keys = np.load(directory / POOL_DIR / "keys.npy", mmap_mode="r")
+        pool = _pool(keys, np.load(ends, mmap_mode="r") if ends.is_file() else None, scan, vocab)
         return cls(scan, vocab, pool)
 
 
-def _pool(keys: np.ndarray, clicks: np.ndarray, cfg: PrepareConfig, scan: Dict[str, Any], vocab: Dict[str, np.ndarray]) -> S.NegativePool:
-    return S.NegativePool(keys, clicks, cfg.neg_sampling, scan["first_window"], scan["num_windows"], len(vocab["category"]), len(vocab["item"]))
+def _pool(keys: np.ndarray, ends: Optional[np.ndarray], scan: Dict[str, Any], vocab: Dict[str, np.ndarray]) -> S.NegativePool:
+    return S.NegativePool(keys, ends, scan["first_window"], scan["num_windows"], len(vocab["category"]), len(vocab["item"]))
 
 
 def _window_index(ts: np.ndarray, cfg: PrepareConfig) -> np.ndarray:
@@ -149,7 +157,7 @@ def scan(cfg: PrepareConfig, rejects_path: Path, spill: Path, buckets: int, keep
     """Read the input once: the ledger's counts and the shared tables, and each click row spilled
     to `spill/bucket-B.bin` by `user_buckets` (only bucket `keep`, when given)."""
     stream = IngestStream(cfg.input, cfg, rejects_path, progress)
-    users, pool = _DistinctCounts(), _DistinctCounts()
+    users, pool = _DistinctKeys(counted=False), _DistinctKeys(counted=cfg.neg_sampling == "popularity")
     events = clicks = 0
     first_ts, last_ts = _INT32.max, _INT32.min
     spill.mkdir(parents=True, exist_ok=True)
@@ -203,7 +211,7 @@ def _spill(block: Any, spill: Path, files: Dict[int, Any], buckets: int, keep: O
 
 def _shared(
     cfg: PrepareConfig, report: IngestReport, events: int, clicks: int, ts_range: Tuple[int, int],
-    users: np.ndarray, pool_keys: np.ndarray, pool_clicks: np.ndarray,
+    users: np.ndarray, pool_keys: np.ndarray, pool_clicks: Optional[np.ndarray],
 ) -> Shared:
     """The vocabularies and the dense pool from the scan's raw tables."""
     window = (pool_keys >> (2 * _ID_BITS)) - _WINDOW_OFFSET
@@ -224,7 +232,8 @@ def _shared(
     # dense ids keep the raw order, so the dense keys stay sorted
     keys = S.pack_pool_keys(window - first_window, dense(vocab["category"], raw_category), dense(vocab["item"], raw_item),
                             len(vocab["category"]), len(vocab["item"]))
-    return Shared(scan_counts, vocab, _pool(keys, pool_clicks, cfg, scan_counts, vocab))
+    pool = S.NegativePool.of(keys, pool_clicks, cfg.neg_sampling, first_window, scan_counts["num_windows"], len(vocab["category"]), len(vocab["item"]))
+    return Shared(scan_counts, vocab, pool)
 
 
 def dense(raw_by_dense: np.ndarray, raw: np.ndarray) -> np.ndarray:
@@ -238,13 +247,15 @@ def plan_partitions(cfg: PrepareConfig, shared: Shared) -> int:
     if cfg.partitions:
         return cfg.partitions
     workers = worker_count(cfg)
-    shared_bytes = 40 * len(shared.pool.keys) + 8 * sum(map(len, shared.vocab.values()))
-    per_worker = cfg.memory_gb * 2**30 / workers - WORKER_BASE_BYTES - shared_bytes
+    # the shared tables are memory-mapped by the workers: their pages held once
+    shared_bytes = shared.pool.keys.nbytes * (1 + (shared.pool.ends is not None)) + sum(v.nbytes for v in shared.vocab.values())
+    per_worker = (cfg.memory_gb * 2**30 - shared_bytes - WORKER_BASE_BYTES) / workers - WORKER_BASE_BYTES
     need = shared.scan["clicks"] * BYTES_PER_CLICK
     if per_worker < need / BUCKETS:
         raise UserError(
             f"prepare.memory_gb={cfg.memory_gb:g} is too small for {shared.scan['clicks']:,} clicks on {workers} workers "
-            f"(each needs at least {(need / BUCKETS + WORKER_BASE_BYTES + shared_bytes) / 2**30:.2f} GB): raise it or lower prepare.workers"
+            f"(they need at least {(workers * (need / BUCKETS + WORKER_BASE_BYTES) + shared_bytes + WORKER_BASE_BYTES) / 2**30:.2f} GB): "
+            "raise it or lower prepare.workers"
         )
     return max(1, min(BUCKETS, math.ceil(need / per_worker)))
 
@@ -381,7 +392,7 @@ def prepare_partition(cfg: PrepareConfig, shared: Shared, spills: Iterable[Path]
 
 def _prepare_partition_task(cfg: PrepareConfig, shared_dir: str, spills: List[str], bounds: Tuple[int, Optional[int]], out: str) -> Dict[str, Any]:
     """`prepare_partition` in a worker process: the shared tables read from `shared_dir`."""
-    return prepare_partition(cfg, Shared.load(Path(shared_dir), cfg), [Path(p) for p in spills], bounds, Path(out))
+    return prepare_partition(cfg, Shared.load(Path(shared_dir)), [Path(p) for p in spills], bounds, Path(out))
 
 
 def prepare_partitions(cfg: PrepareConfig, shared: Shared, shared_dir: Path, spill: Path, buckets: int, partitions: int,

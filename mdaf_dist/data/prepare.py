@@ -239,7 +239,7 @@ def merge_tasks(out: str, progress: bool = True) -> Dict[str, Any]:
                 raise UserError(f"prepare --merge: partition {index}/{len(parts)} was prepared with other {key} than partition 0/{len(parts)}; "
                                 f"run `mdaf prepare --partition {index}/{len(parts)}` again with partition 0's")
     cfg = PrepareConfig(**{**scans[0]["settings"], "out": out})
-    shared = P.Shared.load(parts[0], cfg)
+    shared = P.Shared.load(parts[0])
     stages = _Stages(progress)
     with published_directory(final, PREPARED_ENTRIES, last=META_FILE) as staging:
         if (parts[0] / REJECTS_FILE).is_file():

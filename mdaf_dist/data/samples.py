@@ -223,10 +223,10 @@ def _sorted_unique(values: np.ndarray) -> np.ndarray:
     """Sorted distinct values: `np.unique` hashes in numpy 2.x, which is several times slower
     than a sort on 100M int64 keys."""
     ordered = np.sort(values)
-    return ordered[_run_starts(ordered)]
+    return ordered[run_starts(ordered)]
 
 
-def _run_starts(ordered: np.ndarray) -> np.ndarray:
+def run_starts(ordered: np.ndarray) -> np.ndarray:
     """Index of the first element of each run of equal values in a sorted array."""
     distinct = np.ones(len(ordered), dtype=bool)
     np.not_equal(ordered[1:], ordered[:-1], out=distinct[1:])
@@ -276,11 +276,11 @@ def count_sorted(keys: np.ndarray, counts: Optional[np.ndarray] = None) -> Tuple
     with counts, by one sort (several times faster)."""
     if counts is None:
         ordered = np.sort(keys)
-        starts = _run_starts(ordered)
+        starts = run_starts(ordered)
         return ordered[starts], np.diff(np.append(starts, len(ordered)))
     order = np.argsort(keys, kind="stable")  # merges the sorted runs of concatenated tables
     ordered = keys[order]
-    starts = _run_starts(ordered)
+    starts = run_starts(ordered)
     return ordered[starts], np.add.reduceat(counts[order], starts) if len(starts) else counts[:0]
 
 
@@ -288,34 +288,48 @@ def count_sorted(keys: np.ndarray, counts: Optional[np.ndarray] = None) -> Tuple
 class NegativePool:
     """The (window, category, item) triples clicked by anyone, that `draw_negatives` draws from:
     `keys` (`pack_pool_keys`, window counted from `first_window`, the first window of the
-    data) sorted and distinct, each drawn with weight one ("uniform") or its number of clicks
-    ("popularity"). Built once over all clicks, it is shared by every partition of the users."""
+    data) sorted and distinct, each drawn with weight one ("uniform", `ends` None) or its number
+    of clicks ("popularity": `ends` the running total of the clicks, so key k holds the draws
+    [ends[k - 1], ends[k])). Built once over all clicks, it is shared by every partition of the
+    users; beside `keys` (which may be memory-mapped) it holds a few numbers per (window, category)."""
 
     keys: np.ndarray  # int64
-    clicks: np.ndarray  # int64: clicks of each key
-    sampling: str
+    ends: Optional[np.ndarray]  # int64
     first_window: int
     num_windows: int
     num_categories: int
     num_items: int
 
+    @classmethod
+    def of(cls, keys: np.ndarray, clicks: Optional[np.ndarray], sampling: str, first_window: int, num_windows: int, num_categories: int,
+           num_items: int) -> "NegativePool":
+        """The pool of `sampling` over distinct `keys` clicked `clicks` times (needed for "popularity" only)."""
+        if sampling not in NEG_SAMPLING:
+            raise UserError(f"prepare.neg_sampling must be one of {NEG_SAMPLING}, got {sampling!r}")
+        ends = np.cumsum(clicks) if sampling == "popularity" else None
+        return cls(keys, ends, first_window, num_windows, num_categories, num_items)
+
     def __post_init__(self) -> None:
-        if self.sampling not in NEG_SAMPLING:
-            raise UserError(f"prepare.neg_sampling must be one of {NEG_SAMPLING}, got {self.sampling!r}")
         _check_key_space("(window, category, item)", self.num_windows, self.num_categories, self.num_items)
-        # draws are indices in [0, total weight): key k holds [ends[k] - weight[k], ends[k])
-        self.ends = np.cumsum(self.clicks) if self.sampling == "popularity" else None
-        starts = np.concatenate(([0], self.ends[:-1])) if self.ends is not None else np.arange(len(self.keys), dtype=np.int64)
-        group_of_key = self.keys // self.num_items
-        first = _run_starts(group_of_key)
-        self.groups = group_of_key[first]
-        total = int(self.ends[-1]) if self.ends is not None and len(self.ends) else len(self.keys)
-        self.group_bounds = np.append(starts[first], total)
-        window_first = np.searchsorted(self.keys, np.arange(self.num_windows + 1, dtype=np.int64) * self.num_categories * self.num_items)
-        self.window_bounds = np.append(starts, total)[window_first]
+        first = []  # the first key of each (window, category), found chunk by chunk: no temporary the size of the pool
+        previous = -1
+        for start in _chunks(len(self.keys)):
+            group = self.keys[start : start + CHUNK] // self.num_items
+            first.append(start + np.flatnonzero(np.concatenate(([group[0] != previous], group[1:] != group[:-1]))))
+            previous = group[-1]
+        first = np.concatenate([np.zeros(0, np.int64), *first])
+        self.groups = self.keys[first] // self.num_items
+        self.group_bounds = self._draw_start(np.append(first, len(self.keys)))
+        self.window_bounds = self._draw_start(np.searchsorted(self.keys, np.arange(self.num_windows + 1, dtype=np.int64) * self.num_categories * self.num_items))
+
+    def _draw_start(self, index: np.ndarray) -> np.ndarray:
+        """The first draw of key `index` (the number of draws for index len(keys))."""
+        if self.ends is None:
+            return index.astype(np.int64)
+        return np.where(index > 0, self.ends[np.maximum(index - 1, 0)], 0)
 
     def key_at(self, draw: np.ndarray) -> np.ndarray:
-        """The key of each draw index (in [0, total weight))."""
+        """The key of each draw index."""
         index = draw if self.ends is None else np.searchsorted(self.ends, draw, side="right")
         return self.keys[np.minimum(index, len(self.keys) - 1)]
 
