@@ -51,9 +51,9 @@ _INT32 = np.iinfo(np.int32)
 # user buckets of a scan whose partition count the memory budget chooses afterwards
 BUCKETS = 64
 # peak bytes per click of `prepare_partition` (measured on synthetic data: tools/bench_data.py)
-BYTES_PER_CLICK = 220
+BYTES_PER_CLICK = 280
 # a worker's memory besides its partition: the interpreter, numpy and pyarrow
-WORKER_BASE_BYTES = 300 << 20
+WORKER_BASE_BYTES = 150 << 20
 # the scan packs raw (window, category, item) into one int64: ids below 2**25, windows within
 # 2**11 of the window of `prepare.window_start`
 _ID_BITS, _WINDOW_BITS = 25, 12
