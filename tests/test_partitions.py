@@ -141,7 +141,7 @@ def test_the_memory_budget_sets_the_partitions(synthetic_csv, tmp_path):
     assert P.plan_partitions(dataclasses.replace(cfg, memory_gb=100.0), shared) == 1
     assert P.plan_partitions(dataclasses.replace(cfg, memory_gb=budget(4) * 1.05), shared) == 4
     assert P.plan_partitions(dataclasses.replace(cfg, memory_gb=budget(4) * 1.05, partitions=7), shared) == 7
-    with pytest.raises(UserError, match=r"^prepare.memory_gb=0.5 is too small for 10,000,000 clicks on 2 workers \(they need at least 0.9\d GB\): "
+    with pytest.raises(UserError, match=r"^prepare.memory_gb=0.3 is too small for 10,000,000 clicks on 2 workers \(they need at least 0.5\d GB\): "
                                         r"raise it or lower prepare.workers$"):
         P.plan_partitions(dataclasses.replace(cfg, memory_gb=0.3), shared)
 
