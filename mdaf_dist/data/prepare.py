@@ -30,12 +30,13 @@ Stages, each counted in meta["stages"] so that every row is accounted for
 6. empty-history removal, 7. category filter (`samples.category_filter`), 8. temporal split
    (`split_bounds`: train / valid [/ test] by days of the window or by fractions of the clicks'
    time range; a split is cut in time, so no two splits overlap in time).
-   Stages 6-8 and the writing run chunk by chunk of clicks: all samples (2.5 per click) are
-   never in memory at once. Each filter's drop of training samples is printed beside the
+   Stages 3-8 run partition by partition of the users (`mdaf_dist.data.partitions`, within
+   `prepare.memory_gb`), and within a partition 6-8 and the writing chunk by chunk of clicks:
+   all samples (2.5 per click) are never in memory at once. Each filter's drop of training samples is printed beside the
    paper's (`paper_counts`), and kept in meta["versus_paper"] with the validation share.
 
 Output: `mdaf_dist.data.layout` (events.arrow, user_offsets.npy, samples/{train,valid[,test]}/part-*.parquet
-in production order, meta.json). The loader shuffles; samples are written grouped by user and
+in production order per partition, meta.json). The loader shuffles; samples are written grouped by user and
 time, a positive followed by its negatives. Everything is written into a temporary sibling of the
 output directory and moved into place when complete, meta.json (with every file's size and
 SHA-256) last: a prepare that fails or is killed leaves the previous data intact or refused by
