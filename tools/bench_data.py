@@ -1,6 +1,6 @@
 """Data-pipeline benchmark: `mdaf synth` then `mdaf prepare`, each timed as its own process.
 
-    python tools/bench_data.py --rows 20000000 [--modes single partitioned] [prepare overrides like prepare.memory_gb=3]
+    python tools/bench_data.py --rows 20000000 [--modes single,partitioned] [prepare overrides like prepare.memory_gb=3]
 
 Prints one JSON object: rows, CSV bytes, and for synth and each prepare mode the wall seconds
 and the peak memory (GB) of its whole process tree, sampled every 50 ms, the prepare's worker
@@ -87,10 +87,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=100_000_000)
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
     parser.add_argument("--workdir", help="where the CSV and prepared directories go (default: a temporary directory, removed)")
     parser.add_argument("overrides", nargs="*", help="passed to `mdaf prepare`")
     args = parser.parse_args()
+    modes = args.modes.split(",")
+    if not set(modes) <= set(MODES):
+        parser.error(f"--modes {args.modes}: each must be one of {', '.join(MODES)}")
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_data_"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -99,7 +102,7 @@ def main() -> None:
     try:
         synth = run_phase([*mdaf, "synth", "--out", str(csv_path), "--rows", str(args.rows), "--seed", str(args.seed), "--no-progress"])
         result = {"rows": args.rows, "csv_bytes": csv_path.stat().st_size, "synth": synth, "cpus": os.cpu_count()}
-        for mode in args.modes:
+        for mode in modes:
             out = workdir / mode
             phase = run_phase([*mdaf, "prepare", "--input", str(csv_path), "--out", str(out), "--quiet", *args.overrides, *MODES[mode]])
             meta = json.loads((out / "meta.json").read_text())
