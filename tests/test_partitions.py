@@ -130,6 +130,7 @@ def test_merge_refuses_partitions_prepared_with_other_settings(synthetic_csv, tm
 def test_the_memory_budget_sets_the_partitions(synthetic_csv, tmp_path):
     cfg = PrepareConfig(input=str(synthetic_csv), workers=2)
     shared = P.scan(cfg, tmp_path / "rejects.csv", tmp_path / "spill", P.BUCKETS, progress=False)
+    assert P.plan_partitions(cfg, shared) == 1  # 18K clicks: not worth a second process
     shared.scan["clicks"] = 10_000_000  # as if the input were larger: the shared tables are small beside the partitions
     clicks = shared.scan["clicks"]
 
@@ -137,8 +138,10 @@ def test_the_memory_budget_sets_the_partitions(synthetic_csv, tmp_path):
         """GB for two workers of these partitions and the main process, without the shared tables."""
         return (2 * (clicks * P.BYTES_PER_CLICK / partitions + P.WORKER_BASE_BYTES) + P.WORKER_BASE_BYTES) / 2**30
 
-    # the partitions are as few as fit the budget (the shared tables take a little more)
-    assert P.plan_partitions(dataclasses.replace(cfg, memory_gb=100.0), shared) == 1
+    # the partitions are as few as fit the budget (the shared tables take a little more), one per
+    # worker at least when the clicks are enough to be worth it
+    assert P.plan_partitions(dataclasses.replace(cfg, memory_gb=100.0), shared) == 2
+    assert P.plan_partitions(dataclasses.replace(cfg, memory_gb=100.0, workers=1), shared) == 1
     assert P.plan_partitions(dataclasses.replace(cfg, memory_gb=budget(4) * 1.05), shared) == 4
     assert P.plan_partitions(dataclasses.replace(cfg, memory_gb=budget(4) * 1.05, partitions=7), shared) == 7
     with pytest.raises(UserError, match=r"^prepare.memory_gb=0.3 is too small for 10,000,000 clicks on 2 workers \(they need at least 0.5\d GB\): "

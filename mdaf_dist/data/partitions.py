@@ -54,6 +54,8 @@ BUCKETS = 64
 BYTES_PER_CLICK = 280
 # a worker's memory besides its partition: the interpreter, numpy and pyarrow
 WORKER_BASE_BYTES = 150 << 20
+# a partition smaller than this is not worth a worker process of its own
+MIN_PARTITION_CLICKS = 1 << 20
 # the scan packs raw (window, category, item) into one int64: ids below 2**25, windows within
 # 2**11 of the window of `prepare.window_start`
 _ID_BITS, _WINDOW_BITS = 25, 12
@@ -243,7 +245,8 @@ def dense(raw_by_dense: np.ndarray, raw: np.ndarray) -> np.ndarray:
 
 def plan_partitions(cfg: PrepareConfig, shared: Shared) -> int:
     """Partitions for the memory budget: `prepare.partitions`, or as few as let `workers` of them
-    run at a time within `prepare.memory_gb`, each with its copy of the shared tables."""
+    run at a time within `prepare.memory_gb` beside the shared tables, but one per worker when
+    there are clicks enough."""
     if cfg.partitions:
         return cfg.partitions
     workers = worker_count(cfg)
@@ -257,7 +260,8 @@ def plan_partitions(cfg: PrepareConfig, shared: Shared) -> int:
             f"(they need at least {(workers * (need / BUCKETS + WORKER_BASE_BYTES) + shared_bytes + WORKER_BASE_BYTES) / 2**30:.2f} GB): "
             "raise it or lower prepare.workers"
         )
-    return max(1, min(BUCKETS, math.ceil(need / per_worker)))
+    # and at least one per worker where each gets enough clicks to be worth a process
+    return max(1, min(BUCKETS, max(math.ceil(need / per_worker), min(workers, shared.scan["clicks"] // MIN_PARTITION_CLICKS))))
 
 
 def worker_count(cfg: PrepareConfig) -> int:
