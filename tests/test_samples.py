@@ -7,7 +7,7 @@ import pytest
 
 from mdaf_dist.config import SECONDS_PER_DAY
 from mdaf_dist.data import samples as S
-from mdaf_dist.data.vocab import PADDING_RAW_ID, dense_ids
+from mdaf_dist.data.vocab import PADDING_RAW_ID, dense_ids, dense_of
 from mdaf_dist.errors import UserError
 
 START = 1_000_000_000
@@ -80,6 +80,8 @@ def test_dense_ids_follow_raw_order_on_both_paths():
         dense, raw_by_dense = dense_ids(raw)
         assert dense.tolist() == [3, 1, 3, 2]
         assert raw_by_dense.tolist() == [PADDING_RAW_ID, *sorted(set(raw.tolist()))]
+        # the same ids looked up in the saved vocabulary, as a partition of the users does
+        assert dense_of(raw_by_dense, raw[::-1]).tolist() == dense[::-1].tolist()
 
 
 @pytest.mark.parametrize("sampling", S.NEG_SAMPLING)

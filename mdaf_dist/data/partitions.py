@@ -42,7 +42,7 @@ from mdaf_dist.config import PrepareConfig
 from mdaf_dist.data import samples as S
 from mdaf_dist.data.ingest import BEHAVIORS, IngestReport, IngestStream
 from mdaf_dist.data.layout import REJECTS_FILE, SAMPLE_SCHEMA, SAMPLES_DIR, SPLITS, Events, write_events
-from mdaf_dist.data.vocab import PADDING_RAW_ID, VOCAB_DIR, load_vocab, save_vocab
+from mdaf_dist.data.vocab import PADDING_RAW_ID, VOCAB_DIR, dense_of, load_vocab, save_vocab
 from mdaf_dist.errors import UserError
 from mdaf_dist.files import read_json, write_json
 
@@ -199,16 +199,24 @@ def scan(cfg: PrepareConfig, rejects_path: Path, spill: Path, buckets: int, keep
 def _spill(block: Any, spill: Path, files: Dict[int, Any], buckets: int, keep: Optional[int]) -> None:
     """Append the block's click rows to their buckets' files, in file order."""
     bucket = user_buckets(block.user, buckets)
-    order = np.argsort(bucket, kind="stable")
-    rows = np.empty(len(order), SPILL)
+    rows = np.empty(len(block), SPILL)
     for name in SPILL.names:
-        rows[name] = getattr(block, name)[order]
+        rows[name] = getattr(block, name)
+    if keep is not None:
+        _append(spill, files, keep, rows[bucket == keep])
+        return
+    order = np.argsort(bucket.astype(np.min_scalar_type(buckets)), kind="stable")  # a radix sort for small types
     bounds = np.searchsorted(bucket[order], np.arange(buckets + 1))
-    for b in range(buckets) if keep is None else (keep,):
-        if bounds[b] < bounds[b + 1]:
-            if b not in files:
-                files[b] = open(spill / f"bucket-{b:05d}.bin", "ab")
-            rows[bounds[b] : bounds[b + 1]].tofile(files[b])
+    rows = rows[order]
+    for b in range(buckets):
+        _append(spill, files, b, rows[bounds[b] : bounds[b + 1]])
+
+
+def _append(spill: Path, files: Dict[int, Any], bucket: int, rows: np.ndarray) -> None:
+    if len(rows):
+        if bucket not in files:
+            files[bucket] = open(spill / f"bucket-{bucket:05d}.bin", "ab")
+        rows.tofile(files[bucket])
 
 
 def _shared(
@@ -232,15 +240,10 @@ def _shared(
         "num_windows": int(window[-1]) - first_window + 1,
     }
     # dense ids keep the raw order, so the dense keys stay sorted
-    keys = S.pack_pool_keys(window - first_window, dense(vocab["category"], raw_category), dense(vocab["item"], raw_item),
+    keys = S.pack_pool_keys(window - first_window, dense_of(vocab["category"], raw_category), dense_of(vocab["item"], raw_item),
                             len(vocab["category"]), len(vocab["item"]))
     pool = S.NegativePool.of(keys, pool_clicks, cfg.neg_sampling, first_window, scan_counts["num_windows"], len(vocab["category"]), len(vocab["item"]))
     return Shared(scan_counts, vocab, pool)
-
-
-def dense(raw_by_dense: np.ndarray, raw: np.ndarray) -> np.ndarray:
-    """Dense ids of raw ids present in the vocabulary `raw_by_dense`."""
-    return (np.searchsorted(raw_by_dense[1:], raw) + 1).astype(np.int32)
 
 
 def plan_partitions(cfg: PrepareConfig, shared: Shared) -> int:
@@ -349,7 +352,7 @@ def prepare_partition(cfg: PrepareConfig, shared: Shared, spills: Iterable[Path]
     """Every per-user stage for the click rows spilled to `spills`; samples and events written
     into `out`; returns its counts (also in out/summary.json)."""
     rows = np.concatenate([np.fromfile(path, SPILL) for path in spills]) if spills else np.zeros(0, SPILL)
-    columns = {name: dense(shared.vocab[name], rows[name]) for name in ("user", "item", "category")}
+    columns = {name: dense_of(shared.vocab[name], rows[name]) for name in ("user", "item", "category")}
     columns["ts"] = rows["ts"].astype(np.int32)
     del rows
     # dense user ids follow raw ids, so this is the (raw user, ts, file order) order

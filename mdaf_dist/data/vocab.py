@@ -36,6 +36,17 @@ def dense_ids(raw: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return dense, raw_by_dense
 
 
+def dense_of(raw_by_dense: np.ndarray, raw: np.ndarray) -> np.ndarray:
+    """Dense int32 ids of raw ids that are in the vocabulary `raw_by_dense` (as `dense_ids`
+    returned it): a lookup table for small raw ids, else a binary search."""
+    known = raw_by_dense[1:]
+    if len(known) and known[-1] < 4 * len(known) + (1 << 22):
+        table = np.zeros(int(known[-1]) + 1, dtype=np.int32)
+        table[known] = np.arange(1, len(known) + 1, dtype=np.int32)
+        return table[raw]
+    return (np.searchsorted(known, raw) + 1).astype(np.int32)
+
+
 def save_vocab(out_dir: str | Path, name: str, raw_by_dense: np.ndarray) -> None:
     """DIR/vocab/NAME.npy: raw ids indexed by dense id, so `raw = vocab[dense]`."""
     directory = Path(out_dir) / VOCAB_DIR
