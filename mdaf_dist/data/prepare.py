@@ -71,6 +71,8 @@ from mdaf_dist.errors import UserError
 from mdaf_dist.files import output_directory, published_directory, read_json
 
 SPLIT_MODES = ("days", "fraction")
+# settings that say where and how prepare runs, not what it writes
+RUN_SETTINGS = ("out", "workers", "memory_gb", "partitions")
 
 
 class _Stages:
@@ -257,7 +259,7 @@ def _task_identity(scan: Dict[str, Any]) -> Dict[str, Any]:
     """What the tasks of one partitioning share: input, settings, what the scan saw."""
     return {
         "input": scan["source"],
-        "settings": {key: value for key, value in scan["settings"].items() if key not in ("out", "workers", "memory_gb", "partitions")},
+        "settings": {key: value for key, value in scan["settings"].items() if key not in RUN_SETTINGS},
         "ingest counts": {key: value for key, value in scan["ingest"].items() if key != "rejects_path"},
     }
 

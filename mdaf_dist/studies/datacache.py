@@ -1,7 +1,7 @@
 """Prepared data shared by a study's cells: each distinct prepare config is prepared once.
 
 The key of a prepared directory is a hash of the resolved `prepare` config (everything but its
-output path), so cells that differ only in model, training settings, seed or world size share
+output path and how it runs: workers, memory budget, partitions), so cells that differ only in model, training settings, seed or world size share
 one directory, and a change to any prepare setting (filter, fraction, history length, input)
 gets its own. A directory counts as prepared once its meta.json exists (`mdaf prepare` writes
 it last); an interrupted prepare is redone.
@@ -18,7 +18,7 @@ from typing import Dict, Optional, Tuple, Union
 
 from mdaf_dist.config import PrepareConfig, to_dict
 from mdaf_dist.data.layout import META_FILE
-from mdaf_dist.data.prepare import prepare
+from mdaf_dist.data.prepare import RUN_SETTINGS, prepare
 from mdaf_dist.data.synth import generate
 from mdaf_dist.errors import UserError
 from mdaf_dist.studies.common import common_prepare
@@ -28,7 +28,7 @@ from mdaf_dist.studies.workdir import LOG_FILE, StudyDir
 
 
 def prepare_key(cfg: PrepareConfig) -> str:
-    settings = {k: v for k, v in to_dict(cfg).items() if k != "out"}
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in RUN_SETTINGS}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
