@@ -154,3 +154,13 @@ def test_user_buckets_are_even_and_fixed_by_the_raw_id():
     buckets = P.user_buckets(users, 8)
     assert np.bincount(buckets, minlength=8) == pytest.approx(np.full(8, 25_000), rel=0.03)
     assert np.array_equal(P.user_buckets(users[::-1], 8), buckets[::-1])
+
+
+def test_ids_beyond_the_packed_range_are_one_line(tmp_path, capsys):
+    raw = tmp_path / "raw.csv"
+    raw.write_text(f"1,{2**25},3,pv,1511544070\n1,5,3,pv,1511544071\n")
+    assert main(["prepare", "--input", str(raw), "--out", str(tmp_path / "d"), "--quiet"]) == 2
+    assert capsys.readouterr().err == (
+        f"mdaf prepare: error: {raw}: prepare packs (window, category, item) into 64 bits: item and category ids must be below 2**25 "
+        "and timestamps within 2048 windows of prepare.neg_window_seconds from prepare.window_start (keep prepare.check_window=true)\n"
+    )

@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 from mdaf_dist.config import PrepareConfig
 from mdaf_dist.data import samples as S
-from mdaf_dist.data.ingest import BEHAVIORS, IngestReport, IngestStream
+from mdaf_dist.data.ingest import BEHAVIORS, IngestReport, IngestStream, RawEvents
 from mdaf_dist.data.layout import REJECTS_FILE, SAMPLE_SCHEMA, SAMPLES_DIR, SPLITS, Events, write_events
 from mdaf_dist.data.vocab import PADDING_RAW_ID, VOCAB_DIR, dense_of, load_vocab, save_vocab
 from mdaf_dist.errors import UserError
@@ -151,10 +151,6 @@ def _pool(keys: np.ndarray, ends: Optional[np.ndarray], scan: Dict[str, Any], vo
     return S.NegativePool(keys, ends, scan["first_window"], scan["num_windows"], len(vocab["category"]), len(vocab["item"]))
 
 
-def _window_index(ts: np.ndarray, cfg: PrepareConfig) -> np.ndarray:
-    return (ts - cfg.window_start) // cfg.neg_window_seconds
-
-
 def scan(cfg: PrepareConfig, rejects_path: Path, spill: Path, buckets: int, keep: Optional[int] = None, progress: bool = True) -> Shared:
     """Read the input once: the ledger's counts and the shared tables, and each click row spilled
     to `spill/bucket-B.bin` by `user_buckets` (only bucket `keep`, when given)."""
@@ -176,7 +172,7 @@ def scan(cfg: PrepareConfig, rejects_path: Path, spill: Path, buckets: int, keep
             first_ts, last_ts = min(first_ts, int(block.ts.min())), max(last_ts, int(block.ts.max()))
             if first_ts < _INT32.min or last_ts > _INT32.max:
                 raise UserError("timestamps outside the int32 range; keep prepare.check_window=true")
-            window = _window_index(block.ts, cfg) + _WINDOW_OFFSET
+            window = (block.ts - cfg.window_start) // cfg.neg_window_seconds + _WINDOW_OFFSET
             if window.min() < 0 or window.max() >> _WINDOW_BITS or max(block.item.max(), block.category.max()) > _ID_MASK:
                 raise UserError(
                     f"{cfg.input}: prepare packs (window, category, item) into 64 bits: item and category ids must be below "
@@ -196,7 +192,7 @@ def scan(cfg: PrepareConfig, rejects_path: Path, spill: Path, buckets: int, keep
     return _shared(cfg, report, events, clicks, (first_ts, last_ts), users.result()[0], *pool.result())
 
 
-def _spill(block: Any, spill: Path, files: Dict[int, Any], buckets: int, keep: Optional[int]) -> None:
+def _spill(block: RawEvents, spill: Path, files: Dict[int, Any], buckets: int, keep: Optional[int]) -> None:
     """Append the block's click rows to their buckets' files, in file order."""
     bucket = user_buckets(block.user, buckets)
     rows = np.empty(len(block), SPILL)
