@@ -2,12 +2,12 @@
 
     python tools/bench_data.py --rows 20000000 [--modes single,partitioned] [prepare overrides like prepare.memory_gb=3]
 
-Prints one JSON object: rows, CSV bytes, and for synth and each prepare mode the wall seconds
-and the peak memory (GB) of its whole process tree, sampled every 50 ms, the prepare's worker
-processes together: resident (RSS, shared pages counted in every process) and proportional (PSS),
-then prepare's per-stage wall and CPU seconds and peak memory
-of the main process so far (meta["seconds"], meta["cpu_seconds"], meta["peak_rss_gb"]; CPU
-seconds are the steadier number on a busy machine), its partitions and its final split sizes.
+Prints one JSON object: rows, CSV bytes, and for synth and each prepare mode the wall and CPU
+seconds (its worker processes included: on a busy machine the steadier number) and the peak
+memory (GB) of its whole process tree, sampled every 50 ms: resident (RSS, shared pages counted
+in every process) and proportional (PSS); then prepare's per-stage wall and CPU seconds and peak
+memory of its main process so far (meta["seconds"], meta["cpu_seconds"], meta["peak_rss_gb"]),
+its partitions and its final split sizes.
 Modes: "single" is one partition in one process (`prepare.partitions=1 prepare.workers=1`: every
 click in memory at once), "partitioned" the partitions the memory budget chooses
 (`prepare.memory_gb`, `prepare.workers`). Goal (2 cores): 100M rows in at most 90 s with at most
@@ -61,8 +61,8 @@ def tree_memory(root: int) -> Tuple[int, int]:
 
 
 def run_phase(argv: List[str]) -> Dict[str, float]:
-    """Run one child to completion; its wall seconds and the peak resident and proportional memory
-    of its process tree in GB."""
+    """Run one child to completion; its wall and CPU seconds and the peak resident and proportional
+    memory of its process tree in GB."""
     start = time.perf_counter()
     child = subprocess.Popen(argv)
     peak = [0, 0]
@@ -74,13 +74,19 @@ def run_phase(argv: List[str]) -> Dict[str, float]:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    child.wait()
+    _, status, usage = os.wait4(child.pid, 0)
     seconds = time.perf_counter() - start
     done.set()
     sampler.join()
-    if child.returncode:
-        raise SystemExit(f"{' '.join(argv)} failed with exit code {child.returncode}")
-    return {"seconds": round(seconds, 2), "peak_gb": round(peak[0] / 2**30, 3), "peak_pss_gb": round(peak[1] / 2**30, 3)}
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit(f"{' '.join(argv)} failed with exit code {os.waitstatus_to_exitcode(status)}")
+    return {
+        "seconds": round(seconds, 2),
+        # the child's CPU seconds and those of the processes it waited for (its workers)
+        "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2),
+        "peak_gb": round(peak[0] / 2**30, 3),
+        "peak_pss_gb": round(peak[1] / 2**30, 3),
+    }
 
 
 def main() -> None:
