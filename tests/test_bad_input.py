@@ -108,7 +108,7 @@ CASES = [
     case("train: corrupt meta.json", ["train", "data_dir={root}/corrupt_meta", "output_dir={root}/r", *TINY],
      "RE:{root}/corrupt_meta/meta.json is not valid JSON \\(prepared data\\): .*"),
     case("train: a data file cut short", ["train", "data_dir={root}/damaged", "output_dir={root}/r", *TINY],
-     r"RE:{root}/damaged is a damaged prepared data directory: samples/train/part-00000.parquet has \d+ bytes, its manifest says \d+"),
+     r"RE:{root}/damaged is a damaged prepared data directory: samples/train/part-00000-00000.parquet has \d+ bytes, its manifest says \d+"),
     case("train: prepare did not finish", ["train", "data_dir={root}/unfinished", "output_dir={root}/r", *TINY],
      "{root}/unfinished is not a prepared data directory (no meta.json); run `mdaf prepare` first"),
     case("predict: --out is a file", ["predict", "--checkpoint", "{checkpoint}", "--out", "{file}"],
