@@ -136,7 +136,7 @@ def test_the_memory_budget_sets_the_partitions(synthetic_csv, tmp_path):
 
     def budget(partitions: int) -> float:
         """GB for two workers of these partitions and the main process, without the shared tables."""
-        return (2 * (clicks * P.BYTES_PER_CLICK / partitions + P.WORKER_BASE_BYTES) + P.WORKER_BASE_BYTES) / 2**30
+        return (2 * (clicks * P.BYTES_PER_CLICK / partitions + P.WORKER_BASE_BYTES) + P.MAIN_BASE_BYTES) / 2**30
 
     # the partitions are as few as fit the budget (the shared tables take a little more), one per
     # worker at least when the clicks are enough to be worth it
@@ -144,7 +144,7 @@ def test_the_memory_budget_sets_the_partitions(synthetic_csv, tmp_path):
     assert P.plan_partitions(dataclasses.replace(cfg, memory_gb=100.0, workers=1), shared) == 1
     assert P.plan_partitions(dataclasses.replace(cfg, memory_gb=budget(4) * 1.05), shared) == 4
     assert P.plan_partitions(dataclasses.replace(cfg, memory_gb=budget(4) * 1.05, partitions=7), shared) == 7
-    with pytest.raises(UserError, match=r"^prepare.memory_gb=0.3 is too small for 10,000,000 clicks on 2 workers \(they need at least 0.5\d GB\): "
+    with pytest.raises(UserError, match=r"^prepare.memory_gb=0.3 is too small for 10,000,000 clicks on 2 workers \(they need at least 0.6\d GB\): "
                                         r"raise it or lower prepare.workers$"):
         P.plan_partitions(dataclasses.replace(cfg, memory_gb=0.3), shared)
 

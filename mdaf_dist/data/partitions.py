@@ -54,6 +54,8 @@ BUCKETS = 64
 BYTES_PER_CLICK = 280
 # a worker's memory besides its partition: the interpreter, numpy and pyarrow
 WORKER_BASE_BYTES = 150 << 20
+# the main process's while the workers run, besides the shared tables: the same and what the scan leaves
+MAIN_BASE_BYTES = 300 << 20
 # a partition smaller than this is not worth a worker process of its own
 MIN_PARTITION_CLICKS = 1 << 20
 # the scan packs raw (window, category, item) into one int64: ids below 2**25, windows within
@@ -185,6 +187,7 @@ def scan(cfg: PrepareConfig, rejects_path: Path, spill: Path, buckets: int, keep
     finally:
         for f in files.values():
             f.close()
+    pa.default_memory_pool().release_unused()  # the parsed blocks' memory, for the workers
     report = stream.report
     if clicks == 0:
         raise UserError(f"prepare: no click (pv) row among the {events} rows kept of {report.valid} valid ones "
@@ -251,12 +254,12 @@ def plan_partitions(cfg: PrepareConfig, shared: Shared) -> int:
     workers = worker_count(cfg)
     # the shared tables are memory-mapped by the workers: their pages held once
     shared_bytes = shared.pool.keys.nbytes * (1 + (shared.pool.ends is not None)) + sum(v.nbytes for v in shared.vocab.values())
-    per_worker = (cfg.memory_gb * 2**30 - shared_bytes - WORKER_BASE_BYTES) / workers - WORKER_BASE_BYTES
+    per_worker = (cfg.memory_gb * 2**30 - shared_bytes - MAIN_BASE_BYTES) / workers - WORKER_BASE_BYTES
     need = shared.scan["clicks"] * BYTES_PER_CLICK
     if per_worker < need / BUCKETS:
         raise UserError(
             f"prepare.memory_gb={cfg.memory_gb:g} is too small for {shared.scan['clicks']:,} clicks on {workers} workers "
-            f"(they need at least {(workers * (need / BUCKETS + WORKER_BASE_BYTES) + shared_bytes + WORKER_BASE_BYTES) / 2**30:.2f} GB): "
+            f"(they need at least {(workers * (need / BUCKETS + WORKER_BASE_BYTES) + shared_bytes + MAIN_BASE_BYTES) / 2**30:.2f} GB): "
             "raise it or lower prepare.workers"
         )
     # and at least one per worker where each gets enough clicks to be worth a process
