@@ -125,19 +125,16 @@ MODEL_VARIANTS = {
 
 def _model_variant_runs(data_dir: Path, out: Path) -> Dict[str, Dict[str, object]]:
     with distributed("cpu") as env:
-        return {
-            name: _train(Trainer(tiny_config(data_dir, out / name, "sharding.default=row_wise", *overrides), env), data_dir, env.rank, env.world_size, steps=2)
-            for name, overrides in MODEL_VARIANTS.items()
-        }
+        trainers = {name: Trainer(tiny_config(data_dir, out / name, "sharding.default=row_wise", *overrides), env) for name, overrides in MODEL_VARIANTS.items()}
+        return {name: _train(trainer, data_dir, env.rank, env.world_size, steps=2) for name, trainer in trainers.items()}
 
 
 def test_new_models_sharded_on_two_ranks_equal_unsharded_at_step_1(tmp_path):
     data_dir = prepare_tiny_data(tmp_path / "tiny")
     with distributed("cpu") as env:
-        references = {
-            name: _train(Trainer(tiny_config(data_dir, tmp_path / "reference" / name, *overrides), env, embedding_backend="plain"), data_dir, 0, 1, steps=2)
-            for name, overrides in MODEL_VARIANTS.items()
-        }
+        trainers = {name: Trainer(tiny_config(data_dir, tmp_path / "reference" / name, *overrides), env, embedding_backend="plain")
+                    for name, overrides in MODEL_VARIANTS.items()}
+        references = {name: _train(trainer, data_dir, 0, 1, steps=2) for name, trainer in trainers.items()}
     ranks = run_ranks(2, _model_variant_runs, data_dir, tmp_path / "sharded")
     for name, reference in references.items():
         for rank in ranks:

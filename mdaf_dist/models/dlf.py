@@ -76,11 +76,12 @@ class NetworkAwareAttention(nn.Module):
             q, k, v = zip(*(f_att(z).chunk(3, dim=-1) for z in blocks))  # eq. 10
             if last_only:
                 q = [query[:, -1:] for query in q]
-            blocks = [
-                torch.relu(w_c(torch.cat([attend(q[m], k[x], v[x], masks[x]) for x in range(len(blocks)) if x != m], dim=-1)))  # eqs. 11-12
-                + attend(q[m], k[m], v[m], masks[m])  # eq. 13
-                for m, w_c in enumerate(cross)
-            ]
+            attended = []
+            for m, w_c in enumerate(cross):
+                others = [attend(q[m], k[x], v[x], masks[x]) for x in range(len(blocks)) if x != m]  # eq. 11
+                cross_m = torch.relu(w_c(torch.cat(others, dim=-1)))  # eq. 12
+                attended.append(cross_m + attend(q[m], k[m], v[m], masks[m]))  # + eq. 13
+            blocks = attended
         return torch.relu(self.fuse(torch.cat(blocks, dim=-1)))  # eq. 14
 
 
@@ -160,5 +161,5 @@ class DLF(nn.Module):
 
     def forward(self, features: KeyedJaggedTensor) -> ModelOutput:
         e = embed(self.embeddings, features, self.history_length)
-        tokens: List[torch.Tensor] = [e.user, e.item, e.category]
-        return ModelOutput(logits=self.out(self.dlf(self.dropout(torch.stack(tokens, dim=1))).flatten(1)).squeeze(-1))
+        e_final = self.dlf(self.dropout(torch.stack([e.user, e.item, e.category], dim=1)))
+        return ModelOutput(logits=self.out(e_final.flatten(1)).squeeze(-1))

@@ -129,7 +129,8 @@ class CrossAttentionFusion(nn.Module):
         if self.static_to_seq is not None:
             has_history = seq_mask.any(1, keepdim=True)
             # an empty history masks no key (its tokens are zeros) and its result is dropped
-            attended, _ = self.static_to_seq(h_static.unsqueeze(1), seq_tokens, seq_tokens, key_padding_mask=~seq_mask & has_history, need_weights=False)
+            padding = ~seq_mask & has_history
+            attended, _ = self.static_to_seq(h_static.unsqueeze(1), seq_tokens, seq_tokens, key_padding_mask=padding, need_weights=False)
             h_static = self.static_norm(h_static + attended.squeeze(1) * has_history)
         return self.fuse(torch.cat([h_static, h_seq], dim=-1)), None
 
