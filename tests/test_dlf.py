@@ -1,5 +1,5 @@
 """DLF (DLF_paper.md) and the token fusions: shapes, parameter counts against the paper's matrices,
-eqs. 5-7 by hand, one whole layer (eqs. 5-15 and 9) and NAF against NumPy written from the
+eqs. 5-7 and 9 by hand, one whole layer (eqs. 5-15 and 9) and NAF against NumPy written from the
 equations, gradients reaching every parameter, and `mdaf describe` beside the formulas."""
 
 import numpy as np
@@ -175,15 +175,19 @@ def test_dlf_layer_matches_the_equations(with_norm):
     close(layer(torch.as_tensor(e), torch.as_tensor(e1)), expected)
 
 
-def test_gate_floor_is_epsilon():
-    """Eq. 9's max(eps, W_Gate E): with W_Gate = -I and every other weight zero, E^(l+1) = eps * E."""
-    layer = DLFLayer(2, 3, 1, layer_norm=False)
+def test_gated_residual_by_hand():
+    """Eq. 9, E^(l+1) = Z + max(eps, W_Gate E) * E, with every weight zero but W_Gate = [[1, 0], [0, -1]]
+    and eq. 15's b_Z = (1, 2): the blocks and NAF give 0, so Z = b_Z. For the token e = (2, 3):
+    W_Gate e = (2, -3) -> max(eps, .) = (2, eps) -> * e = (4, 3 eps) -> + Z = (5, 2 + 3 eps);
+    for e = (-1, 1): W_Gate e = (-1, -1) -> (eps, eps) -> (-eps, eps) -> (1 - eps, 2 + eps)."""
+    layer = DLFLayer(2, 2, 1, layer_norm=False)
     with torch.no_grad():
         for p in layer.parameters():
             p.zero_()
-        layer.gate.weight.copy_(-torch.eye(3))
-    e = torch.rand(1, 2, 3) + 0.5
-    close(layer(e, e), (GATE_EPS * e).numpy())
+        layer.gate.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, -1.0]]))
+        layer.combine.bias.copy_(torch.tensor([1.0, 2.0]))
+    e = torch.tensor([[[2.0, 3.0], [-1.0, 1.0]]])
+    close(layer(e, e)[0], np.array([[5.0, 2.0 + 3 * GATE_EPS], [1.0 - GATE_EPS, 2.0 + GATE_EPS]]))
 
 
 def test_naf_fusion_matches_the_equations_and_masks_padding():
