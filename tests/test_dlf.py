@@ -7,13 +7,12 @@ import pytest
 import torch
 from scipy.special import softmax
 
-from mdaf_dist.cli import main as mdaf_main
 from mdaf_dist.config import ConfigError, ModelConfig
 from mdaf_dist.models.dlf import GATE_EPS, DLFLayer, DLFStack, DLFStaticBranch, NetworkAwareAttention
 from mdaf_dist.models.fusion import CrossAttentionFusion, DLFNAFFusion
 from mdaf_dist.models.registry import build_model
 # float64_defaults: test_parity's autouse fixture, so that 1e-6 measures the equations, not rounding
-from tests.test_parity import close, float64_defaults, hand_set, layer_norm  # noqa: F401
+from tests.test_parity import close, describe_row, float64_defaults, hand_set, layer_norm  # noqa: F401
 
 B, R, D = 4, 3, 8
 
@@ -236,7 +235,5 @@ def test_heads_must_divide_the_width_of_the_attention_fusions():
     ],
 )
 def test_describe_shows_the_new_modules_beside_their_formulas(capsys, overrides, module, expected):
-    assert mdaf_main(["describe", "--vocab", "user=4,item=4,category=4", *overrides]) == 0
-    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(module))
-    numbers = [int(word.replace(",", "")) for word in row[len(module):].split() if word.replace(",", "").isdigit()]
+    numbers = describe_row(capsys, overrides, module)
     assert numbers[0] == numbers[-1] == expected
