@@ -126,6 +126,12 @@ class ModelConfig:
     # dcnv3_official: BatchNorm on each layer's W x_l (the published layer's batch_norm switch;
     # off by its default, on in most of its tuned configs)
     dcnv3_batch_norm: bool = False
+    # DLF (DLF_paper.md), MDAF's static branch (static_branch: dlf) or the baseline (name: dlf):
+    # stacked layers L and rounds of NAF attention (5.5: best at 8 and 2), and a LayerNorm on each
+    # layer's output (models/dlf.py says why; false: the paper's equations exactly)
+    dlf_layers: int = 8
+    dlf_attention_layers: int = 2
+    dlf_layer_norm: bool = True
     # sequential branch: "mamba" or "none"
     sequence_branch: str = "mamba"
     # Mamba4Rec layers (Mamba block + FFN) stacked in the sequential branch (the paper: 1)
@@ -137,12 +143,16 @@ class ModelConfig:
     expand: int = 2
     d_conv: int = 4
     scan_backend: str = "auto"
-    # fusion: "gate" (paper), "concat", "fixed", "attention"
+    # fusion: "gate" (paper), "concat", "fixed", "attention" (self-attention over the two branch
+    # vectors), "cross_attention", "dlf_naf" (models/fusion.py)
     fusion: str = "gate"
+    # cross_attention: "seq_to_static" (every step of the sequence attends to the static tokens,
+    # the MDAF paper's variant), "static_to_seq" (h_static attends to the steps) or "both"
+    cross_attention_direction: str = "seq_to_static"
     fixed_gate: float = 0.5
     # hidden width of the adaptive gate 2D -> gate_hidden -> 1; 0 means D (the paper's 2D -> D -> 1)
     gate_hidden: int = 0
-    # attention fusion's heads
+    # the attention and cross_attention fusions' heads
     num_heads: int = 2
     # baselines: AutoInt's interacting layers and heads, BST's transformer blocks and heads
     # (the original BST: 1 block, 8 heads)

@@ -318,10 +318,15 @@ def test_a_log_and_d_get_no_weight_decay():
     ],
 )
 def test_describe_shows_counts_beside_the_reference_formula(capsys, overrides, module, expected):
-    assert mdaf_main(["describe", "--vocab", "user=4,item=4,category=4", *overrides]) == 0
-    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(module))
-    numbers = [int(word.replace(",", "")) for word in row[len(module):].split() if word.replace(",", "").isdigit()]
+    numbers = describe_row(capsys, overrides, module)
     assert numbers[0] == numbers[-1] == expected
+
+
+def describe_row(capsys, args, module):
+    """The numbers on the line of `mdaf describe ARGS` that starts with `module`: ours, then the formula's."""
+    assert mdaf_main(["describe", "--vocab", "user=4,item=4,category=4", *args]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(module))
+    return [int(word.replace(",", "")) for word in row[len(module):].split() if word.replace(",", "").isdigit()]
 
 
 def test_gate_hidden_and_mamba_layers_are_settings_whose_defaults_keep_the_model():

@@ -70,11 +70,11 @@ def _whole_tables(ranks: List[Dict[str, object]]) -> Dict[str, torch.Tensor]:
     return whole
 
 
-def _train(trainer: Trainer, data_dir: Path, rank: int, world_size: int) -> Dict[str, object]:
+def _train(trainer: Trainer, data_dir: Path, rank: int, world_size: int, steps: int = STEPS) -> Dict[str, object]:
     initial = _initial_weights(trainer)
     half = GLOBAL_BATCH // world_size
     losses: List[float] = []
-    for step in range(STEPS):
+    for step in range(steps):
         start = step * GLOBAL_BATCH + rank * half
         loss_sum = trainer.train_step(_batch(data_dir, start, start + half)).reshape(1)
         dist.all_reduce(loss_sum)
@@ -112,6 +112,37 @@ def test_sharded_training_on_any_plan_and_world_size_equals_unsharded_reference(
         assert results[0]["losses"][0] == reference["losses"][0], name
         np.testing.assert_allclose(results[0]["losses"], reference["losses"], atol=LOSS_ATOL, rtol=0, err_msg=name)
         assert abs(results[0]["auc"] - reference["auc"]) <= AUC_ATOL, name
+
+
+# the models and fusions from the fusion papers, DLF at 2 of its 8 layers to keep this fast
+MODEL_VARIANTS = {
+    "dlf": ["model.name=dlf", "model.dlf_layers=2"],
+    "static_branch=dlf": ["model.static_branch=dlf", "model.dlf_layers=2"],
+    "fusion=cross_attention": ["model.fusion=cross_attention", "model.cross_attention_direction=both"],
+    "fusion=dlf_naf": ["model.fusion=dlf_naf"],
+}
+
+
+def _model_variant_runs(data_dir: Path, out: Path) -> Dict[str, Dict[str, object]]:
+    with distributed("cpu") as env:
+        trainers = {name: Trainer(tiny_config(data_dir, out / name, "sharding.default=row_wise", *overrides), env) for name, overrides in MODEL_VARIANTS.items()}
+        return {name: _train(trainer, data_dir, env.rank, env.world_size, steps=2) for name, trainer in trainers.items()}
+
+
+def test_new_models_sharded_on_two_ranks_equal_unsharded_at_step_1(tmp_path):
+    data_dir = prepare_tiny_data(tmp_path / "tiny")
+    with distributed("cpu") as env:
+        trainers = {name: Trainer(tiny_config(data_dir, tmp_path / "reference" / name, *overrides), env, embedding_backend="plain")
+                    for name, overrides in MODEL_VARIANTS.items()}
+        references = {name: _train(trainer, data_dir, 0, 1, steps=2) for name, trainer in trainers.items()}
+    ranks = run_ranks(2, _model_variant_runs, data_dir, tmp_path / "sharded")
+    for name, reference in references.items():
+        for rank in ranks:
+            torch.testing.assert_close(rank[name]["initial"]["dense"], reference["initial"]["dense"], rtol=0, atol=0, msg=name)
+            torch.testing.assert_close(rank[name]["dense"], ranks[0][name]["dense"], rtol=0, atol=0, msg=name)
+        assert ranks[0][name]["losses"][0] == reference["losses"][0], name
+        np.testing.assert_allclose(ranks[0][name]["losses"], reference["losses"], atol=LOSS_ATOL, rtol=0, err_msg=name)
+        assert abs(ranks[0][name]["auc"] - reference["auc"]) <= AUC_ATOL, name
 
 
 def test_sharding_type_that_cannot_run_on_cpu_names_the_alternatives():

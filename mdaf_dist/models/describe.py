@@ -91,11 +91,41 @@ def _count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def dlf_layer_formula(cfg: ModelConfig) -> Tuple[str, int]:
+    """DLF_paper.md's matrices for one layer, R = 3 tokens of width d = D, a = NAF rounds:
+    W_LI, W_CI (R d), W_LO, W_CO, W_D, W_Gate (d^2), b_L, b_C, b_D (d); per round f_att (3d^2 + 3d)
+    and W^C_M, b^C_M for three blocks (3 (2d^2 + d)); W_F, b_F (3d^2 + d); our W_Z, b_Z (4d^2 + d);
+    the LayerNorm (2d) where dlf_layer_norm is on."""
+    d, a = cfg.embedding_dim, cfg.dlf_attention_layers
+    formula, n = "2Rd+11d^2+5d+a(9d^2+6d), R=3 d=D", 2 * 3 * d + 11 * d * d + 5 * d + a * (9 * d * d + 6 * d)
+    if cfg.dlf_layer_norm:
+        formula, n = formula + " + LN 2d", n + 2 * d
+    return formula, n
+
+
+def fusion_formula(cfg: ModelConfig) -> Tuple[str, int]:
+    """The token fusions (models/fusion.py): cross_attention, per direction an attention
+    (4D^2 + 4D) and a LayerNorm (2D), then W (2D^2 + D); dlf_naf, NAF of two blocks (7D^2 + 6D)."""
+    d = cfg.embedding_dim
+    if cfg.fusion == "dlf_naf":
+        return "7D^2+6D (f_att, 2 W^C, W_F)", 7 * d * d + 6 * d
+    directions = 2 if cfg.cross_attention_direction == "both" else 1
+    return f"{directions}(4D^2+6D)+2D^2+D (attention, LN, W)", directions * (4 * d * d + 6 * d) + 2 * d * d + d
+
+
 def reference_formulas(cfg: ModelConfig, model: nn.Module) -> List[Tuple[str, int, str, int]]:
     """(module, our parameters, the count its paper's equations give, that count) for the modules
     laid out as a reference publishes them: AutoInt's interacting layer, BST's block, the
-    published DCNv3's cross layer. Empty for the other models."""
+    published DCNv3's cross layer, DLF's layer, the token fusions. Empty for the other models."""
     dim = cfg.embedding_dim
+    rows = []
+    if cfg.name == "dlf" or (cfg.name == "mdaf" and cfg.static_branch == "dlf"):
+        layers = model.dlf.layers if cfg.name == "dlf" else model.static.dlf.layers
+        rows.append((f"DLF layer x{len(layers)}", _count(layers[0]), *dlf_layer_formula(cfg)))
+    if cfg.name == "mdaf" and cfg.sequence_branch != "none" and cfg.fusion in ("cross_attention", "dlf_naf"):
+        rows.append((f"{cfg.fusion} fusion", _count(model.fusion), *fusion_formula(cfg)))
+    if rows:
+        return rows
     if cfg.name == "autoint":
         return [(f"interacting layer x{cfg.autoint_layers}", _count(model.layers[0]), "4D^2 (W_Q, W_K, W_V, W_Res)", 4 * dim * dim)]
     if cfg.name == "bst":

@@ -82,10 +82,14 @@ class SequenceBranch(nn.Module):
         )
         self.apply(mamba4rec_init)
 
-    def forward(self, sequence: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, sequence: torch.Tensor, mask: torch.Tensor, all_steps: bool = False) -> torch.Tensor:
+        """h_seq [B, D], or with all_steps the output at every step [B, L, D], zero on padding
+        (what a token-level fusion reads)."""
         out = self.input_norm(self.input_dropout(sequence))
         for layer in self.layers[:-1]:
             out = layer(out, mask)
+        if all_steps:
+            return self.layers[-1](out, mask) * mask.unsqueeze(-1).to(out.dtype)
         out = self.layers[-1](out, mask, last_only=True)
         return out * mask[:, -1:].to(out.dtype)
 

@@ -3,7 +3,8 @@
     x_0      = LayerNorm(Dropout([e_u; e_v; e_c]))                    (4.2)
     h_static = static branch(x_0)                                     (4.3, `static_branch`)
     h_seq    = Mamba4Rec(LayerNorm(Dropout(E_v[hist])))[last step]   (4.4)
-    h, g     = fusion(h_static, h_seq)                                (4.5, `fusion`)
+    h, g     = fusion(h_static, h_seq)                                (4.5, `fusion`; the token
+               fusions also read x_0's fields and the sequence's output at every step)
     logit    = head(Dropout(h)), head D -> D -> 1 with ReLU           (4.6)
 
 Dropout is placed where 5.1.4 lists it: after the embeddings, after the Mamba block and the FFN
@@ -40,11 +41,13 @@ class MDAF(nn.Module):
         self.history_length = cfg.history_length
         self.static_dropout = nn.Dropout(cfg.dropout)
         self.static_norm = nn.LayerNorm(3 * dim)
-        self.static = build_static_branch(cfg.static_branch, 3 * dim, dim, cfg.lcn_layers, cfg.ecn_layers, cfg.dropout, cfg.dcnv3_batch_norm)
+        self.static = build_static_branch(cfg.static_branch, 3 * dim, dim, cfg.lcn_layers, cfg.ecn_layers, cfg.dropout, cfg.dcnv3_batch_norm,
+                                          cfg.dlf_layers, cfg.dlf_attention_layers, cfg.dlf_layer_norm)
         self.sequence: Optional[SequenceBranch] = SequenceBranch(cfg) if cfg.sequence_branch == "mamba" else None
         # with one branch there is nothing to fuse: h is that branch's representation
         self.fusion: Optional[nn.Module] = (
-            build_fusion(cfg.fusion, dim, cfg.fixed_gate, cfg.num_heads, cfg.dropout, cfg.gate_hidden) if self.sequence is not None else None
+            build_fusion(cfg.fusion, dim, cfg.fixed_gate, cfg.num_heads, cfg.dropout, cfg.gate_hidden, cfg.cross_attention_direction)
+            if self.sequence is not None else None
         )
         self.fusion_dropout = nn.Dropout(cfg.dropout)
         # the paper's head is D -> D -> 1; concat fusion hands it 2D inputs, the hidden width stays D
@@ -56,6 +59,11 @@ class MDAF(nn.Module):
         h_static = self.static(x0)
         if self.sequence is None:
             h, gate, h_seq = h_static, None, None
+        elif getattr(self.fusion, "takes_tokens", False):
+            seq_tokens = self.sequence(e.history, e.history_mask, all_steps=True)
+            h_seq = seq_tokens[:, -1]
+            static_tokens = torch.cat([x0.unflatten(-1, (3, -1)), h_static.unsqueeze(1)], dim=1)
+            h, gate = self.fusion(h_static, h_seq, static_tokens=static_tokens, seq_tokens=seq_tokens, seq_mask=e.history_mask)
         else:
             h_seq = self.sequence(e.history, e.history_mask)
             h, gate = self.fusion(h_static, h_seq)

@@ -11,9 +11,10 @@ from mdaf_dist.config import ConfigError, ModelConfig, check_choice
 from mdaf_dist.models.autoint import AutoInt
 from mdaf_dist.models.bst import BST
 from mdaf_dist.models.dcnv2 import DCNv2
+from mdaf_dist.models.dlf import DLF
 from mdaf_dist.models.embeddings import build_embeddings, table_configs
 from mdaf_dist.models.mamba4rec import Mamba4Rec
-from mdaf_dist.models.fusion import FUSIONS
+from mdaf_dist.models.fusion import CROSS_ATTENTION_DIRECTIONS, FUSIONS
 from mdaf_dist.models.mdaf import MDAF, SEQUENCE_BRANCHES
 from mdaf_dist.models.selective_scan import BACKENDS as SCAN_BACKENDS
 from mdaf_dist.models.static_branch import STATIC_BRANCHES
@@ -32,6 +33,7 @@ MODELS: Dict[str, Callable[[ModelConfig, nn.Module], nn.Module]] = {
     "dcnv2": DCNv2,
     "bst": BST,
     "mamba4rec": Mamba4Rec,
+    "dlf": DLF,
 }
 
 
@@ -43,11 +45,12 @@ def check_model_config(cfg: ModelConfig) -> None:
     check_choice("model.sequence_branch", cfg.sequence_branch, SEQUENCE_BRANCHES)
     check_choice("model.fusion", cfg.fusion, FUSIONS)
     check_choice("model.scan_backend", cfg.scan_backend, SCAN_BACKENDS)
+    check_choice("model.cross_attention_direction", cfg.cross_attention_direction, CROSS_ATTENTION_DIRECTIONS)
     if cfg.static_branch == "none" and cfg.sequence_branch == "none":
         raise ConfigError("model.static_branch and model.sequence_branch cannot both be 'none'")
     if not 0.0 <= cfg.fixed_gate <= 1.0:
         raise ConfigError(f"model.fixed_gate={cfg.fixed_gate!r} must lie in [0, 1]")
-    for key in ("mamba_layers", "autoint_layers", "autoint_heads", "bst_blocks", "bst_heads"):
+    for key in ("mamba_layers", "autoint_layers", "autoint_heads", "bst_blocks", "bst_heads", "dlf_layers", "dlf_attention_layers"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"model.{key}={getattr(cfg, key)!r} must be at least 1")
     if cfg.gate_hidden < 0:
@@ -56,6 +59,8 @@ def check_model_config(cfg: ModelConfig) -> None:
     for model, key, width in (("autoint", "autoint_heads", cfg.embedding_dim), ("bst", "bst_heads", 2 * cfg.embedding_dim)):
         if cfg.name == model and width % getattr(cfg, key):
             raise ConfigError(f"model.{key}={getattr(cfg, key)} does not divide the attention width {width}")
+    if cfg.fusion in ("attention", "cross_attention") and cfg.embedding_dim % cfg.num_heads:
+        raise ConfigError(f"model.num_heads={cfg.num_heads} does not divide the attention width {cfg.embedding_dim}")
 
 
 def build_model(

@@ -5,9 +5,10 @@ from __future__ import annotations
 from torch import nn
 
 from mdaf_dist.models.dcn import OfficialDCNv3, PaperDCNv3
+from mdaf_dist.models.dlf import DLFStaticBranch
 
 # "none" (sequence only) has no module: the registry builds the Mamba4Rec model for it
-STATIC_BRANCHES = ("dcnv3", "dcnv3_official", "mlp")
+STATIC_BRANCHES = ("dcnv3", "dcnv3_official", "mlp", "dlf")
 
 
 def mlp_static_branch(in_dim: int, out_dim: int, num_layers: int, dropout: float) -> nn.Sequential:
@@ -20,12 +21,16 @@ def mlp_static_branch(in_dim: int, out_dim: int, num_layers: int, dropout: float
 
 
 def build_static_branch(name: str, in_dim: int, out_dim: int, lcn_layers: int, ecn_layers: int, dropout: float,
-                        batch_norm: bool = False) -> nn.Module:
-    """`batch_norm`: the published DCNv3's BatchNorm switch (dcnv3_official only)."""
+                        batch_norm: bool = False, dlf_layers: int = 8, dlf_attention_layers: int = 2,
+                        dlf_layer_norm: bool = True) -> nn.Module:
+    """`batch_norm`: the published DCNv3's BatchNorm switch (dcnv3_official only); `dlf_*`: DLF's
+    layers, NAF rounds and per-layer LayerNorm (dlf only)."""
     if name == "dcnv3":
         return PaperDCNv3(in_dim, out_dim, lcn_layers, ecn_layers)
     if name == "dcnv3_official":
         return OfficialDCNv3(in_dim, out_dim, lcn_layers, ecn_layers, batch_norm=batch_norm, dropout=dropout)
+    if name == "dlf":
+        return DLFStaticBranch(in_dim, out_dim, 3, dlf_layers, dlf_attention_layers, dlf_layer_norm)
     if name == "mlp":
         return mlp_static_branch(in_dim, out_dim, max(lcn_layers, ecn_layers), dropout)
     raise ValueError(f"unknown static_branch {name!r}; expected one of {STATIC_BRANCHES}")
