@@ -11,7 +11,9 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-FUSIONS = ("gate", "concat", "fixed", "attention")
+from mdaf_dist.models.optfusion import Architecture, OptFusionFusion
+
+FUSIONS = ("gate", "concat", "fixed", "attention", "optfusion")
 
 Fused = Tuple[torch.Tensor, Optional[torch.Tensor]]
 
@@ -87,7 +89,9 @@ class AttentionFusion(nn.Module):
         return fused + torch.clamp(self.residual_gate(residual), min=self.eps) * residual, None
 
 
-def build_fusion(name: str, dim: int, fixed_gate: float, num_heads: int, dropout: float, gate_hidden: int = 0) -> nn.Module:
+def build_fusion(name: str, dim: int, fixed_gate: float, num_heads: int, dropout: float, gate_hidden: int = 0,
+                 optfusion_lr: float = 0.0, optfusion_architecture: Optional[Architecture] = None) -> nn.Module:
+    """`optfusion_*`: OptFusion's search learning rate and the selection to re-train (models/optfusion.py)."""
     if name == "gate":
         return AdaptiveGate(dim, gate_hidden)
     if name == "concat":
@@ -96,4 +100,6 @@ def build_fusion(name: str, dim: int, fixed_gate: float, num_heads: int, dropout
         return FixedGate(dim, fixed_gate)
     if name == "attention":
         return AttentionFusion(dim, num_heads, dropout)
+    if name == "optfusion":
+        return OptFusionFusion(dim, optfusion_lr, optfusion_architecture)
     raise ValueError(f"unknown fusion {name!r}; expected one of {FUSIONS}")

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from torch import nn
 
+from typing import Optional
+
 from mdaf_dist.models.dcn import OfficialDCNv3, PaperDCNv3
+from mdaf_dist.models.optfusion import Architecture, OptFusionStatic
 
 # "none" (sequence only) has no module: the registry builds the Mamba4Rec model for it
-STATIC_BRANCHES = ("dcnv3", "dcnv3_official", "mlp")
+STATIC_BRANCHES = ("dcnv3", "dcnv3_official", "mlp", "optfusion")
 
 
 def mlp_static_branch(in_dim: int, out_dim: int, num_layers: int, dropout: float) -> nn.Sequential:
@@ -20,12 +23,16 @@ def mlp_static_branch(in_dim: int, out_dim: int, num_layers: int, dropout: float
 
 
 def build_static_branch(name: str, in_dim: int, out_dim: int, lcn_layers: int, ecn_layers: int, dropout: float,
-                        batch_norm: bool = False) -> nn.Module:
-    """`batch_norm`: the published DCNv3's BatchNorm switch (dcnv3_official only)."""
+                        batch_norm: bool = False, optfusion_layers: int = 3, optfusion_lr: float = 0.0,
+                        optfusion_architecture: Optional[Architecture] = None) -> nn.Module:
+    """`batch_norm`: the published DCNv3's BatchNorm switch (dcnv3_official only); `optfusion_*`:
+    OptFusion's components per kind, search learning rate and selection to re-train."""
     if name == "dcnv3":
         return PaperDCNv3(in_dim, out_dim, lcn_layers, ecn_layers)
     if name == "dcnv3_official":
         return OfficialDCNv3(in_dim, out_dim, lcn_layers, ecn_layers, batch_norm=batch_norm, dropout=dropout)
     if name == "mlp":
         return mlp_static_branch(in_dim, out_dim, max(lcn_layers, ecn_layers), dropout)
+    if name == "optfusion":
+        return OptFusionStatic(in_dim, out_dim, optfusion_layers, dropout, optfusion_lr, optfusion_architecture)
     raise ValueError(f"unknown static_branch {name!r}; expected one of {STATIC_BRANCHES}")
