@@ -282,6 +282,16 @@ def describe_architecture(selection: Dict[str, Architecture]) -> List[str]:
     return [f"{space}.{point} = {chosen['operation']}({', '.join(chosen['inputs'])})" for space, points in selection.items() for point, chosen in points.items()]
 
 
+def run_architecture(model: ModelConfig, run_dir: Path) -> Optional[Path]:
+    """Where the selection of a run of `model` in `run_dir` is: written by its search, or read by
+    its re-train; None for a model without OptFusion."""
+    if "optfusion" not in (model.fusion, model.static_branch):
+        return None
+    if model.optfusion_stage == "retrain":
+        return Path(model.optfusion_architecture) if model.optfusion_architecture else None
+    return run_dir / (SEARCH_DIR if model.optfusion_stage == "search_retrain" else "") / ARCHITECTURE_FILE
+
+
 def stages(cfg: Config) -> List[Config]:
     """The training runs `cfg` asks for: itself, or for search_retrain the search (in
     <output_dir>/search) and then the re-train of its selection (in output_dir)."""
