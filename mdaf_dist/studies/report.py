@@ -228,7 +228,8 @@ def _parameters(row: Row) -> Optional[int]:
     for cell in row.cells:
         if cell.config is None or not cell.meta or "vocab" not in cell.meta:
             continue
-        cfg = stages(load_config(str(cell.dir / CELL_CONFIG)))[-1]
+        # the cell's directory, wherever the study directory now is
+        cfg = stages(dataclasses.replace(load_config(str(cell.dir / CELL_CONFIG)), output_dir=str(cell.dir)))[-1]
         if cfg.model.optfusion_architecture and not Path(cfg.model.optfusion_architecture).is_file():
             continue
         vocab = {name: int(cell.meta["vocab"][name]) for name in ("user", "item", "category")}
