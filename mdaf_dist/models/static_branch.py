@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from torch import nn
-
 from typing import Optional
+
+from torch import nn
 
 from mdaf_dist.models.dcn import OfficialDCNv3, PaperDCNv3
 from mdaf_dist.models.optfusion import Architecture, OptFusionStatic
