@@ -3,6 +3,7 @@ straight-through step, shapes and gradients, a selection that is a valid archite
 product selected as PROD, and the two stages through the trainer: the search writes its
 selection, the re-train reads it and trains only Theta."""
 
+import dataclasses
 import json
 
 import pytest
@@ -149,7 +150,7 @@ def test_retrain_settings_that_cannot_work_are_one_line(tmp_path):
         build_model(other, VOCAB, embedding_backend="plain")
     path.write_text(json.dumps({"fusion": {"output": {"inputs": ["h_item"], "operation": "add"}}}))
     with pytest.raises(ConfigError, match=r"^model.optfusion_architecture: the 'fusion' search space: point 'output' must name one operation"):
-        build_model(cfg.__class__(**{**cfg.__dict__, "optfusion_architecture": str(path)}), VOCAB, embedding_backend="plain")
+        build_model(dataclasses.replace(cfg, optfusion_architecture=str(path)), VOCAB, embedding_backend="plain")
     with pytest.raises(ConfigError, match=r"^model.optfusion_stage='both' is not one of: search, retrain, search_retrain$"):
         build_model(ModelConfig(optfusion_stage="both"), VOCAB, embedding_backend="plain")
 

@@ -21,11 +21,11 @@ One departure: eq. 13 multiplies a disconnected input by 0, which for prod zeroe
 product; here a disconnected input enters prod as the factor 1 (left out), which is what
 DISCONNECTED means in every other operation.
 
-Two uses (`space_for`): MDAF's fusion (`model.fusion=optfusion`), whose inputs are the two branch
+Two uses: MDAF's fusion (`model.fusion=optfusion`), whose inputs are the two branch
 outputs and whose only fusion point is the output (the branches' layers are not vectors of one
 width: LCN's are 3D wide, Mamba's are sequences); and the static branch
 (`model.static_branch=optfusion`), the paper's own model on x_0: an auxiliary cross component S0
-(4.1.4), then n levels of one cross component (DCNv3's LCN layer x_0 * (W x + b) + x, full rank
+(4.1.4; one input, so no operation to choose), then n levels of one cross component (DCNv3's LCN layer x_0 * (W x + b) + x, full rank
 as the paper's CrossNetV2 variant, Table 6) and one deep component (ReLU layer of width 3D,
 4.1.4), all fused into the output, projected to D and layer-normed like the other static
 branches.
@@ -35,7 +35,8 @@ own Adam (`model.optfusion_lr`, train/optim.py) on the same batches as the model
 code steps both optimizers on each batch); the trainer writes the selection (`architecture`) to
 ARCHITECTURE_FILE. In "retrain" the selection is read back (OptFusion-Hard, 3.4.2: alpha* =
 1[alpha > 0], one operation per point, the largest beta): the connections are a constant buffer,
-each point builds only its operation, and only Theta is trained, from scratch.
+each point builds only its operation, and only Theta is trained, from scratch. "search_retrain"
+runs both (`stages`).
 """
 
 from __future__ import annotations
