@@ -157,7 +157,7 @@ class ModelConfig:
     optfusion_stage: str = "search"
     optfusion_architecture: Optional[str] = None
     # the learning rate of alpha and beta's own Adam in the search stage
-    optfusion_lr: float = 1e-3
+    optfusion_search_lr: float = 1e-3
     # static_branch "optfusion": n cross and n deep components (the paper's n = 3)
     optfusion_layers: int = 3
 

@@ -164,7 +164,7 @@ def test_search_then_retrain_through_the_trainer(data_dir, tmp_path):
     the checkpoints. Re-train: the model of that selection, no alpha or beta to train, its
     connections unchanged by training."""
     # alpha starts at 0.5: a learning rate of 0.2 lets a few steps cross 0 somewhere
-    search_overrides = ["model.fusion=optfusion", "model.static_branch=optfusion", "model.optfusion_layers=1", "model.optfusion_lr=0.2", "train.max_steps=6"]
+    search_overrides = ["model.fusion=optfusion", "model.static_branch=optfusion", "model.optfusion_layers=1", "model.optfusion_search_lr=0.2", "train.max_steps=6"]
     with distributed("cpu") as env:
         search = Trainer(tiny_config(data_dir, tmp_path / "search", *search_overrides), env, embedding_backend="plain")
         optimizers = dict(search.optimizer.optimizers)

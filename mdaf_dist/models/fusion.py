@@ -90,7 +90,7 @@ class AttentionFusion(nn.Module):
 
 
 def build_fusion(name: str, dim: int, fixed_gate: float, num_heads: int, dropout: float, gate_hidden: int = 0,
-                 optfusion_lr: float = 0.0, optfusion_architecture: Optional[Architecture] = None) -> nn.Module:
+                 optfusion_search_lr: float = 0.0, optfusion_architecture: Optional[Architecture] = None) -> nn.Module:
     """`optfusion_*`: OptFusion's search learning rate and the selection to re-train (models/optfusion.py)."""
     if name == "gate":
         return AdaptiveGate(dim, gate_hidden)
@@ -101,5 +101,5 @@ def build_fusion(name: str, dim: int, fixed_gate: float, num_heads: int, dropout
     if name == "attention":
         return AttentionFusion(dim, num_heads, dropout)
     if name == "optfusion":
-        return OptFusionFusion(dim, optfusion_lr, optfusion_architecture)
+        return OptFusionFusion(dim, optfusion_search_lr, optfusion_architecture)
     raise ValueError(f"unknown fusion {name!r}; expected one of {FUSIONS}")

@@ -44,14 +44,14 @@ class MDAF(nn.Module):
         selection = selected_architecture(cfg) if "optfusion" in (cfg.fusion, cfg.static_branch) else None
         self.static = build_static_branch(
             cfg.static_branch, 3 * dim, dim, cfg.lcn_layers, cfg.ecn_layers, cfg.dropout, cfg.dcnv3_batch_norm,
-            cfg.optfusion_layers, cfg.optfusion_lr, space_architecture(selection, "static_branch") if cfg.static_branch == "optfusion" else None,
+            cfg.optfusion_layers, cfg.optfusion_search_lr, space_architecture(selection, "static_branch") if cfg.static_branch == "optfusion" else None,
         )
         self.sequence: Optional[SequenceBranch] = SequenceBranch(cfg) if cfg.sequence_branch == "mamba" else None
         # with one branch there is nothing to fuse: h is that branch's representation
         self.fusion: Optional[nn.Module] = (
             build_fusion(
                 cfg.fusion, dim, cfg.fixed_gate, cfg.num_heads, cfg.dropout, cfg.gate_hidden,
-                cfg.optfusion_lr, space_architecture(selection, "fusion") if cfg.fusion == "optfusion" else None,
+                cfg.optfusion_search_lr, space_architecture(selection, "fusion") if cfg.fusion == "optfusion" else None,
             )
             if self.sequence is not None
             else None

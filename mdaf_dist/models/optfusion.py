@@ -31,7 +31,7 @@ as the paper's CrossNetV2 variant, Table 6) and one deep component (ReLU layer o
 branches.
 
 Stages (`model.optfusion_stage`): in "search", alpha and beta are parameters trained by their
-own Adam (`model.optfusion_lr`, train/optim.py) on the same batches as the model (the authors'
+own Adam (`model.optfusion_search_lr`, train/optim.py) on the same batches as the model (the authors'
 code steps both optimizers on each batch); the trainer writes the selection (`architecture`) to
 ARCHITECTURE_FILE. In "retrain" the selection is read back (OptFusion-Hard, 3.4.2: alpha* =
 1[alpha > 0], one operation per point, the largest beta): the connections are a constant buffer,

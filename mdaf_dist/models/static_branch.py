@@ -23,7 +23,7 @@ def mlp_static_branch(in_dim: int, out_dim: int, num_layers: int, dropout: float
 
 
 def build_static_branch(name: str, in_dim: int, out_dim: int, lcn_layers: int, ecn_layers: int, dropout: float,
-                        batch_norm: bool = False, optfusion_layers: int = 3, optfusion_lr: float = 0.0,
+                        batch_norm: bool = False, optfusion_layers: int = 3, optfusion_search_lr: float = 0.0,
                         optfusion_architecture: Optional[Architecture] = None) -> nn.Module:
     """`batch_norm`: the published DCNv3's BatchNorm switch (dcnv3_official only); `optfusion_*`:
     OptFusion's components per kind, search learning rate and selection to re-train."""
@@ -34,5 +34,5 @@ def build_static_branch(name: str, in_dim: int, out_dim: int, lcn_layers: int, e
     if name == "mlp":
         return mlp_static_branch(in_dim, out_dim, max(lcn_layers, ecn_layers), dropout)
     if name == "optfusion":
-        return OptFusionStatic(in_dim, out_dim, optfusion_layers, dropout, optfusion_lr, optfusion_architecture)
+        return OptFusionStatic(in_dim, out_dim, optfusion_layers, dropout, optfusion_search_lr, optfusion_architecture)
     raise ValueError(f"unknown static_branch {name!r}; expected one of {STATIC_BRANCHES}")
