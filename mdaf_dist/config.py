@@ -165,6 +165,17 @@ class ModelConfig:
     cross_experts: int = 4
     cross_low_rank: int = 32
     mlp_hidden: List[int] = field(default_factory=lambda: [256, 128])
+    # OptFusion (models/optfusion.py), with fusion "optfusion" and/or static_branch "optfusion":
+    # "search" learns the connections (alpha) and operations (beta) and writes the selection to
+    # <output_dir>/optfusion_architecture.json; "retrain" trains the model of the selection in
+    # optfusion_architecture with it fixed; "search_retrain" runs both, the search in
+    # <output_dir>/search
+    optfusion_stage: str = "search"
+    optfusion_architecture: Optional[str] = None
+    # the learning rate of alpha and beta's own Adam in the search stage
+    optfusion_search_lr: float = 1e-3
+    # static_branch "optfusion": n cross and n deep components (the paper's n = 3)
+    optfusion_layers: int = 3
 
 
 @dataclass

@@ -150,8 +150,8 @@ def test_unknown_model_names_the_choices():
 @pytest.mark.parametrize(
     "field, value, message",
     [
-        ("fusion", "concatt", r"model.fusion='concatt' is not one of: gate, concat, fixed, attention, cross_attention, dlf_naf"),
-        ("static_branch", "dcn", r"model.static_branch='dcn' is not one of: dcnv3, dcnv3_official, mlp, dlf, none"),
+        ("fusion", "concatt", r"model.fusion='concatt' is not one of: gate, concat, fixed, attention, cross_attention, dlf_naf, optfusion"),
+        ("static_branch", "dcn", r"model.static_branch='dcn' is not one of: dcnv3, dcnv3_official, mlp, dlf, optfusion, none"),
         ("sequence_branch", "gru", r"model.sequence_branch='gru' is not one of: mamba, none"),
         ("scan_backend", "triton", r"model.scan_backend='triton' is not one of: auto, reference, fused_cpu, cpu, compiled, mamba_ssm"),
         ("fixed_gate", 1.5, r"model.fixed_gate=1.5 must lie in \[0, 1\]"),

@@ -29,6 +29,7 @@ from mdaf_dist.data.loader import make_batch
 from mdaf_dist.distributed.env import distributed
 from mdaf_dist.distributed.sharding import supported_sharding_types, table_sharding_types
 from mdaf_dist.errors import UserError
+from mdaf_dist.train.optim import architecture_parameters
 from mdaf_dist.train.trainer import Trainer
 from tests.distributed import prepare_tiny_data, run_ranks, tiny_config
 
@@ -53,7 +54,12 @@ def _initial_weights(trainer: Trainer) -> Dict[str, object]:
             tables[name] = [(*s.metadata.shard_offsets, s.tensor.detach().clone()) for s in weight.local_shards()]
         else:
             tables[name] = [(0, 0, weight.detach().clone())]
-    return {"dense": torch.cat([p.detach().flatten() for p in trainer.dense_params]), "tables": tables}
+    return {"dense": _dense(trainer), "tables": tables}
+
+
+def _dense(trainer: Trainer) -> torch.Tensor:
+    """Every parameter but the tables, OptFusion's alpha and beta included."""
+    return torch.cat([p.detach().flatten() for p in [*trainer.dense_params, *architecture_parameters(trainer.model).values()]])
 
 
 def _whole_tables(ranks: List[Dict[str, object]]) -> Dict[str, torch.Tensor]:
@@ -79,30 +85,33 @@ def _train(trainer: Trainer, data_dir: Path, rank: int, world_size: int, steps: 
         loss_sum = trainer.train_step(_batch(data_dir, start, start + half)).reshape(1)
         dist.all_reduce(loss_sum)
         losses.append(float(loss_sum) / GLOBAL_BATCH)
-    dense = torch.cat([p.detach().flatten() for p in trainer.dense_params])
+    dense = _dense(trainer)
     return {"initial": initial, "losses": losses, "auc": trainer.evaluate()["auc"], "dense": dense}
 
 
-def _sharded_runs(data_dir: Path, out: Path) -> Dict[str, Dict[str, object]]:
+def _sharded_runs(data_dir: Path, out: Path, model: List[str], kinds: List[str]) -> Dict[str, Dict[str, object]]:
     results = {}
     with distributed("cpu") as env:
-        for kind in CPU_TYPES:
-            trainer = Trainer(tiny_config(data_dir, out / kind, f"sharding.default={kind}"), env)
+        for kind in kinds:
+            trainer = Trainer(tiny_config(data_dir, out / kind, f"sharding.default={kind}", *model), env)
             results[kind] = _train(trainer, data_dir, env.rank, env.world_size)
     return results
 
 
-def test_sharded_training_on_any_plan_and_world_size_equals_unsharded_reference(tmp_path):
+# the default model on every plan; OptFusion's search (its alpha and beta trained by their own
+# Adam, DDP-averaged like the dense gradients) on one
+@pytest.mark.parametrize("model, kinds", [([], CPU_TYPES), (["model.fusion=optfusion"], ["row_wise"])], ids=["mdaf", "optfusion"])
+def test_sharded_training_on_any_plan_and_world_size_equals_unsharded_reference(tmp_path, model, kinds):
     """No weights are copied between the runs: the same seed must give the same start."""
     data_dir = prepare_tiny_data(tmp_path / "tiny")
     with distributed("cpu") as env:
-        reference = _train(Trainer(tiny_config(data_dir, tmp_path / "reference"), env, embedding_backend="plain"), data_dir, 0, 1)
-        one_rank = _train(Trainer(tiny_config(data_dir, tmp_path / "one_rank", "sharding.default=row_wise"), env), data_dir, 0, 1)
+        reference = _train(Trainer(tiny_config(data_dir, tmp_path / "reference", *model), env, embedding_backend="plain"), data_dir, 0, 1)
+        one_rank = _train(Trainer(tiny_config(data_dir, tmp_path / "one_rank", "sharding.default=row_wise", *model), env), data_dir, 0, 1)
     assert reference["losses"][-1] < reference["losses"][0]
     reference_tables = _whole_tables([reference["initial"]])
 
-    ranks = run_ranks(2, _sharded_runs, data_dir, tmp_path / "sharded")
-    runs = {"1 rank": [one_rank], **{f"2 ranks {kind}": [rank[kind] for rank in ranks] for kind in CPU_TYPES}}
+    ranks = run_ranks(2, _sharded_runs, data_dir, tmp_path / "sharded", model, kinds)
+    runs = {"1 rank": [one_rank], **{f"2 ranks {kind}": [rank[kind] for rank in ranks] for kind in kinds}}
     for name, results in runs.items():
         for rank in results:
             torch.testing.assert_close(rank["initial"]["dense"], reference["initial"]["dense"], rtol=0, atol=0, msg=name)

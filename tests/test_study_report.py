@@ -238,3 +238,43 @@ def test_a_filtered_row_better_on_its_own_validation_set_but_worse_on_the_common
     p = delong_test(labels, predictions[last_l], predictions[none])
     assert data["last_l"]["p_value"] == pytest.approx(p) and 0.0 <= p <= 1.0 and data["last_l"]["test"] == "DeLong"
     assert rows["last_l"]["p"] == f"{p:.2g}"
+
+
+OPTFUSION_STUDY = """name: zoo
+configs: [configs/paper.yaml]
+axes:
+  - name: Fusion
+    values:
+      - {label: gate}
+      - {label: OptFusion, set: {model.fusion: optfusion, model.optfusion_stage: search_retrain}}
+seeds: [1, 2]
+report: {kind: models, reference: gate}
+"""
+
+
+def test_models_report_gives_time_per_epoch_and_the_optfusion_selection_of_each_seed(tmp_path):
+    study_file = tmp_path / "zoo.yaml"
+    study_file.write_text(OPTFUSION_STUDY)
+    plan, study_dir, results = _recorded_study(tmp_path, str(study_file))
+    train_rows = json.loads(next(study_dir.root.glob("data/*/meta.json")).read_text())["splits"]["train"]["rows"]
+    search_speed = {1: 500.0, 2: 250.0}
+    for seed, operation in ((1, "prod"), (2, "att")):
+        search = study_dir.cell(f"fusion-optfusion_seed-{seed}") / "search"
+        search.mkdir()
+        (search / "results.json").write_text(json.dumps({"samples_per_sec": search_speed[seed]}))
+        selection = {"fusion": {"output": {"inputs": ["h_static", "h_seq"] if seed == 1 else ["h_seq"], "operation": operation}}}
+        (search / "optfusion_architecture.json").write_text(json.dumps(selection))
+    report = write_report(study_dir.root)
+    rows = _markdown_rows(report.markdown, "Fusion")
+
+    def epoch_seconds(cell: str) -> float:
+        return statistics.fmean(train_rows / results[f"{cell}_seed-{s}"]["samples_per_sec"] for s in (1, 2))
+
+    search_seconds = statistics.fmean(train_rows / speed for speed in search_speed.values())
+    assert rows["gate"]["s / epoch"] == f"{epoch_seconds('fusion-gate'):.1f}"
+    assert rows["OptFusion"]["s / epoch"] == f"{epoch_seconds('fusion-optfusion'):.1f} (+{search_seconds:.1f} search)"
+    assert rows["OptFusion"]["OptFusion selection"] == "seed 1: fusion.output = prod(h_static, h_seq)<br>seed 2: fusion.output = att(h_seq)"
+    assert rows["gate"]["OptFusion selection"] == "n/a"
+    # the re-trained model's count: the gate's 2D -> D -> 1 (D = 64) gone, prod has no parameters
+    parameters = {row["label"]: row["parameters"] for row in report.data["rows"]}
+    assert parameters["gate"] - parameters["OptFusion"] == 2 * 64 * 64 + 64 + 64 + 1

@@ -15,9 +15,11 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
+from mdaf_dist.config import ModelConfig
 from mdaf_dist.models.dlf import NetworkAwareAttention
+from mdaf_dist.models.optfusion import Architecture, OptFusionFusion
 
-FUSIONS = ("gate", "concat", "fixed", "attention", "cross_attention", "dlf_naf")
+FUSIONS = ("gate", "concat", "fixed", "attention", "cross_attention", "dlf_naf", "optfusion")
 CROSS_ATTENTION_DIRECTIONS = ("seq_to_static", "static_to_seq", "both")
 
 Fused = Tuple[torch.Tensor, Optional[torch.Tensor]]
@@ -156,18 +158,22 @@ class DLFNAFFusion(nn.Module):
         return torch.cat([h_static, h_seq, att], dim=-1), None
 
 
-def build_fusion(name: str, dim: int, fixed_gate: float, num_heads: int, dropout: float, gate_hidden: int = 0,
-                 cross_attention_direction: str = "seq_to_static") -> nn.Module:
+def build_fusion(cfg: ModelConfig, dim: int, optfusion_architecture: Optional[Architecture] = None) -> nn.Module:
+    """`cfg.fusion` at width `dim`; `optfusion_architecture`: OptFusion's selection to re-train
+    (models/optfusion.py), None while searching."""
+    name = cfg.fusion
     if name == "gate":
-        return AdaptiveGate(dim, gate_hidden)
+        return AdaptiveGate(dim, cfg.gate_hidden)
     if name == "concat":
         return ConcatFusion(dim)
     if name == "fixed":
-        return FixedGate(dim, fixed_gate)
+        return FixedGate(dim, cfg.fixed_gate)
     if name == "attention":
-        return AttentionFusion(dim, num_heads, dropout)
+        return AttentionFusion(dim, cfg.num_heads, cfg.dropout)
     if name == "cross_attention":
-        return CrossAttentionFusion(dim, num_heads, dropout, cross_attention_direction)
+        return CrossAttentionFusion(dim, cfg.num_heads, cfg.dropout, cfg.cross_attention_direction)
     if name == "dlf_naf":
         return DLFNAFFusion(dim)
+    if name == "optfusion":
+        return OptFusionFusion(dim, cfg.optfusion_search_lr, optfusion_architecture)
     raise ValueError(f"unknown fusion {name!r}; expected one of {FUSIONS}")

@@ -25,6 +25,7 @@ from mdaf_dist.config import ModelConfig
 from mdaf_dist.models.embeddings import embed
 from mdaf_dist.models.fusion import build_fusion
 from mdaf_dist.models.mamba4rec import SequenceBranch
+from mdaf_dist.models.optfusion import selected_architecture, space_architecture
 from mdaf_dist.models.output import ModelOutput, prediction_head
 from mdaf_dist.models.static_branch import build_static_branch
 
@@ -41,13 +42,14 @@ class MDAF(nn.Module):
         self.history_length = cfg.history_length
         self.static_dropout = nn.Dropout(cfg.dropout)
         self.static_norm = nn.LayerNorm(3 * dim)
-        self.static = build_static_branch(cfg.static_branch, 3 * dim, dim, cfg.lcn_layers, cfg.ecn_layers, cfg.dropout, cfg.dcnv3_batch_norm,
-                                          cfg.dlf_layers, cfg.dlf_attention_layers, cfg.dlf_layer_norm)
+        selection = selected_architecture(cfg) if "optfusion" in (cfg.fusion, cfg.static_branch) else None
+        self.static = build_static_branch(cfg, 3 * dim, dim, space_architecture(selection, "static_branch") if cfg.static_branch == "optfusion" else None)
         self.sequence: Optional[SequenceBranch] = SequenceBranch(cfg) if cfg.sequence_branch == "mamba" else None
         # with one branch there is nothing to fuse: h is that branch's representation
         self.fusion: Optional[nn.Module] = (
-            build_fusion(cfg.fusion, dim, cfg.fixed_gate, cfg.num_heads, cfg.dropout, cfg.gate_hidden, cfg.cross_attention_direction)
-            if self.sequence is not None else None
+            build_fusion(cfg, dim, space_architecture(selection, "fusion") if cfg.fusion == "optfusion" else None)
+            if self.sequence is not None
+            else None
         )
         self.fusion_dropout = nn.Dropout(cfg.dropout)
         # the paper's head is D -> D -> 1; concat fusion hands it 2D inputs, the hidden width stays D

@@ -16,6 +16,7 @@ from mdaf_dist.models.embeddings import build_embeddings, table_configs
 from mdaf_dist.models.mamba4rec import Mamba4Rec
 from mdaf_dist.models.fusion import CROSS_ATTENTION_DIRECTIONS, FUSIONS
 from mdaf_dist.models.mdaf import MDAF, SEQUENCE_BRANCHES
+from mdaf_dist.models.optfusion import STAGES as OPTFUSION_STAGES
 from mdaf_dist.models.selective_scan import BACKENDS as SCAN_BACKENDS
 from mdaf_dist.models.static_branch import STATIC_BRANCHES
 
@@ -46,11 +47,12 @@ def check_model_config(cfg: ModelConfig) -> None:
     check_choice("model.fusion", cfg.fusion, FUSIONS)
     check_choice("model.scan_backend", cfg.scan_backend, SCAN_BACKENDS)
     check_choice("model.cross_attention_direction", cfg.cross_attention_direction, CROSS_ATTENTION_DIRECTIONS)
+    check_choice("model.optfusion_stage", cfg.optfusion_stage, OPTFUSION_STAGES)
     if cfg.static_branch == "none" and cfg.sequence_branch == "none":
         raise ConfigError("model.static_branch and model.sequence_branch cannot both be 'none'")
     if not 0.0 <= cfg.fixed_gate <= 1.0:
         raise ConfigError(f"model.fixed_gate={cfg.fixed_gate!r} must lie in [0, 1]")
-    for key in ("mamba_layers", "autoint_layers", "autoint_heads", "bst_blocks", "bst_heads", "dlf_layers", "dlf_attention_layers"):
+    for key in ("mamba_layers", "optfusion_layers", "autoint_layers", "autoint_heads", "bst_blocks", "bst_heads", "dlf_layers", "dlf_attention_layers"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"model.{key}={getattr(cfg, key)!r} must be at least 1")
     if cfg.gate_hidden < 0:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from torch import nn
 
+from mdaf_dist.config import ModelConfig
 from mdaf_dist.models.dcn import OfficialDCNv3, PaperDCNv3
 from mdaf_dist.models.dlf import DLFStaticBranch
+from mdaf_dist.models.optfusion import Architecture, OptFusionStatic
 
 # "none" (sequence only) has no module: the registry builds the Mamba4Rec model for it
-STATIC_BRANCHES = ("dcnv3", "dcnv3_official", "mlp", "dlf")
+STATIC_BRANCHES = ("dcnv3", "dcnv3_official", "mlp", "dlf", "optfusion")
 
 
 def mlp_static_branch(in_dim: int, out_dim: int, num_layers: int, dropout: float) -> nn.Sequential:
@@ -20,17 +24,18 @@ def mlp_static_branch(in_dim: int, out_dim: int, num_layers: int, dropout: float
     return nn.Sequential(*layers, nn.Linear(in_dim, out_dim), nn.LayerNorm(out_dim))
 
 
-def build_static_branch(name: str, in_dim: int, out_dim: int, lcn_layers: int, ecn_layers: int, dropout: float,
-                        batch_norm: bool = False, dlf_layers: int = 8, dlf_attention_layers: int = 2,
-                        dlf_layer_norm: bool = True) -> nn.Module:
-    """`batch_norm`: the published DCNv3's BatchNorm switch (dcnv3_official only); `dlf_*`: DLF's
-    layers, NAF rounds and per-layer LayerNorm (dlf only)."""
+def build_static_branch(cfg: ModelConfig, in_dim: int, out_dim: int, optfusion_architecture: Optional[Architecture] = None) -> nn.Module:
+    """`cfg.static_branch` from in_dim to out_dim; `optfusion_architecture`: OptFusion's selection
+    to re-train (models/optfusion.py), None while searching."""
+    name = cfg.static_branch
     if name == "dcnv3":
-        return PaperDCNv3(in_dim, out_dim, lcn_layers, ecn_layers)
+        return PaperDCNv3(in_dim, out_dim, cfg.lcn_layers, cfg.ecn_layers)
     if name == "dcnv3_official":
-        return OfficialDCNv3(in_dim, out_dim, lcn_layers, ecn_layers, batch_norm=batch_norm, dropout=dropout)
+        return OfficialDCNv3(in_dim, out_dim, cfg.lcn_layers, cfg.ecn_layers, batch_norm=cfg.dcnv3_batch_norm, dropout=cfg.dropout)
     if name == "dlf":
-        return DLFStaticBranch(in_dim, out_dim, 3, dlf_layers, dlf_attention_layers, dlf_layer_norm)
+        return DLFStaticBranch(in_dim, out_dim, 3, cfg.dlf_layers, cfg.dlf_attention_layers, cfg.dlf_layer_norm)
     if name == "mlp":
-        return mlp_static_branch(in_dim, out_dim, max(lcn_layers, ecn_layers), dropout)
+        return mlp_static_branch(in_dim, out_dim, max(cfg.lcn_layers, cfg.ecn_layers), cfg.dropout)
+    if name == "optfusion":
+        return OptFusionStatic(in_dim, out_dim, cfg.optfusion_layers, cfg.dropout, cfg.optfusion_search_lr, optfusion_architecture)
     raise ValueError(f"unknown static_branch {name!r}; expected one of {STATIC_BRANCHES}")

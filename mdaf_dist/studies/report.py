@@ -9,6 +9,7 @@ results.json and their data's meta.json (`results`); the paper's from `paper`.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -19,7 +20,7 @@ from mdaf_dist.analysis.dynamics import table7
 from mdaf_dist.analysis.report import markdown_table
 from mdaf_dist.studies import paper, plots
 from mdaf_dist.studies.results import CellRecord, Row, Stat, load_cells, rows
-from mdaf_dist.files import write_json
+from mdaf_dist.files import read_json, write_json
 from mdaf_dist.studies.significance import Comparison, compare
 from mdaf_dist.studies.workdir import CELL_CONFIG, StudyDir
 
@@ -28,6 +29,11 @@ WALL = "Train loop s"
 WALL_NOTE = (
     f"{WALL}: wall seconds of the training loop, every epoch with its evaluations and checkpoints (results.json "
     "`wall_seconds`); not the job's start-up, model building or data preparation; a resumed run counts from its resume."
+)
+EPOCH_NOTE = (
+    "s / epoch: one epoch's training samples over the run's samples/s (evaluation and checkpoints included), mean over "
+    "seeds; an OptFusion row run as search_retrain shows its re-train's and, in brackets, its search's. OptFusion "
+    "selection: per seed, each fusion point's operation and connected inputs (models/optfusion.py)."
 )
 
 
@@ -210,20 +216,49 @@ def _first_axis_name(plan: Dict[str, Any]) -> str:
 
 def _parameters(row: Row) -> Optional[int]:
     """The row's model's parameter count, built on the meta device from its config and the
-    vocabulary sizes of its data (embeddings included, as the paper counts them)."""
-    cell = next((cell for cell in row.cells if cell.config is not None and cell.meta and "vocab" in cell.meta), None)
-    if cell is None:
-        return None
+    vocabulary sizes of its data (embeddings included, as the paper counts them); of an OptFusion
+    search_retrain cell, the re-trained model's, once its search has selected one."""
     import torch  # the models only for a models report
 
     from mdaf_dist.config import load_config
     from mdaf_dist.models.describe import count_parts
+    from mdaf_dist.models.optfusion import stages
     from mdaf_dist.models.registry import build_model
 
-    cfg = load_config(str(cell.dir / CELL_CONFIG))
-    vocab = {name: int(cell.meta["vocab"][name]) for name in ("user", "item", "category")}
-    model = build_model(cfg.model, vocab, embedding_backend="plain", embedding_device=torch.device("meta"))
-    return dict(count_parts(model))["total"]
+    for cell in row.cells:
+        if cell.config is None or not cell.meta or "vocab" not in cell.meta:
+            continue
+        # the cell's directory, wherever the study directory now is
+        cfg = stages(dataclasses.replace(load_config(str(cell.dir / CELL_CONFIG)), output_dir=str(cell.dir)))[-1]
+        if cfg.model.optfusion_architecture and not Path(cfg.model.optfusion_architecture).is_file():
+            continue
+        vocab = {name: int(cell.meta["vocab"][name]) for name in ("user", "item", "category")}
+        model = build_model(cfg.model, vocab, embedding_backend="plain", embedding_device=torch.device("meta"))
+        return dict(count_parts(model))["total"]
+    return None
+
+
+def _optfusion_selections(row: Row) -> List[str]:
+    """Each seed's selected OptFusion architecture (empty for a row without OptFusion)."""
+    from mdaf_dist.config import load_config
+    from mdaf_dist.models.optfusion import describe_architecture, run_architecture
+
+    selections = []
+    for cell in row.cells:
+        path = run_architecture(load_config(str(cell.dir / CELL_CONFIG)).model, cell.dir) if cell.config is not None else None
+        if path is not None and path.is_file():
+            selections.append(f"seed {cell.seed}: " + "; ".join(describe_architecture(read_json(path, "OptFusion's selected architecture"))))
+    return selections
+
+
+def _epoch_time(row: Row) -> str:
+    """Seconds per epoch, mean over seeds; an OptFusion search_retrain row adds its search's."""
+    from mdaf_dist.models.optfusion import SEARCH_DIR
+
+    text = fmt_value(_mean(row.stat("epoch_seconds")), 1)
+    searches = [dataclasses.replace(cell, results=read_json(path, "a run's record")) for cell in row.cells if (path := cell.dir / SEARCH_DIR / "results.json").is_file()]
+    search = Row(row.label, row.coords, searches).stat("epoch_seconds")
+    return text if search is None else f"{text} (+{search.mean:.1f} search)"
 
 
 # the report fields naming the mdaf_dist.studies.paper tables a models report shows beside ours
@@ -261,24 +296,25 @@ def _models(plan: Dict[str, Any], cells: Dict[str, CellRecord], out: Path) -> _P
         comparison = basis.compare(row, reference)
         parameters = _parameters(row)
         kind = published["paper"].kind if published["paper"] else NA
+        selections = _optfusion_selections(row)
         body.append([
-            row.label, *([kind] if typed else []), str(len(row.cells)), fmt_params(parameters),
+            row.label, *([kind] if typed else []), str(len(row.cells)), fmt_params(parameters), _epoch_time(row),
             fmt_stat(row.stat("auc")), fmt_stat(row.stat("logloss"), 3), fmt_stat(row.stat("common_auc")),
             fmt_delta(comparison), fmt_p(comparison), fmt_stat(row.stat("test_auc")),
         ])  # fmt: skip
-        published_body.append([text for key in tables for text in _published_cells(published[key])])
+        published_body.append([*[text for key in tables for text in _published_cells(published[key])], "<br>".join(selections) or NA])
         data.append(_row_data(
-            row, ("logloss", "test_auc", "train_auc"), comparison, parameters=parameters,
+            row, ("logloss", "test_auc", "train_auc", "epoch_seconds"), comparison, parameters=parameters, optfusion=selections,
             **{key: published[key].__dict__ if published[key] else None for key in PAPER_FIELDS},
         ))  # fmt: skip
     header = [
-        _first_axis_name(plan), *(["Type"] if typed else []), "Seeds", "Parameters", "Val AUC", "Log Loss (best epoch)", "Common AUC",
-        f"Δ vs {reference.label}", "p", "Test AUC",
+        _first_axis_name(plan), *(["Type"] if typed else []), "Seeds", "Parameters", "s / epoch", "Val AUC", "Log Loss (best epoch)",
+        "Common AUC", f"Δ vs {reference.label}", "p", "Test AUC",
     ]  # fmt: skip
-    published_header = [name for table in tables.values() for name in _published_header(table)]
+    published_header = [name for table in tables.values() for name in _published_header(table)] + ["OptFusion selection"]
     published_header, published_body = _without_empty_columns(published_header, published_body)
     body = [ours + theirs for ours, theirs in zip(body, published_body)]
-    parts.sections += [basis.above, markdown_table(header + published_header, body), basis.below]
+    parts.sections += [basis.above, markdown_table(header + published_header, body), basis.below, EPOCH_NOTE]
     parts.sections += [f"{table.title} numbers: {table.source}." for table in tables.values()]
     parts.data["rows"] = data
     parts.data["reference"] = reference.label

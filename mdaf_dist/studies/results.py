@@ -28,7 +28,7 @@ from mdaf_dist.studies.workdir import CELL_CONFIG, StudyDir
 
 METRICS = (
     "auc", "logloss", "train_auc", "test_auc", "common_auc", "common_logloss", "common_samples", "samples_per_sec",
-    "samples_trained", "wall_seconds", "train_samples", "valid_samples", "train_positive_share",
+    "samples_trained", "wall_seconds", "epoch_seconds", "train_samples", "valid_samples", "train_positive_share",
 )  # fmt: skip
 
 
@@ -69,6 +69,7 @@ class CellRecord:
 
     def metric(self, name: str) -> Optional[float]:
         r, meta, best, common = self.results or {}, self.meta or {}, self.best_evaluation(), self.common or {}
+        train_samples, throughput = meta.get("splits", {}).get("train", {}).get("rows"), r.get("samples_per_sec")
         value: Any = {
             "auc": r.get("best_auc"),
             "logloss": best.get("logloss"),
@@ -80,7 +81,9 @@ class CellRecord:
             "samples_per_sec": r.get("samples_per_sec"),
             "samples_trained": r.get("samples_trained"),
             "wall_seconds": r.get("wall_seconds"),
-            "train_samples": meta.get("splits", {}).get("train", {}).get("rows"),
+            # one epoch's training samples at the run's pace (evaluation and checkpoints included)
+            "epoch_seconds": train_samples / throughput if train_samples and throughput else None,
+            "train_samples": train_samples,
             "valid_samples": meta.get("splits", {}).get("valid", {}).get("rows"),
             "train_positive_share": meta.get("splits", {}).get("train", {}).get("positive_share"),
         }[name]

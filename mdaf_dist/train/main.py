@@ -17,6 +17,7 @@ from mdaf_dist.config import load_config
 from mdaf_dist.distributed.env import decided_on_rank_0, distributed
 from mdaf_dist.errors import UserError, one_line
 from mdaf_dist.files import DirectoryLock, finite, output_directory
+from mdaf_dist.models.optfusion import stages
 from mdaf_dist.train.trainer import EMBEDDING_BACKENDS, RESULTS_FILE, Trainer
 
 
@@ -39,7 +40,9 @@ def run(args: argparse.Namespace) -> int:
 
         decided_on_rank_0(claim_output_dir)
         try:
-            results = Trainer(cfg, env, embedding_backend=args.embedding_backend).fit()
+            # one run, or OptFusion's search then its re-train (model.optfusion_stage=search_retrain)
+            for stage in stages(cfg):
+                results = Trainer(stage, env, embedding_backend=args.embedding_backend).fit()
         finally:
             lock.release()
         if env.is_main:

@@ -20,6 +20,9 @@ parameter at every step, and clipping by the global norm needs every table gradi
 fused update never materialises. Table A1's weight-decay axis therefore moves the dense part only.
 Of the dense parameters, those marked `_no_weight_decay` (the Mamba block's A_log and D, as
 mamba_ssm marks them) are not decayed either.
+OptFusion's architecture parameters (alpha, beta; models/optfusion.py) are not trained by AdamW:
+as in the authors' code they have an Adam of their own, stepped on the same batches (no weight
+decay, no clipping; the warmup schedules it with the rest).
 Gradients of sharded tables are the sum of every rank's local-mean loss gradient (DDP averages
 dense gradients instead); Adam and (row-wise) Adagrad are invariant to that scale up to eps.
 """
@@ -38,6 +41,7 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from mdaf_dist.config import TrainConfig, check_choice
 from mdaf_dist.errors import UserError
+from mdaf_dist.models.optfusion import ARCHITECTURE_LR
 
 EMBEDDING_OPTIMIZERS: Dict[str, Type[torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam,
@@ -78,13 +82,23 @@ def fuse_embedding_optimizer(embeddings: nn.Module, name: str, cfg: TrainConfig)
     apply_optimizer_in_backward(optimizer_class, embeddings.parameters(), kwargs)
 
 
-def dense_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
-    """Parameters trained by AdamW: everything but the tables (fused or plain)."""
+def _trained_by_backprop(model: nn.Module) -> Dict[str, nn.Parameter]:
+    """Every parameter but the tables (fused or plain)."""
     return {
         name: p
         for name, p in in_backward_optimizer_filter(model.named_parameters())
         if not name.startswith(EMBEDDINGS_PREFIX) and p.requires_grad
     }
+
+
+def dense_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
+    """Parameters trained by AdamW: everything but the tables and OptFusion's architecture."""
+    return {name: p for name, p in _trained_by_backprop(model).items() if not hasattr(p, ARCHITECTURE_LR)}
+
+
+def architecture_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
+    """OptFusion's alpha and beta while it searches (empty otherwise)."""
+    return {name: p for name, p in _trained_by_backprop(model).items() if hasattr(p, ARCHITECTURE_LR)}
 
 
 def adamw(params: List[torch.Tensor], cfg: TrainConfig) -> torch.optim.AdamW:
@@ -102,13 +116,20 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, embedding_optimizer: str
     dense = KeyedOptimizerWrapper(
         dense_parameters(model), lambda params: adamw(params, cfg)
     )
+    architecture = architecture_parameters(model)
+    searched = [("architecture", KeyedOptimizerWrapper(architecture, architecture_adam))] if architecture else []
     fused = getattr(model, "fused_optimizer", None)
     if fused is not None:
-        return CombinedOptimizer([("dense", dense), ("embeddings", fused)])
+        return CombinedOptimizer([("dense", dense), *searched, ("embeddings", fused)])
     plain_tables = {name: p for name, p in model.named_parameters() if name.startswith(EMBEDDINGS_PREFIX)}
     optimizer_class, kwargs = embedding_optimizer_spec(embedding_optimizer, cfg)
     tables = KeyedOptimizerWrapper(plain_tables, lambda params: optimizer_class(params, **kwargs))
-    return CombinedOptimizer([("dense", dense), ("embeddings", tables)])
+    return CombinedOptimizer([("dense", dense), *searched, ("embeddings", tables)])
+
+
+def architecture_adam(params: List[torch.Tensor]) -> torch.optim.Adam:
+    """OptFusion's architecture optimizer, at the learning rate its parameters carry."""
+    return torch.optim.Adam(params, lr=getattr(params[0], ARCHITECTURE_LR))
 
 
 def warmup_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:

@@ -49,6 +49,7 @@ from mdaf_dist.errors import UserError
 from mdaf_dist.files import read_json, write_json
 from mdaf_dist.models.embeddings import init_tables
 from mdaf_dist.models.loss import smoothed_bce
+from mdaf_dist.models.optfusion import ARCHITECTURE_FILE, describe_architecture, searched_architecture
 from mdaf_dist.models.output import ModelOutput
 from mdaf_dist.models.registry import build_model
 from mdaf_dist.train.logging import RunLogger
@@ -350,7 +351,17 @@ class Trainer:
         if self.env.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             write_json(results_file, results)
+            self._save_searched_architecture()
         return results
+
+    def _save_searched_architecture(self) -> None:
+        """OptFusion's search stage: the final model's selection, printed and written to
+        <output_dir>/optfusion_architecture.json (each checkpoint holds its own, too)."""
+        selection = searched_architecture(self.model)
+        if selection is not None:
+            path = self.out_dir / ARCHITECTURE_FILE
+            write_json(path, selection)
+            print("OptFusion architecture:\n  " + "\n  ".join(describe_architecture(selection)) + f"\nwritten to {path}", flush=True)
 
     def _planned_steps(self) -> int:
         """The step count this run ends at unless it stops early: the steps taken, the rest of
@@ -394,6 +405,9 @@ class Trainer:
             "test_metrics": test,
         }
         files = {ckpt.CONFIG_FILE: to_yaml(self.cfg)}
+        selection = searched_architecture(self.model)
+        if selection is not None:
+            files[ARCHITECTURE_FILE] = json.dumps(selection, indent=2)
         if self.sharded:
             files[PLAN_JSON] = json.dumps(describe_plan(self.model.plan), indent=2)
             files[PLAN_TEXT] = str(self.model.plan) + "\n"
