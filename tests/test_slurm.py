@@ -2,7 +2,8 @@
 `torchx run -s slurm dist.ddp` line, and `mdaf study run --scheduler slurm` through what a cluster
 does to a study: a user's `scancel` of one cell, a second run on the same directory, the study
 killed and run again (it attaches to the job still running), SIGTERM, a job that can never start.
-Without a cluster that answers, these tests skip with one line saying why.
+Without a cluster that answers, these tests skip with one line saying why. Two more need no
+cluster: Slurm without accounting, and a bad --resources, each refused in one line.
 
 The study's processes get a PATH without this environment's bin directory: the jobs must run the
 study's interpreter, not whatever `torchrun` PATH finds. Tiny synthetic data, a few steps per cell.
@@ -22,10 +23,9 @@ from typing import Callable, Dict, List
 
 import pytest
 
+from mdaf_dist import cli
 from mdaf_dist.studies.workdir import StudyDir
 from tests.distributed import prepare_tiny_data
-
-pytestmark = pytest.mark.slurm
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -109,6 +109,7 @@ def _write_study(root: Path, name: str, seeds: List[int]) -> Path:
     return study
 
 
+@pytest.mark.slurm
 def test_torchx_dist_ddp_on_slurm_writes_results_from_a_job_dir_without_the_environment(slurm, tmp_path):
     data_dir = prepare_tiny_data(tmp_path / "tiny")
     job_dir, output_dir = tmp_path / "job", tmp_path / "run"
@@ -167,6 +168,7 @@ def cancelled_and_rerun(slurm, tmp_path_factory):
     }  # fmt: skip
 
 
+@pytest.mark.slurm
 def test_a_cell_cancelled_by_the_user_is_recorded_in_the_schedulers_words(cancelled_and_rerun):
     cancelled, out = cancelled_and_rerun["cancelled"], cancelled_and_rerun["out"]
     words = f"CANCELLED by {os.getuid()}"
@@ -174,12 +176,14 @@ def test_a_cell_cancelled_by_the_user_is_recorded_in_the_schedulers_words(cancel
     assert (out / "cells" / "base_seed-1" / "error.txt").read_text().startswith(f"job {words}")
 
 
+@pytest.mark.slurm
 def test_a_second_run_on_the_directory_is_refused(cancelled_and_rerun):
     second, out = cancelled_and_rerun["second"], cancelled_and_rerun["out"]
     assert second.returncode == 2
     assert second.stderr.strip().startswith(f"mdaf study: error: {out} is in use by another study (pid ")
 
 
+@pytest.mark.slurm
 def test_a_rerun_attaches_to_the_live_job_and_completes_the_study(cancelled_and_rerun):
     returncode, stdout, stderr = cancelled_and_rerun["rerun"]
     out = cancelled_and_rerun["out"]
@@ -199,6 +203,7 @@ def test_a_rerun_attaches_to_the_live_job_and_completes_the_study(cancelled_and_
         assert (out / "cells" / cell / "slurm" / f"slurm-{job}-cancel-{cell}-0.err").is_file()
 
 
+@pytest.mark.slurm
 def test_sigterm_cancels_the_running_jobs(slurm, tmp_path):
     study, out = _write_study(tmp_path, "term", [1]), tmp_path / "out"
     study_run = subprocess.Popen(_study_command(study, out), cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -213,6 +218,7 @@ def test_sigterm_cancels_the_running_jobs(slurm, tmp_path):
     assert _status(out)["base_seed-1"]["state"] == "interrupted"
 
 
+@pytest.mark.slurm
 def test_a_job_the_partition_can_never_run_fails_with_the_reason(slurm, tmp_path):
     study, out = _write_study(tmp_path, "toobig", [1]), tmp_path / "out"
     # more CPUs than the node has: Slurm takes the job and keeps it pending (PartitionConfig)
@@ -222,3 +228,54 @@ def test_a_job_the_partition_can_never_run_fails_with_the_reason(slurm, tmp_path
     error = _status(out)["base_seed-1"]["error"]
     assert error.startswith("job PENDING (PartitionConfig) for over 2 s, cancelled: the cluster cannot run it as asked"), error
     assert not _squeue(_job_id(out, "base_seed-1"))
+
+
+def _study_cli(study: Path, out: Path, *options: str) -> List[str]:
+    """The study command's arguments, for `cli.main` in this process (in the repository)."""
+    return _study_command(study, out, *options)[3:]
+
+
+@pytest.fixture
+def in_repo(monkeypatch) -> None:
+    monkeypatch.chdir(REPO)
+
+
+def test_slurm_without_accounting_is_refused_before_anything_is_submitted(tmp_path, monkeypatch, capsys, in_repo):
+    # Slurm's own commands where accounting is off: sacct refuses, sbatch would take the job
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "sacct").write_text("#!/bin/sh\necho 'sacct: error: Slurm accounting storage is disabled' >&2\nexit 1\n")
+    (fake / "sbatch").write_text(f"#!/bin/sh\ntouch {tmp_path / 'submitted'}\necho 1\n")
+    for command in fake.iterdir():
+        command.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:/usr/bin:/bin")
+    study, out = _write_study(tmp_path, "noacct", [1]), tmp_path / "out"
+    assert cli.main(_study_cli(study, out)) == 2
+    assert capsys.readouterr().err.strip() == (
+        "mdaf study: error: --scheduler slurm needs Slurm accounting (slurmdbd), but `sacct` says: sacct: error: Slurm accounting storage is disabled"
+    )
+    assert not (tmp_path / "submitted").exists() and not (out / "status.json").exists()
+
+
+@pytest.mark.parametrize(
+    "resources, error",
+    [
+        ("cpus=4", "Key 'cpus' not in 'ResourcesSpec' (keys: cpu_per_rank, gpu_per_rank, memMB_per_rank)"),
+        ("memMB_per_rank=lots", "Value 'lots' of type 'str' could not be converted to Integer (keys: cpu_per_rank, gpu_per_rank, memMB_per_rank)"),
+        ("gpu_per_rank=-1", "gpu_per_rank=-1 must not be negative"),
+    ],
+)
+def test_bad_resources_are_refused_in_one_line(tmp_path, capsys, in_repo, resources, error):
+    study = _write_study(tmp_path, "bad", [1])
+    assert cli.main([*_study_cli(study, tmp_path / "out", "--dryrun"), "--resources", resources]) == 2
+    assert capsys.readouterr().err.strip() == f"mdaf study: error: --resources {resources!r}: {error}"
+
+
+def test_resources_from_the_command_line_reach_the_sbatch_script(tmp_path, capsys, in_repo):
+    study = _write_study(tmp_path, "asks", [1])
+    assert cli.main([*_study_cli(study, tmp_path / "out", "--dryrun", "world_size=2"), "--resources", "cpu_per_rank=3,memMB_per_rank=1000"]) == 0
+    stdout = capsys.readouterr().out
+    (directive,) = [line for line in stdout.splitlines() if line.startswith("#SBATCH")]
+    assert directive == "#SBATCH --job-name=asks-base_seed-1-0 --requeue --ntasks-per-node=1 --cpus-per-task=6 --mem=2000"
+    # this environment's torchrun, whatever PATH holds
+    assert f"bash -c '{sys.executable} -m torch.distributed.run --rdzv_backend" in stdout
