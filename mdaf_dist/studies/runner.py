@@ -9,10 +9,17 @@ outgrows one machine runs on a cluster unchanged: DIR must then be on storage th
 After training, every trained cell's best checkpoint is scored on the study's common evaluation
 set (studies.common), here in the study's process.
 
-Resumable: a cell with a results.json is skipped (and a scored one is not scored again); any other cell (new, failed, interrupted) is
-launched with `train.resume=auto`, so an interrupted one continues from its last checkpoint.
-A failing cell is recorded (status.json, cells/<id>/error.txt) and the others go on. SIGINT and
-SIGTERM cancel the running jobs and leave everything for the next run.
+Resumable: a cell with a results.json is skipped (and a scored one is not scored again); a cell
+whose job (recorded in status.json) still runs, its study killed, is attached to; any other cell
+(new, failed, cancelled, interrupted) is launched with `train.resume=auto`, so an interrupted one
+continues from its last checkpoint. A failing cell, or one whose job someone cancelled, is
+recorded (status.json, cells/<id>/error.txt, with the scheduler's words: studies.jobs) and the
+others go on; a job pending for a reason that waiting does not clear is cancelled after
+`pending_timeout` and its cell failed. SIGINT and SIGTERM cancel the running jobs, on every
+scheduler, and leave everything for the next run.
+
+Slurm: each cell's job runs in (and logs to) cells/<id>/slurm, named `<study>-<cell>`; jobs on
+this file system (local_cwd, Slurm) run the study's own Python, not PATH's `torchrun`.
 
 One study at a time: the study holds a lock on DIR while it runs, and on a cell's directory
 while it writes the cell's config and while it records the cell's outcome; in between, the
