@@ -34,6 +34,8 @@ class JobStatus:
     words: str = ""
     # why a pending job waits, e.g. "PartitionConfig" ("" when the scheduler does not say)
     reason: str = ""
+    # what else the scheduler says of it (TorchX's status message)
+    message: str = ""
 
     @property
     def finished(self) -> bool:
@@ -92,4 +94,4 @@ def job_status(runner: Any, handle: str) -> Optional[JobStatus]:
         status = runner.status(handle)
     except Exception as e:  # noqa: BLE001 - a state TorchX cannot translate: the job is failed (and cancelled)
         return JobStatus(AppState.FAILED, f"{scheduler} status failed: {one_line(e)}")
-    return JobStatus(status.state, status.msg.strip() or status.state.name) if status is not None else None
+    return JobStatus(status.state, status.state.name, message=status.msg.strip()) if status is not None else None

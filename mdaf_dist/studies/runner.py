@@ -171,7 +171,7 @@ def _failure(lines: List[str], status: Optional[JobStatus], handle: str) -> tupl
     """One line saying why a job failed, and the tail of its log."""
     tail = lines[-ERROR_TAIL_LINES:]
     found = (next((line.strip() for line in reversed(tail) if pattern.search(line.strip())), None) for pattern in _ERROR_LINES)
-    summary = next((line for line in found if line), "")
+    summary = next((line for line in found if line), status.message if status else "")
     said = status.words if status else "UNKNOWN (the scheduler does not know the job)"
     return f"job {said}: {summary or 'see ' + handle}", tail
 
