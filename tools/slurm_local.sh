@@ -40,20 +40,20 @@ wait_for() {
 }
 
 install_missing() {
-    local missing=() program
+    local missing=() program policy=/usr/sbin/policy-rc.d ours=0 log=/tmp/slurm_local_apt.log
     for program in "${!PACKAGES[@]}"; do
         command -v "$program" >/dev/null 2>&1 || [[ -x /usr/sbin/$program ]] || missing+=("${PACKAGES[$program]}")
     done
     ((${#missing[@]} == 0)) && return
     say "installing ${missing[*]}"
-    # policy-rc.d keeps the packages' own services from starting: this cluster runs its own
-    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d.mdaf && chmod +x /usr/sbin/policy-rc.d.mdaf
-    local had_policy=0
-    [[ -e /usr/sbin/policy-rc.d ]] && had_policy=1 || cp /usr/sbin/policy-rc.d.mdaf /usr/sbin/policy-rc.d
-    rm -f /usr/sbin/policy-rc.d.mdaf
-    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"; } >"/tmp/slurm_local_apt.log" 2>&1 \
-        || { ((had_policy)) || rm -f /usr/sbin/policy-rc.d; die "apt-get install ${missing[*]} failed (see /tmp/slurm_local_apt.log)"; }
-    ((had_policy)) || rm -f /usr/sbin/policy-rc.d
+    # a policy-rc.d that says no keeps the packages' own services from starting: this cluster runs its own
+    if [[ ! -e $policy ]]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && ours=1
+    fi
+    local installed=0
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"; } >"$log" 2>&1 && installed=1
+    ((ours)) && rm -f "$policy"
+    ((installed)) || die "apt-get install ${missing[*]} failed (see $log)"
 }
 
 write_configs() {
