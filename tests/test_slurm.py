@@ -29,14 +29,19 @@ from tests.distributed import prepare_tiny_data
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-TIMEOUT_S = 240
-STUDY = """configs: [configs/paper.yaml, configs/studies/tiny/base_config.yaml]
-synth: {{rows: 2000, seed: 3}}
-name: {name}
-overrides: [train.max_steps=4, train.max_epochs=1]
-seeds: {seeds}
-env: {{OMP_NUM_THREADS: "1"}}
-report: {{kind: models}}
+# a busy 2-core machine takes minutes to start a job's ranks
+TIMEOUT_S = 600
+# the eager selective scan: no kernel build inside jobs the tests cancel (torch's build lock stays
+# behind when a build is killed midway, and every later build waits for it)
+EAGER_SCAN = "model.scan_backend=cpu"
+STEPS = 12
+STUDY = f"""configs: [configs/paper.yaml, configs/studies/tiny/base_config.yaml]
+synth: {{{{rows: 2000, seed: 3}}}}
+name: {{name}}
+overrides: [train.max_steps={STEPS}, train.max_epochs=1, {EAGER_SCAN}]
+seeds: {{seeds}}
+env: {{{{OMP_NUM_THREADS: "1"}}}}
+report: {{{{kind: models}}}}
 """
 # one CPU per rank, so that two one-rank cells run at once on a two-CPU node
 RESOURCES = "cpu_per_rank=1,memMB_per_rank=512"
@@ -98,6 +103,13 @@ def _squeue(job_id: str) -> str:
     return queue.stdout.strip() if queue.returncode == 0 else ""
 
 
+def _cancel_all(out: Path) -> None:
+    """Whatever the study's jobs are doing, after a test: gone."""
+    jobs = [record["app"].rpartition("/")[2] for record in _status(out).values() if record.get("app")]
+    if jobs:
+        subprocess.run(["scancel", *jobs])
+
+
 def _running(out: Path, cell: str) -> bool:
     job = _job_id(out, cell)
     return bool(job) and _squeue(job) == "RUNNING"
@@ -116,14 +128,17 @@ def test_torchx_dist_ddp_on_slurm_writes_results_from_a_job_dir_without_the_envi
     submit = subprocess.run(
         [str(BIN / "torchx"), "run", "-s", "slurm", "-cfg", f"job_dir={job_dir}", "dist.ddp", "-j", "1x2", "--cpu", "1", "--memMB", "1024",
          "-m", "mdaf_dist.train", "--", "--config", "configs/smoke.yaml", f"data_dir={data_dir}", f"output_dir={output_dir}",
-         "model.history_length=8", "loader.history_length=8", "train.max_steps=2", "logging.progress_bar=false"],
+         "model.history_length=8", "loader.history_length=8", "train.max_steps=2", EAGER_SCAN, "logging.progress_bar=false"],
         cwd=REPO, env=_env(f"{BIN}:/usr/bin:/bin"), capture_output=True, text=True, timeout=TIMEOUT_S,
     )  # fmt: skip
     assert submit.returncode == 0, submit.stderr
     job = submit.stdout.strip().rpartition("/")[2]
     deadline = time.monotonic() + TIMEOUT_S
-    while _squeue(job) and time.monotonic() < deadline:
-        time.sleep(0.5)
+    try:
+        while _squeue(job) and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        subprocess.run(["scancel", job])
     sacct = subprocess.run(["sacct", "--noheader", "--parsable2", "-X", "--jobs", job, "--format", "State"], capture_output=True, text=True)
     assert sacct.stdout.split() == ["COMPLETED"], (job_dir / f"slurm-{job}-train-0.err").read_text()
     results = json.loads((output_dir / "results.json").read_text())
@@ -147,7 +162,11 @@ def cancelled_and_rerun(slurm, tmp_path_factory):
     try:
         _wait("both cells running", lambda: _running(out, first_cell) and _running(out, second_cell), first)
         cancelled_job, attached_job = _job_id(out, first_cell), _job_id(out, second_cell)
+        # suspended once its ranks train (a job suspended earlier may still start its step)
+        log = out / "cells" / second_cell / "slurm" / f"slurm-{attached_job}-cancel-{second_cell}-0.err"
+        _wait("the second cell training", lambda: log.is_file() and "world_size=1" in log.read_text(), first)
         subprocess.run(["scontrol", "suspend", attached_job], check=True)
+        assert _squeue(attached_job) == "SUSPENDED"
         subprocess.run(["scancel", cancelled_job], check=True)
         _wait("the cancel recorded", lambda: _status(out)[first_cell]["state"] != "running", first)
         cancelled = dict(_status(out)[first_cell])
@@ -162,6 +181,7 @@ def cancelled_and_rerun(slurm, tmp_path_factory):
         for process in (first, locals().get("rerun")):
             if process is not None and process.poll() is None:
                 process.kill()
+        _cancel_all(out)
     return {
         "out": out, "cancelled": cancelled, "cancelled_job": cancelled_job, "attached_job": attached_job,
         "second": second, "rerun": (rerun.returncode, stdout, stderr),
@@ -197,7 +217,7 @@ def test_a_rerun_attaches_to_the_live_job_and_completes_the_study(cancelled_and_
     assert status["base_seed-1"]["state"] == status["base_seed-2"]["state"] == "done"
     assert status["base_seed-2"]["app"].endswith(f"/{cancelled_and_rerun['attached_job']}")
     for cell in ("base_seed-1", "base_seed-2"):
-        assert json.loads(StudyDir(out).results(cell).read_text())["steps"] == 4
+        assert json.loads(StudyDir(out).results(cell).read_text())["steps"] == STEPS
         # the scheduler's logs are in the cell's directory, named after the study and the cell
         job = status[cell]["app"].rpartition("/")[2]
         assert (out / "cells" / cell / "slurm" / f"slurm-{job}-cancel-{cell}-0.err").is_file()
@@ -211,10 +231,12 @@ def test_sigterm_cancels_the_running_jobs(slurm, tmp_path):
         _wait("the cell running", lambda: _running(out, "base_seed-1"), study_run)
         study_run.send_signal(signal.SIGTERM)
         _, stderr = study_run.communicate(timeout=120)
+        left = _squeue(_job_id(out, "base_seed-1"))  # gone from the queue when the study exits
     finally:
         study_run.kill()
+        _cancel_all(out)
     assert study_run.returncode == 2 and stderr.strip().endswith("interrupted: 1 running cell(s) cancelled; run the same command again to resume")
-    assert not _squeue(_job_id(out, "base_seed-1"))  # gone from the queue when the study exits
+    assert not left
     assert _status(out)["base_seed-1"]["state"] == "interrupted"
 
 
