@@ -23,6 +23,8 @@ $(STAMP): setup.py
 demo: install
 	$(BIN)/mdaf demo --out $(DEMO)
 
+# the tests marked slurm need a live Slurm (sudo tools/slurm_local.sh up; .ci/run starts one):
+# without it they skip, each saying why
 test: install
 	$(BIN)/python -m pytest -q tests
 

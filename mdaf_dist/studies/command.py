@@ -33,6 +33,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     run_p.add_argument("--out", required=True, help="the study's directory (created; a re-run resumes it)")
     run_p.add_argument("--scheduler", default="local_cwd", help="TorchX scheduler: local_cwd (default), slurm, kubernetes, ...")
     run_p.add_argument("--scheduler-args", default="", help="the scheduler's options as `torchx run -cfg` takes them, e.g. partition=gpu,time=4:00:00")
+    run_p.add_argument("--resources", default="", help="what each rank asks the scheduler for, over the study file's, e.g. cpu_per_rank=4,memMB_per_rank=8192,gpu_per_rank=1")
+    run_p.add_argument("--pending-timeout", type=float, default=300.0, metavar="SECONDS", help="fail a job pending this long for a reason that does not clear by waiting (e.g. PartitionConfig; default 300)")
     run_p.add_argument("--max-parallel", type=int, default=1, help="cells running at once (default 1)")
     run_p.add_argument("--dryrun", action="store_true", help="print each cell's job as the scheduler would get it; run and write nothing")
     run_p.add_argument("overrides", nargs="*", help="dotted overrides for every cell, e.g. prepare.input=UserBehavior.csv.zip train.max_epochs=3")
@@ -44,14 +46,19 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.action == "run":
         plan = expand(load_study(args.study), args.overrides)
-        settings = LaunchSettings(args.scheduler, args.scheduler_args, args.max_parallel, args.dryrun)
+        settings = LaunchSettings(
+            args.scheduler, args.scheduler_args, args.max_parallel, args.dryrun, resources=args.resources, pending_timeout=args.pending_timeout
+        )
         status = StudyRunner(plan, args.out, settings).run()
-        failed = sorted(cell for cell, record in status.items() if record.get("state") == "failed")
-        if failed:
-            print(f"{len(failed)} cell(s) failed (errors in {args.out}/status.json): {', '.join(failed)}")
-        elif not args.dryrun:
+        unfinished = False
+        for state in ("failed", "cancelled"):
+            cells = sorted(cell for cell, record in status.items() if record.get("state") == state)
+            if cells:
+                print(f"{len(cells)} cell(s) {state} (errors in {args.out}/status.json): {', '.join(cells)}")
+                unfinished = True
+        if not unfinished and not args.dryrun:
             print(f"all {len(status)} cells done; next: mdaf study report {args.out}")
-        return 1 if failed else 0
+        return 1 if unfinished else 0
     from mdaf_dist.studies.report import write_report  # matplotlib only when reporting
 
     report = write_report(args.dir)

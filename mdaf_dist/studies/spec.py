@@ -30,7 +30,7 @@ config (by applying it), every overlay file exists.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -39,7 +39,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mdaf_dist.config import ConfigError, load_config
-from mdaf_dist.errors import UserError
+from mdaf_dist.errors import UserError, one_line
 from mdaf_dist.studies.paper import TABLES
 
 # axis keys that set the TorchX component's world shape rather than a config key
@@ -71,7 +71,8 @@ class SynthSpec:
 @dataclass
 class ResourcesSpec:
     """What each rank needs; a node asks the scheduler for nproc_per_node times this (local_cwd
-    ignores it)."""
+    ignores it). 0 asks for nothing: the scheduler's default. `mdaf study run --resources
+    cpu_per_rank=4,memMB_per_rank=8192` overrides the study file's."""
 
     cpu_per_rank: int = 2
     gpu_per_rank: int = 0
@@ -148,6 +149,20 @@ class Study:
     @property
     def name(self) -> str:
         return self.file.name
+
+
+def parse_resources(base: ResourcesSpec, text: str) -> ResourcesSpec:
+    """`base` with the comma-separated `key=value` settings of `text` (--resources) over it."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(base), OmegaConf.from_dotlist(items))
+    except (OmegaConfBaseException, ValueError) as e:
+        raise UserError(f"--resources {text!r}: {one_line(e)} (keys: {', '.join(f.name for f in fields(ResourcesSpec))})") from None
+    resources = OmegaConf.to_object(merged)
+    negative = [f"{f.name}={getattr(resources, f.name)}" for f in fields(ResourcesSpec) if getattr(resources, f.name) < 0]
+    if negative:
+        raise UserError(f"--resources {text!r}: {', '.join(negative)} must not be negative")
+    return resources
 
 
 def override_text(value: Any) -> str:
