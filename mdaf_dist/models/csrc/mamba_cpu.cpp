@@ -33,6 +33,10 @@
 #include <mutex>
 #include <vector>
 
+// No NaNs or infinities reach the kernels' arithmetic (exp2_vec clamps its argument), so the
+// clamps compile to one min or max instruction each instead of a compare and a blend.
+#pragma GCC optimize("finite-math-only", "no-signed-zeros")
+
 namespace {
 
 // Compiled once per instruction set; the loader picks the best one for the running CPU.
@@ -76,10 +80,15 @@ ALWAYS_INLINE Vec exp2_vec(Vec y) {
 
 ALWAYS_INLINE Vec sigmoid_vec(Vec x) { return 1.0f / (1.0f + exp2_vec(x * -kLog2e)); }
 
+typedef float Half __attribute__((vector_size(kLanes / 2 * sizeof(float))));
+typedef float Quarter __attribute__((vector_size(kLanes / 4 * sizeof(float))));
+
+// A tree of halving sums: a chain of 4 additions where a loop over the lanes would chain 16.
 ALWAYS_INLINE float sum_lanes(Vec v) {
-  float sum = 0.0f;
-  for (int64_t i = 0; i < kLanes; ++i) sum += v[i];
-  return sum;
+  const Half h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                 __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const Quarter q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+  return (q[0] + q[2]) + (q[1] + q[3]);
 }
 
 ALWAYS_INLINE Vec load_vec(const float* p) {
@@ -165,24 +174,41 @@ void load_rows(const Strided3& x, int64_t b, int64_t length, int64_t n, float* o
 
 // The states of a channel block are visited kChunk at a time (register blocking): the chunk's
 // states, and in the backward their gradients and grad A, stay in registers over all L steps.
-constexpr int64_t kChunk = 8;
+// The backward runs every channel block of a sample through one chunk before the next chunk, so
+// that the chunk's kept states and its parts of grad B and grad C stay in L1.
+constexpr int64_t kChunk = 4;
 
-// Per-thread buffers: B and C rows of one sample, per-block series over time, and the
-// backward's states, decays and gradient sums.
+// One channel block's series over time ([L] vectors each); the sums over states are the backward's.
+struct Series {
+  Vec *dt, *u, *y, *z, *g, *sum_GB, *sum_decay;
+};
+
+// Per-thread buffers: B and C rows of one sample, series over time (one channel block's in the
+// forward, every block's of a sample in the backward), and the backward's chunk buffers.
 struct Scratch {
   std::vector<float> B, C;
   int64_t sample = -1;  // whose B and C rows are loaded
-  Rows dt, u, y, z, g;  // [L] vectors of one channel block
-  Rows sum_GB, sum_decay;  // backward: [L] sums over the states of sum_n G B_n and sum_n w A_n
+  Rows dt, u, y, z, g;  // [blocks or 1, L] vectors
+  Rows sum_GB, sum_decay;  // backward: [blocks, L] sums over the states of G B_n and w A_n
   Rows states, decays;  // backward: [L + 1, kChunk] states of one chunk (row 0: zero), [L, kChunk] exp(delta_t A)
-  Rows gB, gC;          // backward: [L, N] per-lane parts of one sample's grad B, grad C
+  Rows gB, gC;          // backward: [L, kChunk] per-lane parts of a chunk's grad B, grad C
   Rows gA, gD;          // backward: [blocks, N], [blocks]: this thread's parts of grad A, grad D
   Scratch(const Problem& p, bool backward)
-      : B(p.length * p.n), C(p.length * p.n), dt(p.length), u(p.length), y(p.length), z(p.length), g(p.length),
-        sum_GB(backward ? p.length : 0), sum_decay(backward ? p.length : 0),
+      : B(p.length * p.n), C(p.length * p.n), dt(series(p, backward)), u(series(p, backward)),
+        y(series(p, backward)), z(series(p, backward)), g(series(p, backward)),
+        sum_GB(backward ? series(p, true) : 0), sum_decay(backward ? series(p, true) : 0),
         states(backward ? (p.length + 1) * kChunk : 0), decays(backward ? p.length * kChunk : 0),
-        gB(backward ? p.length * p.n : 0), gC(backward ? p.length * p.n : 0), gA(backward ? p.blocks * p.n : 0),
-        gD(backward ? p.blocks : 0) {}
+        gB(backward ? p.length * kChunk : 0), gC(backward ? p.length * kChunk : 0),
+        gA(backward ? p.blocks * p.n : 0), gD(backward ? p.blocks : 0) {}
+
+  static int64_t series(const Problem& p, bool backward) { return (backward ? p.blocks : 1) * p.length; }
+
+  Series of(const Problem& p, int64_t block) {
+    const int64_t at = block * p.length;
+    Vec* none = nullptr;
+    return {dt.data() + at, u.data() + at, y.data() + at, z.data() + at, g.data() + at,
+            sum_GB.size() ? sum_GB.data() + at : none, sum_decay.size() ? sum_decay.data() + at : none};
+  }
 
   void load_sample(const Problem& p, int64_t b) {
     if (sample == b) return;
@@ -192,20 +218,20 @@ struct Scratch {
   }
 };
 
-// The states n0 .. n0 + count of a channel block over time, adding C_t . h_t into s.y; with
+// The states n0 .. n0 + count of a channel block over time, adding C_t . h_t into x.y; with
 // `keep`, the states and decays also go to s.states and s.decays for the backward.
 // kCount: count at compile time (kChunk: the state loop unrolls into registers) or 0 (count < kChunk).
 template <int kCount, bool keep>
-ALWAYS_INLINE void scan_chunk(const Problem& p, const Vec* A2, int64_t n0, int64_t count, Scratch& s) {
+ALWAYS_INLINE void scan_chunk(const Problem& p, const Vec* A2, int64_t n0, int64_t count, const Series& x, Scratch& s) {
   const int64_t K = kCount ? kCount : count, N = p.n;
   Vec h[kChunk] = {}, a[kChunk];
   for (int64_t j = 0; j < K; ++j) a[j] = A2[n0 + j];
   if (keep) std::fill(s.states.data(), s.states.data() + kChunk, Vec{});
   for (int64_t t = 0; t < p.length; ++t) {
-    const Vec dt = s.dt[t], du = dt * s.u[t];
+    const Vec dt = x.dt[t], du = dt * x.u[t];
     const float* Bt = s.B.data() + t * N + n0;
     const float* Ct = s.C.data() + t * N + n0;
-    Vec y = s.y[t];
+    Vec y = x.y[t];
     for (int64_t j = 0; j < K; ++j) {
       const Vec decay = exp2_vec(dt * a[j]);
       h[j] = decay * h[j] + du * Bt[j];
@@ -215,7 +241,7 @@ ALWAYS_INLINE void scan_chunk(const Problem& p, const Vec* A2, int64_t n0, int64
         s.states[(t + 1) * kChunk + j] = h[j];
       }
     }
-    s.y[t] = y;
+    x.y[t] = y;
   }
 }
 
@@ -224,19 +250,20 @@ void forward_item(const Problem& p, int64_t b, int64_t block, const Strided3& ou
   const int64_t L = p.length, c0 = block * kLanes, width = p.width(block);
   const Vec* A2 = p.A2.data() + block * p.n;
   const Vec D = p.D[block];
+  const Series x = s.of(p, 0);
   s.load_sample(p, b);
-  load_block(p.delta, b, c0, width, L, s.dt.data());
-  load_block(p.u, b, c0, width, L, s.u.data());
-  for (int64_t t = 0; t < L; ++t) s.y[t] = D * s.u[t];
+  load_block(p.delta, b, c0, width, L, x.dt);
+  load_block(p.u, b, c0, width, L, x.u);
+  for (int64_t t = 0; t < L; ++t) x.y[t] = D * x.u[t];
   // whole chunks unrolled, the rest generic (no lambdas: they would miss this function's target clones)
   int64_t n0 = 0;
-  for (; n0 + kChunk <= p.n; n0 += kChunk) scan_chunk<kChunk, false>(p, A2, n0, kChunk, s);
-  if (n0 < p.n) scan_chunk<0, false>(p, A2, n0, p.n - n0, s);
+  for (; n0 + kChunk <= p.n; n0 += kChunk) scan_chunk<kChunk, false>(p, A2, n0, kChunk, x, s);
+  if (n0 < p.n) scan_chunk<0, false>(p, A2, n0, p.n - n0, x, s);
   if (p.z.defined()) {
-    load_block(p.z, b, c0, width, L, s.z.data());
-    for (int64_t t = 0; t < L; ++t) s.y[t] *= s.z[t] * sigmoid_vec(s.z[t]);  // silu(z)
+    load_block(p.z, b, c0, width, L, x.z);
+    for (int64_t t = 0; t < L; ++t) x.y[t] *= x.z[t] * sigmoid_vec(x.z[t]);  // silu(z)
   }
-  store_block(s.y.data(), b, c0, width, L, out);
+  store_block(x.y, b, c0, width, L, out);
 }
 
 struct Grads {
@@ -246,16 +273,17 @@ struct Grads {
 // Reverse time over the states n0 .. n0 + count, after scan_chunk<.., true> kept them:
 // G_t = C_t gy_t + exp(delta_{t+1} A) G_{t+1} is the gradient reaching h_t.
 template <int kCount>
-ALWAYS_INLINE void grad_chunk(const Problem& p, const Vec* A2, Vec* gA, int64_t n0, int64_t count, Scratch& s) {
+ALWAYS_INLINE void grad_chunk(const Problem& p, const Vec* A2, Vec* gA, int64_t n0, int64_t count, const Series& x,
+                              Scratch& s) {
   const int64_t K = kCount ? kCount : count, N = p.n;
   Vec G_next[kChunk] = {}, gA_chunk[kChunk] = {}, a[kChunk];  // G_next: exp(delta_{t+1} A) G_{t+1}
   for (int64_t j = 0; j < K; ++j) a[j] = A2[n0 + j];
   for (int64_t t = p.length - 1; t >= 0; --t) {
-    const Vec dt = s.dt[t], gy = s.g[t], du = dt * s.u[t];
+    const Vec dt = x.dt[t], gy = x.g[t], du = dt * x.u[t];
     const float* Bt = s.B.data() + t * N + n0;
     const float* Ct = s.C.data() + t * N + n0;
-    Vec* gBt = s.gB.data() + t * N + n0;
-    Vec* gCt = s.gC.data() + t * N + n0;
+    Vec* gBt = s.gB.data() + t * kChunk;
+    Vec* gCt = s.gC.data() + t * kChunk;
     const Vec* prev = s.states.data() + t * kChunk;
     const Vec* next = prev + kChunk;
     const Vec* decay = s.decays.data() + t * kChunk;
@@ -271,72 +299,79 @@ ALWAYS_INLINE void grad_chunk(const Problem& p, const Vec* A2, Vec* gA, int64_t 
       gA_chunk[j] += w * dt;
       G_next[j] = decay_G;
     }
-    s.sum_GB[t] += sum_GB;
-    s.sum_decay[t] += sum_decay;
+    x.sum_GB[t] += sum_GB;
+    x.sum_decay[t] += sum_decay;
   }
   for (int64_t j = 0; j < K; ++j) gA[n0 + j] += gA_chunk[j];
 }
 
+// One chunk of states through every channel block of sample b, then its grad B and grad C.
 template <int kCount>
-ALWAYS_INLINE void backward_chunk(const Problem& p, const Vec* A2, Vec* gA, int64_t n0, int64_t count, Scratch& s) {
-  scan_chunk<kCount, true>(p, A2, n0, count, s);
-  grad_chunk<kCount>(p, A2, gA, n0, count, s);
-}
-
-ALWAYS_INLINE void backward_block(const Problem& p, int64_t b, int64_t block, const Strided3& grad_out, const Grads& g,
-                                  Scratch& s) {
-  const int64_t L = p.length, c0 = block * kLanes, width = p.width(block);
-  const Vec* A2 = p.A2.data() + block * p.n;
-  const Vec D = p.D[block];
-  Vec* gA = s.gA.data() + block * p.n;
-  load_block(p.delta, b, c0, width, L, s.dt.data());
-  load_block(p.u, b, c0, width, L, s.u.data());
-  // The gradient of y before the gate; the gate needs only z (grad z, which needs y, comes last).
-  load_block(grad_out, b, c0, width, L, s.g.data());
-  if (p.z.defined()) {
-    load_block(p.z, b, c0, width, L, s.z.data());
-    for (int64_t t = 0; t < L; ++t) s.g[t] *= s.z[t] * sigmoid_vec(s.z[t]);
+ALWAYS_INLINE void backward_chunk(const Problem& p, int64_t b, int64_t n0, int64_t count, const Grads& g, Scratch& s) {
+  std::fill(s.gB.data(), s.gB.data() + s.gB.size(), Vec{});
+  std::fill(s.gC.data(), s.gC.data() + s.gC.size(), Vec{});
+  for (int64_t block = 0; block < p.blocks; ++block) {
+    const Vec* A2 = p.A2.data() + block * p.n;
+    const Series x = s.of(p, block);
+    scan_chunk<kCount, true>(p, A2, n0, count, x, s);
+    grad_chunk<kCount>(p, A2, s.gA.data() + block * p.n, n0, count, x, s);
   }
-  for (int64_t t = 0; t < L; ++t) {
-    s.y[t] = D * s.u[t];
-    s.sum_GB[t] = s.sum_decay[t] = Vec{};
-  }
-  // Per chunk of states: recompute them (and y_t), then their gradients backwards in time.
-  int64_t n0 = 0;
-  for (; n0 + kChunk <= p.n; n0 += kChunk) backward_chunk<kChunk>(p, A2, gA, n0, kChunk, s);
-  if (n0 < p.n) backward_chunk<0>(p, A2, gA, n0, p.n - n0, s);
-  Vec gD{};
-  for (int64_t t = 0; t < L; ++t) {
-    const Vec dt = s.dt[t], u = s.u[t], gy = s.g[t];
-    gD += gy * u;
-    s.dt[t] = u * s.sum_GB[t] + s.sum_decay[t] * kLn2;  // grad delta (A = A2 ln 2), in delta's buffer
-    s.u[t] = dt * s.sum_GB[t] + D * gy;                  // grad u, in u's buffer
-  }
-  s.gD[block] += gD;
-  store_block(s.u.data(), b, c0, width, L, g.u);
-  store_block(s.dt.data(), b, c0, width, L, g.delta);
-  if (p.z.defined()) {
-    load_block(grad_out, b, c0, width, L, s.g.data());
-    for (int64_t t = 0; t < L; ++t) {
-      const Vec z = s.z[t], sz = sigmoid_vec(z);
-      s.z[t] = s.g[t] * s.y[t] * sz * (1.0f + z * (1.0f - sz));  // grad z, in z's buffer
+  // the sums over channels, i.e. over lanes
+  for (int64_t t = 0; t < p.length; ++t)
+    for (int64_t j = 0; j < count; ++j) {
+      g.B(b, n0 + j, t) = sum_lanes(s.gB[t * kChunk + j]);
+      g.C(b, n0 + j, t) = sum_lanes(s.gC[t * kChunk + j]);
     }
-    store_block(s.z.data(), b, c0, width, L, g.z);
-  }
 }
 
 KERNEL_TARGETS
 void backward_sample(const Problem& p, int64_t b, const Strided3& grad_out, const Grads& g, Scratch& s) {
+  const int64_t L = p.length;
   s.load_sample(p, b);
-  std::fill(s.gB.data(), s.gB.data() + s.gB.size(), Vec{});
-  std::fill(s.gC.data(), s.gC.data() + s.gC.size(), Vec{});
-  for (int64_t block = 0; block < p.blocks; ++block) backward_block(p, b, block, grad_out, g, s);
-  // grad B, grad C: the sum over channels, i.e. over lanes, once per sample
-  for (int64_t t = 0; t < p.length; ++t)
-    for (int64_t k = 0; k < p.n; ++k) {
-      g.B(b, k, t) = sum_lanes(s.gB[t * p.n + k]);
-      g.C(b, k, t) = sum_lanes(s.gC[t * p.n + k]);
+  // Every block's inputs, and the gradient of y before the gate (which needs only z).
+  for (int64_t block = 0; block < p.blocks; ++block) {
+    const int64_t c0 = block * kLanes, width = p.width(block);
+    const Vec D = p.D[block];
+    const Series x = s.of(p, block);
+    load_block(p.delta, b, c0, width, L, x.dt);
+    load_block(p.u, b, c0, width, L, x.u);
+    load_block(grad_out, b, c0, width, L, x.g);
+    if (p.z.defined()) {
+      load_block(p.z, b, c0, width, L, x.z);
+      for (int64_t t = 0; t < L; ++t) x.g[t] *= x.z[t] * sigmoid_vec(x.z[t]);
     }
+    for (int64_t t = 0; t < L; ++t) {
+      x.y[t] = D * x.u[t];
+      x.sum_GB[t] = x.sum_decay[t] = Vec{};
+    }
+  }
+  // Per chunk of states: recompute them (and y_t), then their gradients backwards in time.
+  int64_t n0 = 0;
+  for (; n0 + kChunk <= p.n; n0 += kChunk) backward_chunk<kChunk>(p, b, n0, kChunk, g, s);
+  if (n0 < p.n) backward_chunk<0>(p, b, n0, p.n - n0, g, s);
+  for (int64_t block = 0; block < p.blocks; ++block) {
+    const int64_t c0 = block * kLanes, width = p.width(block);
+    const Vec D = p.D[block];
+    const Series x = s.of(p, block);
+    Vec gD{};
+    for (int64_t t = 0; t < L; ++t) {
+      const Vec dt = x.dt[t], u = x.u[t], gy = x.g[t];
+      gD += gy * u;
+      x.dt[t] = u * x.sum_GB[t] + x.sum_decay[t] * kLn2;  // grad delta (A = A2 ln 2), in delta's buffer
+      x.u[t] = dt * x.sum_GB[t] + D * gy;                  // grad u, in u's buffer
+    }
+    s.gD[block] += gD;
+    store_block(x.u, b, c0, width, L, g.u);
+    store_block(x.dt, b, c0, width, L, g.delta);
+    if (p.z.defined()) {
+      load_block(grad_out, b, c0, width, L, x.g);
+      for (int64_t t = 0; t < L; ++t) {
+        const Vec z = x.z[t], sz = sigmoid_vec(z);
+        x.z[t] = x.g[t] * x.y[t] * sz * (1.0f + z * (1.0f - sz));  // grad z, in z's buffer
+      }
+      store_block(x.z, b, c0, width, L, g.z);
+    }
+  }
 }
 
 void check_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
