@@ -53,9 +53,11 @@ def require_fused_kernel():
         pytest.skip(f"fused CPU kernel unavailable: {error}")
 
 
-# batch, d_inner, length, d_state, padded_steps: odd lengths, L 1, N of one vector (16), two (32,
-# the kernel's unrolled paths) and more (40, its generic path), padded steps up to all but one
-FUSED_SHAPES = [(5, 6, 9, 4, 3), (3, 5, 1, 5, 0), (2, 3, 17, 32, 16), (4, 7, 13, 16, 5), (3, 4, 11, 40, 2)]
+# batch, d_inner, length, d_state, padded_steps: odd lengths, L 1, N 16 and 32 (the kernel's
+# unrolled paths) and others (its generic path), padded steps up to all but one; d_inner of one
+# partial block of 16 channels (a vector's lanes), one whole block, and several with a partial last
+FUSED_SHAPES = [(5, 6, 9, 4, 3), (3, 5, 1, 5, 0), (2, 3, 17, 32, 16), (4, 7, 13, 16, 5), (3, 4, 11, 40, 2),
+                (2, 16, 7, 32, 3), (3, 37, 5, 16, 1), (2, 33, 6, 3, 2)]
 OPTIONAL_SETS = [("D", "z", "delta_bias"), (), ("D",), ("z",), ("delta_bias",)]
 
 
@@ -86,15 +88,36 @@ def test_fused_backend_reads_strided_views():
         torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-5, atol=1e-5)
 
 
-def test_fused_backend_splits_the_batch_over_threads():
-    """Two threads take half the batch each and sum their parts of grad A and grad D."""
+@pytest.mark.parametrize("batch,d_inner", [(7, 6), (1, 40), (3, 35)])
+def test_fused_backend_splits_the_work_over_threads(batch, d_inner):
+    """Two threads: the forward splits (sample, channel block) pairs, the backward samples, and
+    the threads sum their parts of grad A and grad D; one sample of three blocks splits too."""
     require_fused_kernel()
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        assert_matches_reference("fused_cpu", random_inputs(batch=7, seed=12), delta_softplus=True)
+        inputs = random_inputs(batch=batch, d_inner=d_inner, length=9, d_state=32, seed=12)
+        assert_matches_reference("fused_cpu", inputs, delta_softplus=True)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_fused_backend_matches_reference_from_a_last_step_loss():
+    """A loss on the last step alone (what Mamba4Rec reads) with fast decays: the gradient reaching
+    earlier states falls to denormal sizes, which the kernel flushes to zero, and every gradient
+    still matches the reference."""
+    require_fused_kernel()
+    inputs = random_inputs(batch=3, d_inner=20, length=40, d_state=32, padded_steps=5, seed=13)
+    inputs["A"] = -torch.arange(1.0, 33.0).expand(20, 32).contiguous()  # S4D-real: decays down to exp(-32 delta)
+    inputs["delta"] = inputs["delta"] + 0.5
+    results = {}
+    for backend in ("reference", "fused_cpu"):
+        leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+        y = selective_scan(**leaves, delta_softplus=True, backend=backend)
+        y[..., -1].square().sum().backward()
+        results[backend] = [y.detach()] + [leaves[k].grad for k in inputs]
+    for got, want in zip(results["fused_cpu"], results["reference"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_flop_counter_counts_the_fused_kernels():

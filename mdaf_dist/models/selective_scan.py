@@ -12,9 +12,10 @@ A step with delta_t = 0 leaves the state untouched, which is how padded steps ar
 Backends:
 - ``reference``: the loop above under autograd; the ground truth, and slow (its autograd graph
   holds every per-step [batch, d_inner, N] state).
-- ``fused_cpu``: one C++ pass over time per (batch, channel), states in L1, the loop over N
-  vectorised, batches over torch's threads (``csrc/mamba_cpu.cpp``, built on first use by
-  ``cpu_kernels``); several times faster than ``cpu``, and saves nothing but its inputs.
+- ``fused_cpu``: one C++ pass over time per (batch, block of 16 channels, chunk of states),
+  the channels a vector's lanes, the chunk's states in registers, work over torch's threads
+  (``csrc/mamba_cpu.cpp``, built on first use by ``cpu_kernels``); several times faster than
+  ``cpu``, and saves nothing but its inputs.
 - ``cpu``: a hand-written forward and reverse-time backward over batch blocks (``_ChunkedScan``),
   in eager PyTorch ops; the fallback where the fused kernel cannot be built.
 - ``compiled``: the same blocked algorithm with its kernels run through ``torch.compile``

@@ -2,8 +2,13 @@
 // before it. Both run as torch ops (torch.ops.mdaf_dist.*), registered below; no Python.h needed.
 //
 // 1. The selective scan fused for the CPU: forward and backward in one pass over time per
-// (batch, channel), the N states of that channel in a small buffer that stays in L1, the loop over
-// N vectorised by the compiler, batches split over torch's intra-op threads (at::parallel_for).
+// (batch, block of 16 channels). The 16 channels are the lanes of one vector, so each state n of
+// the block is one vector, the N states are N independent recurrences for the out-of-order core to
+// overlap, and C_t . h_t sums over n with vector multiply-adds (no sum across lanes per step).
+// u, delta, z and the output are [batch, L, d_inner] in the Mamba block, so a block's 16 channels
+// of one step are 16 contiguous floats. The D skip and the z gate are applied in the same pass.
+// Forward work is split over (batch, channel block) pairs on torch's intra-op threads
+// (at::parallel_for); the backward over samples, whose channel blocks add into the same grad B, C.
 //
 // Semantics and layouts are those of mamba_ssm's selective_scan_fn with real A, after the optional
 // delta_bias and softplus (applied by the caller):
@@ -12,12 +17,17 @@
 // Any strides are read as they are, so callers pass transposed views without copying them.
 //
 // Nothing is saved between forward and backward but the inputs: the backward recomputes the states
-// of one (batch, channel) over the whole sequence into a per-thread [L + 1, N] buffer, then runs
-// the gradient of the state backwards in time. Its memory is O(threads L N), not O(batch d_inner N).
+// of one (batch, channel block, chunk of 8 states) over the whole sequence into a per-thread
+// [L + 1, 8] buffer of vectors, then runs the gradient of those states backwards in time. Its
+// memory is O(threads L N).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -26,6 +36,10 @@
 #include <cstring>
 #include <mutex>
 #include <vector>
+
+// No NaNs or infinities reach the kernels' arithmetic (exp2_vec clamps its argument), so the
+// clamps compile to one min or max instruction each instead of a compare and a blend.
+#pragma GCC optimize("finite-math-only", "no-signed-zeros")
 
 namespace {
 
@@ -36,13 +50,12 @@ namespace {
 #define KERNEL_TARGETS
 #endif
 
-// The state loop works on GCC vector-extension vectors of 16 floats, N zero-padded to a multiple
-// of 16 (padded lanes have A = B = C = 0: their state stays 0 and adds nothing). The compiler lowers
-// each vector op to one AVX-512, two AVX2 or four SSE instructions, whichever clone runs.
+// GCC vector-extension vectors of 16 floats; the compiler lowers each vector op to one AVX-512,
+// two AVX2 or four SSE instructions, whichever clone runs. Channels past d_inner in the last block
+// are zero lanes (delta = u = A = D = 0): their state stays 0 and adds nothing.
 constexpr int64_t kLanes = 16;
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t IVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
-typedef float Half __attribute__((vector_size(kLanes / 2 * sizeof(float))));
 
 #define ALWAYS_INLINE __attribute__((always_inline)) inline
 
@@ -69,8 +82,12 @@ ALWAYS_INLINE Vec exp2_vec(Vec y) {
   return p * reinterpret_cast<const Vec&>(bits);
 }
 
+ALWAYS_INLINE Vec sigmoid_vec(Vec x) { return 1.0f / (1.0f + exp2_vec(x * -kLog2e)); }
+
+typedef float Half __attribute__((vector_size(kLanes / 2 * sizeof(float))));
 typedef float Quarter __attribute__((vector_size(kLanes / 4 * sizeof(float))));
 
+// A tree of halving sums: a chain of 4 additions where a loop over the lanes would chain 16.
 ALWAYS_INLINE float sum_lanes(Vec v) {
   const Half h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -78,7 +95,28 @@ ALWAYS_INLINE float sum_lanes(Vec v) {
   return (q[0] + q[2]) + (q[1] + q[3]);
 }
 
-ALWAYS_INLINE Vec sigmoid_vec(Vec x) { return 1.0f / (1.0f + exp2_vec(x * -kLog2e)); }
+ALWAYS_INLINE Vec load_vec(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+ALWAYS_INLINE void store_vec(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
+
+// Flush-to-zero and denormals-are-zero on this thread while it lives. The gradient reaching
+// a state decays backwards in time by exp(delta A) per step: from a loss on the last step alone
+// (Mamba4Rec reads only that one) it falls below 1.2e-38 within a few steps, and every product
+// with such a denormal value would take a microcode assist (the backward ran 10x slower).
+class FlushDenormals {
+ public:
+#if defined(__SSE__)
+  FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040); }  // FTZ (bit 15), DAZ (bit 6)
+  ~FlushDenormals() { _mm_setcsr(saved_); }
+
+ private:
+  unsigned saved_;
+#endif
+};
 
 // A [batch, d, L] (or [batch, N, L]) tensor read through its strides.
 struct Strided3 {
@@ -117,200 +155,242 @@ class Rows {
   Vec* data_;
 };
 
-int64_t vectors_for(int64_t n) { return (n + kLanes - 1) / kLanes; }
-
 struct Problem {
-  int64_t d_inner, length, n, vecs;  // vecs: vectors per padded row of N
-  Rows A2;                           // A log2(e), [d_inner, vecs]
-  const float* D;                    // [d_inner] or null
+  int64_t d_inner, length, n, blocks;  // blocks: channel blocks of kLanes
+  Rows A2;                             // A log2(e), [blocks, N], a channel per lane
+  Rows D;                              // [blocks], zero without D
   Strided3 u, delta, B, C, z;
+  int64_t width(int64_t block) const { return std::min(kLanes, d_inner - block * kLanes); }
 };
 
-// x[b] ([N, L] through strides) as L padded rows of N.
-void gather_rows(const Strided3& x, int64_t b, int64_t length, int64_t n, int64_t vecs, Vec* out) {
+// x[b, block's channels, :] as L vectors (zero lanes past d_inner), and back.
+ALWAYS_INLINE void load_block(const Strided3& x, int64_t b, int64_t c0, int64_t width, int64_t length, Vec* out) {
+  if (x.s1 == 1 && width == kLanes) {  // the block's channels are contiguous
+    for (int64_t t = 0; t < length; ++t) out[t] = load_vec(&x(b, c0, t));
+    return;
+  }
   for (int64_t t = 0; t < length; ++t) {
-    float* row = reinterpret_cast<float*>(out + t * vecs);
-    for (int64_t k = 0; k < n; ++k) row[k] = x(b, k, t);
-    std::fill(row + n, row + vecs * kLanes, 0.0f);
+    Vec v{};
+    for (int64_t j = 0; j < width; ++j) v[j] = x(b, c0 + j, t);
+    out[t] = v;
   }
 }
 
-void scatter_rows(const Vec* rows, int64_t b, int64_t length, int64_t n, int64_t vecs, const Strided3& x) {
-  for (int64_t t = 0; t < length; ++t) {
-    const float* row = reinterpret_cast<const float*>(rows + t * vecs);
-    for (int64_t k = 0; k < n; ++k) x(b, k, t) = row[k];
+ALWAYS_INLINE void store_block(const Vec* in, int64_t b, int64_t c0, int64_t width, int64_t length, const Strided3& x) {
+  if (x.s1 == 1 && width == kLanes) {
+    for (int64_t t = 0; t < length; ++t) store_vec(&x(b, c0, t), in[t]);
+    return;
   }
+  for (int64_t t = 0; t < length; ++t)
+    for (int64_t j = 0; j < width; ++j) x(b, c0 + j, t) = in[t][j];
 }
 
-// x[b, d, :] into a contiguous row (zero-padded to whole vectors), and back.
-ALWAYS_INLINE void load_series(const Strided3& x, int64_t b, int64_t d, int64_t length, float* out) {
-  for (int64_t t = 0; t < length; ++t) out[t] = x(b, d, t);
-  std::fill(out + length, out + vectors_for(length) * kLanes, 0.0f);
+// x[b] ([N, L] through strides) as L rows of N floats.
+void load_rows(const Strided3& x, int64_t b, int64_t length, int64_t n, float* out) {
+  for (int64_t t = 0; t < length; ++t)
+    for (int64_t k = 0; k < n; ++k) out[t * n + k] = x(b, k, t);
 }
 
-ALWAYS_INLINE void store_series(const float* in, int64_t b, int64_t d, int64_t length, const Strided3& x) {
-  for (int64_t t = 0; t < length; ++t) x(b, d, t) = in[t];
-}
+// The states of a channel block are visited kChunk at a time (register blocking): the chunk's
+// states, and in the backward their gradients and grad A, stay in registers over all L steps.
+// The backward runs every channel block of a sample through one chunk before the next chunk, so
+// that the chunk's kept states and its parts of grad B and grad C stay in L1.
+constexpr int64_t kChunk = 4;
 
-// Per-thread buffers: B and C rows of one sample, and per-channel series over time.
+// One channel block's series over time ([L] vectors each); the sums over states are the backward's.
+struct Series {
+  Vec *dt, *u, *y, *z, *g, *sum_GB, *sum_decay;
+};
+
+// Per-thread buffers: B and C rows of one sample, series over time (one channel block's in the
+// forward, every block's of a sample in the backward), and the backward's chunk buffers.
 struct Scratch {
-  Rows B, C, gB, gC, states, decays, gA;
-  Rows dt, u, y, z, g;  // series over time, whole vectors
-  std::vector<float> gD;
+  std::vector<float> B, C;
+  int64_t sample = -1;  // whose B and C rows are loaded
+  Rows dt, u, y, z, g;  // [blocks or 1, L] vectors
+  Rows sum_GB, sum_decay;  // backward: [blocks, L] sums over the states of G B_n and w A_n
+  Rows states, decays;  // backward: [L + 1, kChunk] states of one chunk (row 0: zero), [L, kChunk] exp(delta_t A)
+  Rows gB, gC;          // backward: [L, kChunk] per-lane parts of a chunk's grad B, grad C
+  Rows gA, gD;          // backward: [blocks, N], [blocks]: this thread's parts of grad A, grad D
   Scratch(const Problem& p, bool backward)
-      : B(p.length * p.vecs), C(p.length * p.vecs), gB(backward ? p.length * p.vecs : 0),
-        gC(backward ? p.length * p.vecs : 0), states(backward ? (p.length + 1) * p.vecs : p.vecs),
-        decays(backward ? p.length * p.vecs : 0), gA(backward ? p.d_inner * p.vecs : 0),
-        dt(vectors_for(p.length)), u(vectors_for(p.length)), y(vectors_for(p.length)), z(vectors_for(p.length)),
-        g(vectors_for(p.length)), gD(backward ? p.d_inner : 0, 0.0f) {}
+      : B(p.length * p.n), C(p.length * p.n), dt(series(p, backward)), u(series(p, backward)),
+        y(series(p, backward)), z(series(p, backward)), g(series(p, backward)),
+        sum_GB(backward ? series(p, true) : 0), sum_decay(backward ? series(p, true) : 0),
+        states(backward ? (p.length + 1) * kChunk : 0), decays(backward ? p.length * kChunk : 0),
+        gB(backward ? p.length * kChunk : 0), gC(backward ? p.length * kChunk : 0),
+        gA(backward ? p.blocks * p.n : 0), gD(backward ? p.blocks : 0) {}
+
+  static int64_t series(const Problem& p, bool backward) { return (backward ? p.blocks : 1) * p.length; }
+
+  Series of(const Problem& p, int64_t block) {
+    const int64_t at = block * p.length;
+    Vec* none = nullptr;
+    return {dt.data() + at, u.data() + at, y.data() + at, z.data() + at, g.data() + at,
+            sum_GB.size() ? sum_GB.data() + at : none, sum_decay.size() ? sum_decay.data() + at : none};
+  }
+
+  void load_sample(const Problem& p, int64_t b) {
+    if (sample == b) return;
+    load_rows(p.B, b, p.length, p.n, B.data());
+    load_rows(p.C, b, p.length, p.n, C.data());
+    sample = b;
+  }
 };
 
-ALWAYS_INLINE float* f(Rows& r) { return reinterpret_cast<float*>(r.data()); }
-
-// kM: vectors per state row known at compile time (1 or 2: N <= 32) or 0 (any, read from p.vecs).
-// With kM fixed the state loop unrolls and the state stays in registers.
-template <int kM>
-ALWAYS_INLINE void forward_channel(const Problem& p, int64_t b, int64_t d, const Strided3& out, Scratch& s) {
-  const int64_t L = p.length, M = kM ? kM : p.vecs;
-  const Vec* A2d = p.A2.data() + d * M;
-  const float Dd = p.D ? p.D[d] : 0.0f;
-  float* dt = f(s.dt);
-  float* u = f(s.u);
-  float* y = f(s.y);
-  load_series(p.delta, b, d, L, dt);
-  load_series(p.u, b, d, L, u);
-  Vec* h = s.states.data();
-  std::fill(h, h + M, Vec{});
-  for (int64_t t = 0; t < L; ++t) {
-    const float du = dt[t] * u[t];
-    const Vec* Bs = s.B.data() + t * M;
-    const Vec* Cs = s.C.data() + t * M;
-    Vec yt{};
-    for (int64_t m = 0; m < M; ++m) {
-      h[m] = exp2_vec(dt[t] * A2d[m]) * h[m] + du * Bs[m];
-      yt += h[m] * Cs[m];
+// The states n0 .. n0 + count of a channel block over time, adding C_t . h_t into x.y; with
+// `keep`, the states and decays also go to s.states and s.decays for the backward.
+// kCount: count at compile time (kChunk: the state loop unrolls into registers) or 0 (count < kChunk).
+template <int kCount, bool keep>
+ALWAYS_INLINE void scan_chunk(const Problem& p, const Vec* A2, int64_t n0, int64_t count, const Series& x, Scratch& s) {
+  const int64_t K = kCount ? kCount : count, N = p.n;
+  Vec h[kChunk] = {}, a[kChunk];
+  for (int64_t j = 0; j < K; ++j) a[j] = A2[n0 + j];
+  if (keep) std::fill(s.states.data(), s.states.data() + kChunk, Vec{});
+  for (int64_t t = 0; t < p.length; ++t) {
+    const Vec dt = x.dt[t], du = dt * x.u[t];
+    const float* Bt = s.B.data() + t * N + n0;
+    const float* Ct = s.C.data() + t * N + n0;
+    Vec y = x.y[t];
+    for (int64_t j = 0; j < K; ++j) {
+      const Vec decay = exp2_vec(dt * a[j]);
+      h[j] = decay * h[j] + du * Bt[j];
+      y += h[j] * Ct[j];
+      if (keep) {
+        s.decays[t * kChunk + j] = decay;
+        s.states[(t + 1) * kChunk + j] = h[j];
+      }
     }
-    y[t] = sum_lanes(yt) + Dd * u[t];
+    x.y[t] = y;
   }
-  if (p.z.defined()) {
-    load_series(p.z, b, d, L, f(s.z));
-    for (int64_t i = 0; i < s.y.size(); ++i) s.y[i] *= s.z[i] * sigmoid_vec(s.z[i]);  // silu(z)
-  }
-  store_series(y, b, d, L, out);
 }
 
 KERNEL_TARGETS
-void forward_sample(const Problem& p, int64_t b, const Strided3& out, Scratch& s) {
-  gather_rows(p.B, b, p.length, p.n, p.vecs, s.B.data());
-  gather_rows(p.C, b, p.length, p.n, p.vecs, s.C.data());
-  for (int64_t d = 0; d < p.d_inner; ++d) {
-    switch (p.vecs) {
-      case 1: forward_channel<1>(p, b, d, out, s); break;
-      case 2: forward_channel<2>(p, b, d, out, s); break;
-      default: forward_channel<0>(p, b, d, out, s);
-    }
+void forward_item(const Problem& p, int64_t b, int64_t block, const Strided3& out, Scratch& s) {
+  const int64_t L = p.length, c0 = block * kLanes, width = p.width(block);
+  const Vec* A2 = p.A2.data() + block * p.n;
+  const Vec D = p.D[block];
+  const Series x = s.of(p, 0);
+  s.load_sample(p, b);
+  load_block(p.delta, b, c0, width, L, x.dt);
+  load_block(p.u, b, c0, width, L, x.u);
+  for (int64_t t = 0; t < L; ++t) x.y[t] = D * x.u[t];
+  // whole chunks unrolled, the rest generic (no lambdas: they would miss this function's target clones)
+  int64_t n0 = 0;
+  for (; n0 + kChunk <= p.n; n0 += kChunk) scan_chunk<kChunk, false>(p, A2, n0, kChunk, x, s);
+  if (n0 < p.n) scan_chunk<0, false>(p, A2, n0, p.n - n0, x, s);
+  if (p.z.defined()) {
+    load_block(p.z, b, c0, width, L, x.z);
+    for (int64_t t = 0; t < L; ++t) x.y[t] *= x.z[t] * sigmoid_vec(x.z[t]);  // silu(z)
   }
+  store_block(x.y, b, c0, width, L, out);
 }
 
 struct Grads {
   Strided3 u, delta, B, C, z;
 };
 
-template <int kM>
-ALWAYS_INLINE void backward_channel(const Problem& p, int64_t b, int64_t d, const Strided3& grad_out, const Grads& g,
-                                    Scratch& s) {
-  const int64_t L = p.length, M = kM ? kM : p.vecs;
-  const Vec* A2d = p.A2.data() + d * M;
-  const float Dd = p.D ? p.D[d] : 0.0f;
-  Vec* gAd = s.gA.data() + d * M;
-  float* dt = f(s.dt);
-  float* u = f(s.u);
-  float* y = f(s.y);
-  float* gy = f(s.g);
-  load_series(p.delta, b, d, L, dt);
-  load_series(p.u, b, d, L, u);
-  Vec* states = s.states.data();  // row t + 1: h_t; row 0: the zero initial state
-  Vec* decays = s.decays.data();  // row t: exp(delta_t A)
-  std::fill(states, states + M, Vec{});
-  // Recompute the states, and y_t before the gate (for grad z).
-  for (int64_t t = 0; t < L; ++t) {
-    const float du = dt[t] * u[t];
-    const Vec* Bs = s.B.data() + t * M;
-    const Vec* Cs = s.C.data() + t * M;
-    const Vec* prev = states + t * M;
-    Vec* next = states + (t + 1) * M;
-    Vec* decay = decays + t * M;
-    Vec yt{};
-    for (int64_t m = 0; m < M; ++m) {
-      decay[m] = exp2_vec(dt[t] * A2d[m]);
-      next[m] = decay[m] * prev[m] + du * Bs[m];
-      yt += next[m] * Cs[m];
-    }
-    y[t] = sum_lanes(yt) + Dd * u[t];
-  }
-  // The gradient of y before the gate, and of z.
-  load_series(grad_out, b, d, L, gy);
-  if (p.z.defined()) {
-    load_series(p.z, b, d, L, f(s.z));
-    for (int64_t i = 0; i < s.g.size(); ++i) {
-      const Vec z = s.z[i], sz = sigmoid_vec(z), go = s.g[i];
-      s.g[i] = go * z * sz;
-      s.z[i] = go * s.y[i] * sz * (1.0f + z * (1.0f - sz));  // grad z, in z's buffer
-    }
-    store_series(f(s.z), b, d, L, g.z);
-  }
-  // Reverse time: G_t = C_t gy_t + exp(delta_{t+1} A) G_{t+1}, the gradient reaching h_t.
-  Vec carry[kM ? kM : 1];
-  Rows carry_any(kM ? 0 : M);
-  Vec* G_next = kM ? carry : carry_any.data();  // exp(delta_{t+1} A) G_{t+1}
-  std::fill(G_next, G_next + M, Vec{});
-  float gD = 0.0f;
-  for (int64_t t = L - 1; t >= 0; --t) {
-    const float du = dt[t] * u[t], gyt = gy[t];
-    gD += gyt * u[t];
-    const Vec* Bs = s.B.data() + t * M;
-    const Vec* Cs = s.C.data() + t * M;
-    Vec* gBs = s.gB.data() + t * M;
-    Vec* gCs = s.gC.data() + t * M;
-    const Vec* prev = states + t * M;
-    const Vec* next = states + (t + 1) * M;
-    const Vec* decay = decays + t * M;
+// Reverse time over the states n0 .. n0 + count, after scan_chunk<.., true> kept them:
+// G_t = C_t gy_t + exp(delta_{t+1} A) G_{t+1} is the gradient reaching h_t.
+template <int kCount>
+ALWAYS_INLINE void grad_chunk(const Problem& p, const Vec* A2, Vec* gA, int64_t n0, int64_t count, const Series& x,
+                              Scratch& s) {
+  const int64_t K = kCount ? kCount : count, N = p.n;
+  Vec G_next[kChunk] = {}, gA_chunk[kChunk] = {}, a[kChunk];  // G_next: exp(delta_{t+1} A) G_{t+1}
+  for (int64_t j = 0; j < K; ++j) a[j] = A2[n0 + j];
+  for (int64_t t = p.length - 1; t >= 0; --t) {
+    const Vec dt = x.dt[t], gy = x.g[t], du = dt * x.u[t];
+    const float* Bt = s.B.data() + t * N + n0;
+    const float* Ct = s.C.data() + t * N + n0;
+    Vec* gBt = s.gB.data() + t * kChunk;
+    Vec* gCt = s.gC.data() + t * kChunk;
+    const Vec* prev = s.states.data() + t * kChunk;
+    const Vec* next = prev + kChunk;
+    const Vec* decay = s.decays.data() + t * kChunk;
     Vec sum_GB{}, sum_decay{};
-    for (int64_t m = 0; m < M; ++m) {
-      const Vec G = G_next[m] + Cs[m] * gyt;
-      gCs[m] += gyt * next[m];
-      gBs[m] += G * du;
-      sum_GB += G * Bs[m];
-      const Vec decay_G = decay[m] * G;
-      const Vec w = decay_G * prev[m];  // through exp(delta_t A) h_{t-1}
-      sum_decay += w * A2d[m];
-      gAd[m] += w * dt[t];
-      G_next[m] = decay_G;
+    for (int64_t j = 0; j < K; ++j) {
+      const Vec G = G_next[j] + gy * Ct[j];
+      gCt[j] += gy * next[j];
+      gBt[j] += G * du;
+      sum_GB += G * Bt[j];
+      const Vec decay_G = decay[j] * G;
+      const Vec w = decay_G * prev[j];  // through exp(delta_t A) h_{t-1}
+      sum_decay += w * a[j];
+      gA_chunk[j] += w * dt;
+      G_next[j] = decay_G;
     }
-    const float GB = sum_lanes(sum_GB);
-    y[t] = dt[t] * GB + Dd * gyt;               // grad u, in y's buffer (y is no longer needed)
-    dt[t] = u[t] * GB + sum_lanes(sum_decay) * kLn2;  // grad delta (A = A2 ln 2), in delta's buffer
+    x.sum_GB[t] += sum_GB;
+    x.sum_decay[t] += sum_decay;
   }
-  store_series(y, b, d, L, g.u);
-  store_series(dt, b, d, L, g.delta);
-  s.gD[d] += gD;
+  for (int64_t j = 0; j < K; ++j) gA[n0 + j] += gA_chunk[j];
+}
+
+// One chunk of states through every channel block of sample b, then its grad B and grad C.
+template <int kCount>
+ALWAYS_INLINE void backward_chunk(const Problem& p, int64_t b, int64_t n0, int64_t count, const Grads& g, Scratch& s) {
+  std::fill(s.gB.data(), s.gB.data() + s.gB.size(), Vec{});
+  std::fill(s.gC.data(), s.gC.data() + s.gC.size(), Vec{});
+  for (int64_t block = 0; block < p.blocks; ++block) {
+    const Vec* A2 = p.A2.data() + block * p.n;
+    const Series x = s.of(p, block);
+    scan_chunk<kCount, true>(p, A2, n0, count, x, s);
+    grad_chunk<kCount>(p, A2, s.gA.data() + block * p.n, n0, count, x, s);
+  }
+  // the sums over channels, i.e. over lanes
+  for (int64_t t = 0; t < p.length; ++t)
+    for (int64_t j = 0; j < count; ++j) {
+      g.B(b, n0 + j, t) = sum_lanes(s.gB[t * kChunk + j]);
+      g.C(b, n0 + j, t) = sum_lanes(s.gC[t * kChunk + j]);
+    }
 }
 
 KERNEL_TARGETS
 void backward_sample(const Problem& p, int64_t b, const Strided3& grad_out, const Grads& g, Scratch& s) {
-  gather_rows(p.B, b, p.length, p.n, p.vecs, s.B.data());
-  gather_rows(p.C, b, p.length, p.n, p.vecs, s.C.data());
-  std::fill(s.gB.data(), s.gB.data() + s.gB.size(), Vec{});
-  std::fill(s.gC.data(), s.gC.data() + s.gC.size(), Vec{});
-  for (int64_t d = 0; d < p.d_inner; ++d) {
-    switch (p.vecs) {
-      case 1: backward_channel<1>(p, b, d, grad_out, g, s); break;
-      case 2: backward_channel<2>(p, b, d, grad_out, g, s); break;
-      default: backward_channel<0>(p, b, d, grad_out, g, s);
+  const int64_t L = p.length;
+  s.load_sample(p, b);
+  // Every block's inputs, and the gradient of y before the gate (which needs only z).
+  for (int64_t block = 0; block < p.blocks; ++block) {
+    const int64_t c0 = block * kLanes, width = p.width(block);
+    const Vec D = p.D[block];
+    const Series x = s.of(p, block);
+    load_block(p.delta, b, c0, width, L, x.dt);
+    load_block(p.u, b, c0, width, L, x.u);
+    load_block(grad_out, b, c0, width, L, x.g);
+    if (p.z.defined()) {
+      load_block(p.z, b, c0, width, L, x.z);
+      for (int64_t t = 0; t < L; ++t) x.g[t] *= x.z[t] * sigmoid_vec(x.z[t]);
+    }
+    for (int64_t t = 0; t < L; ++t) {
+      x.y[t] = D * x.u[t];
+      x.sum_GB[t] = x.sum_decay[t] = Vec{};
     }
   }
-  scatter_rows(s.gB.data(), b, p.length, p.n, p.vecs, g.B);
-  scatter_rows(s.gC.data(), b, p.length, p.n, p.vecs, g.C);
+  // Per chunk of states: recompute them (and y_t), then their gradients backwards in time.
+  int64_t n0 = 0;
+  for (; n0 + kChunk <= p.n; n0 += kChunk) backward_chunk<kChunk>(p, b, n0, kChunk, g, s);
+  if (n0 < p.n) backward_chunk<0>(p, b, n0, p.n - n0, g, s);
+  for (int64_t block = 0; block < p.blocks; ++block) {
+    const int64_t c0 = block * kLanes, width = p.width(block);
+    const Vec D = p.D[block];
+    const Series x = s.of(p, block);
+    Vec gD{};
+    for (int64_t t = 0; t < L; ++t) {
+      const Vec dt = x.dt[t], u = x.u[t], gy = x.g[t];
+      gD += gy * u;
+      x.dt[t] = u * x.sum_GB[t] + x.sum_decay[t] * kLn2;  // grad delta (A = A2 ln 2), in delta's buffer
+      x.u[t] = dt * x.sum_GB[t] + D * gy;                  // grad u, in u's buffer
+    }
+    s.gD[block] += gD;
+    store_block(x.u, b, c0, width, L, g.u);
+    store_block(x.dt, b, c0, width, L, g.delta);
+    if (p.z.defined()) {
+      load_block(grad_out, b, c0, width, L, x.g);
+      for (int64_t t = 0; t < L; ++t) {
+        const Vec z = x.z[t], sz = sigmoid_vec(z);
+        x.z[t] = x.g[t] * x.y[t] * sz * (1.0f + z * (1.0f - sz));  // grad z, in z's buffer
+      }
+      store_block(x.z, b, c0, width, L, g.z);
+    }
+  }
 }
 
 void check_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
@@ -330,12 +410,14 @@ void check_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tensor
 
 Problem make_problem(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                      const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z) {
-  const int64_t d_inner = u.size(1), n = A.size(1), vecs = vectors_for(n);
-  Problem p{d_inner, u.size(2), n, vecs, Rows(d_inner * vecs), D ? D->data_ptr<float>() : nullptr,
+  const int64_t d_inner = u.size(1), n = A.size(1), blocks = (d_inner + kLanes - 1) / kLanes;
+  Problem p{d_inner, u.size(2), n, blocks, Rows(blocks * n), Rows(blocks),
             Strided3(u), Strided3(delta), Strided3(B), Strided3(C), Strided3(z ? *z : at::Tensor())};
   const float* a = A.data_ptr<float>();
-  for (int64_t d = 0; d < d_inner; ++d)
-    for (int64_t k = 0; k < n; ++k) reinterpret_cast<float*>(&p.A2[d * vecs])[k] = a[d * n + k] * kLog2e;
+  for (int64_t d = 0; d < d_inner; ++d) {
+    for (int64_t k = 0; k < n; ++k) p.A2[d / kLanes * n + k][d % kLanes] = a[d * n + k] * kLog2e;
+    if (D) p.D[d / kLanes][d % kLanes] = D->data_ptr<float>()[d];
+  }
   return p;
 }
 
@@ -351,9 +433,11 @@ at::Tensor selective_scan_fwd(const at::Tensor& u, const at::Tensor& delta, cons
   const Problem p = make_problem(u, delta, A, B, C, D, z);
   at::Tensor out = empty_channels_last(u);
   const Strided3 out_view(out);
-  at::parallel_for(0, u.size(0), 1, [&](int64_t begin, int64_t end) {
+  // items b * blocks + block: a thread's consecutive items share a sample's B and C rows
+  at::parallel_for(0, u.size(0) * p.blocks, 1, [&](int64_t begin, int64_t end) {
+    const FlushDenormals flush;
     Scratch scratch(p, /*backward=*/false);
-    for (int64_t b = begin; b < end; ++b) forward_sample(p, b, out_view, scratch);
+    for (int64_t i = begin; i < end; ++i) forward_item(p, i / p.blocks, i % p.blocks, out_view, scratch);
   });
   return out;
 }
@@ -366,22 +450,24 @@ std::vector<at::Tensor> selective_scan_bwd(const at::Tensor& u, const at::Tensor
   check_inputs(u, delta, A, B, C, D, z);
   TORCH_CHECK(grad_out.sizes() == u.sizes() && grad_out.scalar_type() == at::kFloat, "fused CPU scan: bad grad_out");
   const Problem p = make_problem(u, delta, A, B, C, D, z);
-  at::Tensor grad_u = at::empty_like(u), grad_delta = at::empty_like(delta);
+  at::Tensor grad_u = empty_channels_last(u), grad_delta = empty_channels_last(u);
   at::Tensor grad_B = at::empty_like(B), grad_C = at::empty_like(C);
-  at::Tensor grad_z = z ? at::empty_like(*z) : at::empty({0}, u.options());
+  at::Tensor grad_z = z ? empty_channels_last(u) : at::empty({0}, u.options());
   at::Tensor grad_A = at::zeros_like(A), grad_D = at::zeros({p.d_inner}, u.options());
   const Grads g{Strided3(grad_u), Strided3(grad_delta), Strided3(grad_B), Strided3(grad_C), Strided3(grad_z)};
   const Strided3 grad_out_view(grad_out);
   std::mutex reduce;
   at::parallel_for(0, u.size(0), 1, [&](int64_t begin, int64_t end) {
+    const FlushDenormals flush;
     Scratch scratch(p, /*backward=*/true);
     for (int64_t b = begin; b < end; ++b) backward_sample(p, b, grad_out_view, g, scratch);
     std::lock_guard<std::mutex> lock(reduce);  // A and D are shared by the batch: sum the threads' parts
     float* gA = grad_A.data_ptr<float>();
-    for (int64_t d = 0; d < p.d_inner; ++d)
-      for (int64_t k = 0; k < p.n; ++k) gA[d * p.n + k] += scratch.gA[d * p.vecs + k / kLanes][k % kLanes];
     float* gD = grad_D.data_ptr<float>();
-    for (size_t i = 0; i < scratch.gD.size(); ++i) gD[i] += scratch.gD[i];
+    for (int64_t d = 0; d < p.d_inner; ++d) {
+      for (int64_t k = 0; k < p.n; ++k) gA[d * p.n + k] += scratch.gA[d / kLanes * p.n + k][d % kLanes];
+      gD[d] += scratch.gD[d / kLanes][d % kLanes];
+    }
   });
   return {grad_u, grad_delta, grad_A, grad_B, grad_C, grad_D, grad_z};
 }
@@ -412,14 +498,6 @@ inline void pre_activation(const Conv& c, const float* xb, int64_t t, float* __r
     for (int64_t d = 0; d < D; ++d) pre[d] += w[d] * xs[d];
   }
 }
-
-ALWAYS_INLINE Vec load_vec(const float* p) {
-  Vec v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-ALWAYS_INLINE void store_vec(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
 
 KERNEL_TARGETS
 void conv_forward_sample(const Conv& c, int64_t b, float* out) {
