@@ -438,23 +438,26 @@ def merge(shared: Shared, parts: List[Path], out: Path) -> Totals:
     sample files there (samples/<split>/part-<partition>-<file>.parquet); returns their counts."""
     summaries = [read_json(part / SUMMARY_FILE, "partition summary") for part in parts]
     num_users = len(shared.vocab["user"])
-    events = [np.load(part / PART_EVENTS_FILE, mmap_mode="r") for part in parts]
-    per_user = sum(np.bincount(e["user"], minlength=num_users) for e in events)
+    per_user = np.zeros(num_users, dtype=np.int64)
+    for part in parts:
+        per_user += np.bincount(_part_events(part)["user"], minlength=num_users)
     offsets = np.zeros(num_users + 1, dtype=np.int64)
     np.cumsum(per_user, out=offsets[1:])
     scratch = out / ".merge"
     scratch.mkdir()
     columns = {name: np.lib.format.open_memmap(scratch / f"{name}.npy", "w+", np.int32, (int(offsets[-1]),)) for name in ("item", "category", "ts")}
-    for part in events:
-        # a partition holds whole users in user order: each one's clicks go to its global offset
-        for start in range(0, len(part), S.CHUNK):
-            chunk = part[start : start + S.CHUNK]
-            first = np.searchsorted(part["user"], chunk["user"], side="left")
-            destination = offsets[chunk["user"]] + (np.arange(start, start + len(chunk)) - first)
-            for name, column in columns.items():
-                column[destination] = chunk[name]
+    for part in parts:
+        # a partition holds whole users in user order: each one's clicks go to its global offset;
+        # one partition mapped at a time
+        events = _part_events(part)
+        user = np.array(events["user"])
+        clicks = np.bincount(user, minlength=num_users)
+        destination = offsets[user] + np.arange(len(user)) - (np.cumsum(clicks) - clicks)[user]
+        for name, column in columns.items():
+            column[destination] = events[name]
+        del events
     write_events(out, Events(columns["item"], columns["category"], columns["ts"], offsets))
-    del columns, events
+    del columns
     shutil.rmtree(scratch)
     for name, raw_by_dense in shared.vocab.items():
         save_vocab(out, name, raw_by_dense)
@@ -475,6 +478,10 @@ def merge(shared: Shared, parts: List[Path], out: Path) -> Totals:
         tallies=sum(np.array(s["tallies"], dtype=np.int64) for s in summaries),
         splits=splits,
     )
+
+
+def _part_events(part: Path) -> np.ndarray:
+    return np.load(part / PART_EVENTS_FILE, mmap_mode="r")
 
 
 def task_directory(final: Path, index: int, count: int) -> Path:
