@@ -130,7 +130,7 @@ def smoke_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("smoke")
     cfg = load_config(str(REPO / SMOKE), [f"prepare.input={root / 'raw.csv'}", f"prepare.out={root / 'data'}"])
     generate(cfg.prepare.input, 8000, seed=3, progress=False)
-    prepare(cfg.prepare, progress=False)
+    prepare(cfg.prepare, cfg.model.history_length, progress=False)
     return root / "data"
 
 

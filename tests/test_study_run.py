@@ -41,7 +41,7 @@ overrides: [train.max_epochs=1]
 axes:
   - name: Filter
     values:
-      - {label: broken, set: {prepare.category_filter: any, loader.history_length: 5}}
+      - {label: broken, set: {prepare.category_filter: any, sharding.tables.basket: row_wise}}
       - {label: none, set: {prepare.category_filter: none}}
       - {label: last_l, set: {prepare.category_filter: last_l}}
 seeds: [1]
@@ -192,8 +192,8 @@ def test_filter_cells_prepare_their_own_data_and_a_failing_cell_does_not_stop_th
     assert run.returncode == 1 and "1 cell(s) failed" in run.stdout
     status = json.loads((out / "status.json").read_text())
     assert status["filter-broken_seed-1"]["state"] == "failed"
-    assert "loader.history_length (5) must equal model.history_length (10)" in status["filter-broken_seed-1"]["error"]
-    assert "must equal" in (out / "cells" / "filter-broken_seed-1" / "error.txt").read_text()
+    assert "sharding.tables names unknown tables ['basket']" in status["filter-broken_seed-1"]["error"]
+    assert "unknown tables" in (out / "cells" / "filter-broken_seed-1" / "error.txt").read_text()
     assert status["filter-none_seed-1"]["state"] == status["filter-last-l_seed-1"]["state"] == "done"
     assert len(list((out / "data").iterdir())) == 3
 

@@ -22,14 +22,20 @@ from mdaf_dist.data.layout import sample_files
 from mdaf_dist.data.loader import num_samples
 from mdaf_dist.distributed.env import distributed
 from mdaf_dist.errors import UserError
-from mdaf_dist.train.main import main
+from mdaf_dist import cli
 from mdaf_dist.train.trainer import RESULTS_FILE, Trainer, padding_batch
 from tests.distributed import prepare_tiny_data, run_ranks, tiny_config
+
+
+def main(argv):
+    """`mdaf train ARGV` (python -m mdaf_dist.train runs the same)."""
+    return cli.main(["train", *argv])
+
 
 BATCHES = {0: 3, 1: 2}
 SMOKE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
 # the smoke config's model on the tiny data's histories
-TINY_HISTORY = ["model.history_length=8", "loader.history_length=8"]
+TINY_HISTORY = ["model.history_length=8"]
 
 
 class FewerBatches:
@@ -199,23 +205,17 @@ ALLOWED_SHARDING = "table_wise, row_wise, column_wise, data_parallel"
         (["train.device=gpu"], "train.device='gpu' is not one of: auto, cpu, cuda"),
         (["sharding.tables.item=rows"], f"sharding.tables.item='rows' is not one of: {ALLOWED_SHARDING}"),
         (
-            ["model.history_length=10", "loader.history_length=10"],
+            ["model.history_length=10"],
             "model.history_length=10 but {data} was prepared with history_length=8 (its meta.json; the category filter "
-            "looked at that many clicks): train with model.history_length=8 loader.history_length=8, or prepare the data "
-            "again with prepare.history_length=10",
+            "looked at that many clicks): train with model.history_length=8, or prepare the data "
+            "again with model.history_length=10",
         ),
     ],
 )
 def test_bad_settings_are_one_line_naming_key_value_and_choices(tiny_data_dir, tmp_path, capsys, overrides, message):
-    argv = [f"data_dir={tiny_data_dir}", f"output_dir={tmp_path}", "train.device=cpu", "model.history_length=8", "loader.history_length=8"]
+    argv = [f"data_dir={tiny_data_dir}", f"output_dir={tmp_path}", "train.device=cpu", "model.history_length=8"]
     assert main([*argv, *overrides]) == 2
     assert capsys.readouterr().err == f"mdaf train: error: {message.format(data=tiny_data_dir)}\n"
-
-
-def test_loader_and_model_history_lengths_must_agree(tiny_data_dir, tmp_path):
-    cfg = tiny_config(tiny_data_dir, tmp_path / "run", "loader.history_length=5")
-    with distributed("cpu") as env, pytest.raises(UserError, match=r"loader.history_length \(5\) must equal model.history_length \(8\)"):
-        Trainer(cfg, env)
 
 
 def _fit_refused(cfg):

@@ -62,7 +62,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import mdaf_dist
-from mdaf_dist.config import PrepareConfig, load_config, to_dict
+from mdaf_dist.config import ModelConfig, PrepareConfig, load_config, to_dict
 from mdaf_dist.data import paper_counts
 from mdaf_dist.data import samples as S
 from mdaf_dist.data.ingest import BEHAVIORS, RawEvents, ingest
@@ -71,7 +71,6 @@ from mdaf_dist.data.vocab import dense_ids, save_vocab
 from mdaf_dist.errors import UserError
 from mdaf_dist.files import output_directory, published_directory
 
-SPLIT_MODES = ("days", "fraction")
 CLICK = BEHAVIORS.index("pv")
 _INT32 = np.iinfo(np.int32)
 
@@ -125,27 +124,15 @@ class _Tally:
         return dict(zip(self.KEYS, map(int, self.counts)))
 
 
-def _check_settings(cfg: PrepareConfig) -> None:
+def _check_settings(cfg: PrepareConfig, history_length: int) -> None:
     if not cfg.input:
         raise UserError("no input: pass --input PATH (or prepare.input=PATH)")
     if not cfg.out:
         raise UserError("no output directory: pass --out DIR (or prepare.out=DIR)")
-    if cfg.history_length < 1 or cfg.category_last_k < 1:
-        raise UserError("prepare.history_length and prepare.category_last_k must be >= 1")
+    if history_length < 1 or cfg.category_last_k < 1:
+        raise UserError("model.history_length and prepare.category_last_k must be >= 1")
     if cfg.samples_row_group < 1 or cfg.samples_part_row_groups < 1 or cfg.neg_max_draws < 1:
         raise UserError("prepare.samples_row_group, samples_part_row_groups and neg_max_draws must be >= 1")
-    if cfg.category_filter not in S.CATEGORY_FILTERS:
-        raise UserError(f"prepare.category_filter must be one of {S.CATEGORY_FILTERS}, got {cfg.category_filter!r}")
-    if cfg.neg_category not in S.NEG_CATEGORIES:
-        raise UserError(f"prepare.neg_category must be one of {S.NEG_CATEGORIES}, got {cfg.neg_category!r}")
-    if cfg.history_cutoff not in S.HISTORY_CUTOFFS:
-        raise UserError(f"prepare.history_cutoff must be one of {S.HISTORY_CUTOFFS}, got {cfg.history_cutoff!r}")
-    if cfg.dedup_clicks not in S.DEDUP_CLICKS:
-        raise UserError(f"prepare.dedup_clicks must be one of {S.DEDUP_CLICKS}, got {cfg.dedup_clicks!r}")
-    if cfg.neg_sampling not in S.NEG_SAMPLING:
-        raise UserError(f"prepare.neg_sampling must be one of {S.NEG_SAMPLING}, got {cfg.neg_sampling!r}")
-    if cfg.split not in SPLIT_MODES:
-        raise UserError(f"prepare.split must be one of {SPLIT_MODES}, got {cfg.split!r}")
     if cfg.split == "days":
         S.split_bounds_by_days(cfg.window_start, cfg.window_days, cfg.valid_days, cfg.test_days)
     else:
@@ -264,7 +251,7 @@ class _PartWriter:
 
 
 def _filter_and_write(
-    out: Path, clicks: S.Clicks, draw: S.NegativeDraw, cfg: PrepareConfig, bounds: tuple[int, Optional[int]]
+    out: Path, clicks: S.Clicks, draw: S.NegativeDraw, cfg: PrepareConfig, history_length: int, bounds: tuple[int, Optional[int]]
 ) -> tuple[Dict[str, Dict[str, Any]], List[_Tally]]:
     """Build, filter, split and write the samples chunk by chunk of clicks, so that at most
     about `samples.CHUNK` sample rows exist at a time (100M clicks make 250M samples).
@@ -288,7 +275,7 @@ def _filter_and_write(
         tallies[1].add(chunk.label, split)
         keep = S.has_history(chunk) if cfg.drop_empty_history else np.ones(len(chunk), dtype=bool)
         tallies[2].add(chunk.label[keep], split[keep])
-        keep &= S.category_filter(history, chunk, cfg.category_filter, cfg.history_length, cfg.category_last_k)
+        keep &= S.category_filter(history, chunk, cfg.category_filter, history_length, cfg.category_last_k)
         tallies[3].add(chunk.label[keep], split[keep])
         for code, writer in enumerate(writers.values()):
             writer.write(chunk.select(keep & (split == code)))
@@ -315,13 +302,14 @@ def versus_paper(cfg: PrepareConfig, tallies: List[_Tally]) -> Dict[str, Any]:
     return versus
 
 
-def prepare(cfg: PrepareConfig, progress: bool = True) -> Dict[str, Any]:
+def prepare(cfg: PrepareConfig, history_length: int = ModelConfig.history_length, progress: bool = True) -> Dict[str, Any]:
     """Run every stage; publish the prepared directory `cfg.out` whole; print the stage table;
-    return meta."""
-    _check_settings(cfg)
+    return meta. `history_length` is model.history_length: the clicks the model sees, which the
+    category filter looks at (meta.json records it, and training refuses another)."""
+    _check_settings(cfg, history_length)
     final = output_directory(cfg.out, "prepare.out")
     with published_directory(final, PREPARED_ENTRIES, last=META_FILE) as staging:
-        meta = _prepare(cfg, staging, final, progress)
+        meta = _prepare(cfg, history_length, staging, final, progress)
     if meta["ingest"]["header"] is not None:
         print(f"skipped the header line: {meta['ingest']['header']}")
     print(stage_table(meta))
@@ -331,7 +319,7 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> Dict[str, Any]:
     return meta
 
 
-def _prepare(cfg: PrepareConfig, out: Path, final: Path, progress: bool) -> Dict[str, Any]:
+def _prepare(cfg: PrepareConfig, history_length: int, out: Path, final: Path, progress: bool) -> Dict[str, Any]:
     """Every stage, written into `out` (the staging directory of `final`); returns meta."""
     stages = _Stages(progress)
 
@@ -366,7 +354,7 @@ def _prepare(cfg: PrepareConfig, out: Path, final: Path, progress: bool) -> Dict
                         f"(prepare.user_fraction={cfg.user_fraction:g}); nothing was written to {cfg.out}")
 
     with stages.timed("negatives"):
-        span = S.filter_span(cfg.category_filter, cfg.history_length, cfg.category_last_k)
+        span = S.filter_span(cfg.category_filter, history_length, cfg.category_last_k)
         draw = S.draw_negatives(
             clicks,
             S.negative_counts(n_clicks, cfg.neg_ratio, cfg.seed),
@@ -381,7 +369,7 @@ def _prepare(cfg: PrepareConfig, out: Path, final: Path, progress: bool) -> Dict
 
     bounds = split_bounds(cfg, clicks)
     with stages.timed("filter+write"):
-        splits, tallies = _filter_and_write(out, clicks, draw, cfg, bounds)
+        splits, tallies = _filter_and_write(out, clicks, draw, cfg, history_length, bounds)
     stages.add("positives", n_clicks, split=tallies[0].split())
     stages.add(
         f"+ negatives (ratio {cfg.neg_ratio:g}, {cfg.neg_sampling}, {cfg.neg_category})",
@@ -409,7 +397,7 @@ def _prepare(cfg: PrepareConfig, out: Path, final: Path, progress: bool) -> Dict
         "vocab": vocab,
         "num_users": len(clicks.user_offsets) - 1,
         "num_clicks": n_clicks,
-        "history_length": cfg.history_length,
+        "history_length": history_length,
         "valid_start_ts": bounds[0],
         "test_start_ts": bounds[1],
         "stages": stages.rows,
@@ -490,17 +478,10 @@ def stage_table(meta: Dict[str, Any]) -> str:
     return "\n".join([fmt(header), rule, *(fmt(cells) for cells in lines), footer])
 
 
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input", help="raw UserBehavior CSV (plain, gzip, bzip2, xz, zstd or zip; local path or fsspec URI)")
-    parser.add_argument("--out", help="output directory (prepared-data layout; a local path or file:// URI)")
-    parser.add_argument("--config", action="append", help="YAML config file; its prepare: section is used; repeat to overlay files in order")
-    parser.add_argument("--quiet", action="store_true", help="no progress output (the stage table is still printed)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. prepare.neg_ratio=2 prepare.user_fraction=0.01")
-
-
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides).prepare
+    full = load_config(args.config, args.overrides)
+    cfg = full.prepare
     cfg.input = args.input or cfg.input
     cfg.out = args.out or cfg.out
-    prepare(cfg, progress=not args.quiet)
+    prepare(cfg, full.model.history_length, progress=not args.quiet)
     return 0

@@ -32,10 +32,11 @@ from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterCons
 from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
 from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
 
-from mdaf_dist.config import ShardingConfig, check_choice
+from mdaf_dist.config import ShardingConfig
 from mdaf_dist.distributed.env import DistEnv
 from mdaf_dist.errors import UserError
 
+# config.ShardingType -> torchrec's name
 SHARDING_TYPES = {
     "table_wise": ShardingType.TABLE_WISE.value,
     "row_wise": ShardingType.ROW_WISE.value,
@@ -59,9 +60,6 @@ def table_sharding_types(cfg: ShardingConfig, tables: List[str], device: torch.d
     unknown_tables = sorted(set(cfg.tables) - set(tables))
     if unknown_tables:
         raise UserError(f"sharding.tables names unknown tables {unknown_tables}; the tables are {tables}")
-    check_choice("sharding.default", cfg.default, list(SHARDING_TYPES))
-    for table, kind in cfg.tables.items():
-        check_choice(f"sharding.tables.{table}", kind, list(SHARDING_TYPES))
     chosen = {table: cfg.tables.get(table, cfg.default) for table in tables}
     runnable = supported_sharding_types(device)
     for table, kind in chosen.items():

@@ -6,12 +6,14 @@ the per-sample weight of the sequential branch [B] where the fusion has one, els
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, get_args
 
 import torch
 from torch import nn
 
-FUSIONS = ("gate", "concat", "fixed", "attention")
+from mdaf_dist.config import Fusion
+
+FUSIONS = get_args(Fusion)
 
 Fused = Tuple[torch.Tensor, Optional[torch.Tensor]]
 

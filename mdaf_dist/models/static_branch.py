@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 from torch import nn
 
+from mdaf_dist.config import StaticBranch
 from mdaf_dist.models.dcn import OfficialDCNv3, PaperDCNv3
 
 # "none" (sequence only) has no module: the registry builds the Mamba4Rec model for it
-STATIC_BRANCHES = ("dcnv3", "dcnv3_official", "mlp")
+STATIC_BRANCHES = tuple(b for b in get_args(StaticBranch) if b != "none")
 
 
 def mlp_static_branch(in_dim: int, out_dim: int, num_layers: int, dropout: float) -> nn.Sequential:

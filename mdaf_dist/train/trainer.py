@@ -123,11 +123,6 @@ class Trainer:
     def __init__(self, cfg: Config, env: DistEnv, embedding_backend: str = "torchrec", save_plan: bool = True) -> None:
         """`save_plan`: rank 0 writes the sharding plan into output_dir (off for a run that only
         reads a checkpoint, such as `mdaf evaluate`)."""
-        if cfg.loader.history_length != cfg.model.history_length:
-            raise UserError(
-                f"loader.history_length ({cfg.loader.history_length}) must equal model.history_length "
-                f"({cfg.model.history_length}): the loader gathers the histories the model reads"
-            )
         check_loader_settings(cfg.loader)
         self.cfg, self.env = cfg, env
         self.out_dir = Path(cfg.output_dir)
@@ -144,7 +139,7 @@ class Trainer:
         self.sharded = embedding_backend == "torchrec"
         self.optimizer = build_optimizer(self.model, cfg.train, self.embedding_optimizer)
         self.dense_params = list(dense_parameters(self.model).values())
-        self.train_loader = make_loader(cfg.data_dir, "train", cfg.loader, rank=env.rank, world_size=env.world_size, device=env.device)
+        self.train_loader = make_loader(cfg.data_dir, "train", cfg.loader, history_length=cfg.model.history_length, rank=env.rank, world_size=env.world_size, device=env.device)
         self.steps_per_epoch = self._all_reduce_max(len(self.train_loader))
         self.scheduler = linear_warmup(self.optimizer, warmup_steps(cfg.train, self.steps_per_epoch))
         self.evaluator = Evaluator()
@@ -207,7 +202,7 @@ class Trainer:
         each real batch (after `transform`) with the model's output in eval mode; the ranks step
         in lockstep, so every rank must run the generator to its end."""
         self.model.eval()
-        loader = make_loader(data_dir or self.cfg.data_dir, split, self.cfg.loader, rank=self.env.rank, world_size=self.env.world_size, shuffle=False, device=self.env.device)
+        loader = make_loader(data_dir or self.cfg.data_dir, split, self.cfg.loader, history_length=self.cfg.model.history_length, rank=self.env.rank, world_size=self.env.world_size, shuffle=False, device=self.env.device)
         batches = iter(loader)
         while (batch := self._next_or_padding(batches)) is not None:
             real = batch is not self.padding
