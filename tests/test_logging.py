@@ -69,3 +69,17 @@ def test_other_ranks_write_nothing(tmp_path, capsys):
     logger.close()
     assert not log_dir.exists()
     assert capsys.readouterr() == ("", "")
+
+
+def test_the_progress_bar_of_a_finished_run_ends_at_100_percent(capsys):
+    # 10 planned steps reported every 4: the loop's last report is step 8
+    logger = RunLogger(None, rank=0, total_steps=10, samples_per_step=1, enabled_progress=True)
+    for step in (4, 8):
+        logger.step(step, {"loss": 0.5})
+    logger.close(10)
+    assert re.search(r"100%\|[^\r]*\| 10.0/10.0 ", capsys.readouterr().err.split("\r")[-1])
+    # stopped early at step 6 of 10: the run is done, its bar says so
+    logger = RunLogger(None, rank=0, total_steps=10, samples_per_step=1, enabled_progress=True)
+    logger.step(4, {"loss": 0.5})
+    logger.close(6)
+    assert re.search(r"100%\|[^\r]*\| 6.00/6.00 ", capsys.readouterr().err.split("\r")[-1])

@@ -94,8 +94,14 @@ class RunLogger:
         if self.active:
             tqdm.write(f"{datetime.now().isoformat(timespec='seconds')} {msg}", file=sys.stderr)
 
-    def close(self) -> None:
+    def close(self, step: Optional[int] = None) -> None:
+        """`step`: the run's last step. The bar moves to it (the loop reports every log_every
+        steps only) and, when the run stopped before its planned total (early stopping), ends
+        there: a finished run's bar reads 100 %."""
         if self._bar is not None:
+            if step is not None:
+                self._bar.total = step
+                self._bar.update(step - self._bar.n)
             self._bar.close()
             self._bar = None
         if self._writer is not None:

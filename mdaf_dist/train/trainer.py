@@ -328,7 +328,7 @@ class Trainer:
                     logger.info(f"early stopping: no better validation AUC for {self.cfg.train.patience} evaluations")
                     break
         finally:
-            logger.close()
+            logger.close(self.state.step)
         wall_seconds = time.perf_counter() - started
         results_file = self.out_dir / RESULTS_FILE
         if not metrics:
