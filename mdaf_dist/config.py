@@ -215,6 +215,9 @@ class LoggingConfig:
 
     # write TensorBoard events under <output_dir>/tensorboard
     tensorboard: bool = True
+    # the events' directory instead of <output_dir>/tensorboard (a study puts each cell's under
+    # <study>/tensorboard/<cell>, so that one TensorBoard shows every cell)
+    tensorboard_dir: str = ""
     # training scalars (loss, lr, samples/s) every this many steps
     log_every: int = 50
     # a progress bar on rank 0 with samples/s and ETA

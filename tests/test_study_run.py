@@ -220,3 +220,16 @@ def test_filter_cells_prepare_their_own_data_and_a_failing_cell_does_not_stop_th
     assert rows["last_l"]["Common AUC"] == f"{common['last-l']['auc']:.4f}" and rows["none"]["Common AUC"] == f"{common['none']['auc']:.4f}"
     assert not (out / "cells" / "filter-broken_seed-1" / "common.json").exists()
     _assert_png(out / "report" / "filtering.png")
+
+
+@pytest.mark.slow
+def test_one_tensorboard_directory_shows_every_cell_and_compare_tabulates_them(fusions, capsys):
+    out = fusions["out"]
+    cells = sorted(p.name for p in (out / "cells").iterdir())
+    assert sorted(p.name for p in (out / "tensorboard").iterdir()) == cells
+    assert all(list((out / "tensorboard" / cell).glob("events.out.tfevents.*")) for cell in cells)
+    assert not list((out / "cells").glob("*/tensorboard"))
+    assert cli.main(["compare", str(out)]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0].startswith("| run | auc |") and rows[0].endswith("| model.fusion | train.seed |")
+    assert sorted(row.split(" | ")[0] for row in rows[2:]) == [f"| out/{cell}" for cell in cells]

@@ -16,13 +16,15 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torchx.tracker.api import AppRun
+from torchx.tracker.backend.fsspec import create as fsspec_tracker
 
+from mdaf_dist import cli
 from mdaf_dist.analysis.dynamics import table7
 from mdaf_dist.data.layout import sample_files
 from mdaf_dist.data.loader import num_samples
 from mdaf_dist.distributed.env import distributed
 from mdaf_dist.errors import UserError
-from mdaf_dist import cli
 from mdaf_dist.train.trainer import RESULTS_FILE, Trainer, padding_batch
 from tests.distributed import prepare_tiny_data, run_ranks, tiny_config
 
@@ -76,10 +78,18 @@ def test_padding_batch_uses_the_padding_id_of_every_feature():
     assert batch.batch_size == 1
 
 
-def test_smoke_config_run_writes_results_json(tiny_data_dir, tmp_path, capsys):
+def test_smoke_config_run_writes_results_json_and_records_with_a_torchx_tracker(tiny_data_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
+    (tmp_path / "tracker").mkdir()
+    (tmp_path / "tracker.cfg").write_text(f"protocol=file\nroot_path={tmp_path / 'tracker'}\n")
+    for name, value in [("TORCHX_TRACKERS", "fsspec"), ("TORCHX_TRACKER_FSSPEC_CONFIG", str(tmp_path / "tracker.cfg")), ("TORCHX_JOB_ID", "local_cwd://torchx/run-1")]:
+        monkeypatch.setenv(name, value)
+    AppRun.run_from_env.cache_clear()  # one AppRun per process: this test's environment
     quiet = ["logging.tensorboard=false", "logging.progress_bar=false", "train.patience=0", *TINY_HISTORY]
-    assert main(["--config", str(SMOKE_CONFIG), f"data_dir={tiny_data_dir}", f"output_dir={out}", *quiet]) == 0
+    try:
+        assert main(["--config", str(SMOKE_CONFIG), f"data_dir={tiny_data_dir}", f"output_dir={out}", *quiet]) == 0
+    finally:
+        AppRun.run_from_env.cache_clear()
 
     results = json.loads((out / RESULTS_FILE).read_text())
     valid = results["valid"]
@@ -95,6 +105,8 @@ def test_smoke_config_run_writes_results_json(tiny_data_dir, tmp_path, capsys):
 
     printed = json.loads(capsys.readouterr().out.splitlines()[-2])
     assert printed["auc"] == valid["auc"] and printed["num_samples"] == valid["num_samples"]
+    tracked = fsspec_tracker(str(tmp_path / "tracker.cfg")).metadata("local_cwd://torchx/run-1")
+    assert tracked == {**printed, "wall_seconds": results["wall_seconds"]}
 
 
 def test_resumed_finished_run_without_results_reports_the_final_model(tiny_data_dir, tmp_path):

@@ -301,7 +301,7 @@ class Trainer:
         if resume_from is not None:
             self.restore(resume_from)
         logger = RunLogger(
-            str(self.out_dir / "tensorboard") if self.cfg.logging.tensorboard else None,
+            (self.cfg.logging.tensorboard_dir or str(self.out_dir / "tensorboard")) if self.cfg.logging.tensorboard else None,
             self.env.rank,
             self._planned_steps(),
             self.cfg.loader.batch_size * self.env.world_size,
