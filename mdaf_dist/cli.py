@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
+from mdaf_dist import log
 from mdaf_dist.errors import UserError, one_line
 
 Parser = argparse.ArgumentParser
@@ -206,6 +207,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0 if wants_help else 2
     name = argv[0]
     args = parser_for(name).parse_args(argv[1:])
+    log.configure()
     try:
         module_name, function = COMMANDS[name].handler.split(":")
         return int(getattr(importlib.import_module(module_name), function)(args) or 0)

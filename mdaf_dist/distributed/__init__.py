@@ -1,5 +1,7 @@
-"""Everything below imports torch and torchrec: the pinned versions are checked first."""
+"""Everything below imports torch and torchrec: the pinned stack is checked (and its known
+harmless warnings muted) first."""
 
-from mdaf_dist.versions import check_versions
+from mdaf_dist.pinned import check_versions, mute_known_warnings
 
 check_versions()
+mute_known_warnings()
