@@ -50,8 +50,13 @@ def settings(cfg: Any, defaults: Any, prefix: str = "") -> Iterator[Tuple[str, A
 
 
 def one_line_meaning(comment: str) -> str:
-    """The comment's first clause, cut to MEANING_CHARS."""
-    first = comment.split("; ")[0]
+    """The comment's first clause (up to a "; " outside parentheses), cut to MEANING_CHARS."""
+    depth, first = 0, comment
+    for i, char in enumerate(comment):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth == 0 and comment.startswith("; ", i):
+            first = comment[:i]
+            break
     return first if len(first) <= MEANING_CHARS else first[: MEANING_CHARS - 3] + "..."
 
 

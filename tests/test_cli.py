@@ -68,6 +68,9 @@ def test_config_show_lists_every_setting_with_value_default_and_meaning(tmp_path
     assert list(shown) == list(_keys(Config))
     assert shown["model.fusion"][:2] == ["'concat'", "'gate'"] and shown["train.lr"][:2] == ["0.002", "0.0005"]
     assert shown["loader.batch_size"] == ["2048", "2048", "training samples per batch and rank"]
+    # the first clause of the comment above the field; a "; " inside parentheses does not end it
+    assert shown["prepare.neg_ratio"][2] == "negatives per positive"
+    assert shown["prepare.input"][2] == "raw UserBehavior CSV (plain, gzip, bzip2, xz, zstd or zip; local path or fsspec URI)"
     assert all(len(row) == 3 and row[2] for row in shown.values()), [key for key, row in shown.items() if len(row) < 3]
 
 
