@@ -28,7 +28,7 @@ TINY = "configs: [configs/paper.yaml, configs/studies/tiny/base_config.yaml]\nsy
 
 FUSIONS = TINY + """name: fusions
 title: two fusions x two seeds
-overrides: [train.max_epochs=1]
+overrides: [train.max_epochs=1, logging.tensorboard=true]
 axes:
   - {name: Fusion, key: model.fusion, values: [gate, concat]}
 seeds: [1, 2]

@@ -2,7 +2,7 @@
 
 A row per run (a directory with results.json, i.e. a training run's output_dir or a study cell):
 its metrics, its wall time, and the settings in which the runs differ (where the runs were
-written, output_dir and data_dir, left out). A study directory stands for all its cells. The
+written, NOT_SETTINGS, left out). A study directory stands for all its cells. The
 settings are read from the run's config.yaml (a study cell's), else from its newest checkpoint's.
 """
 
@@ -33,7 +33,7 @@ METRICS = (
     ("samples/s", ("samples_per_sec",), 0),
 )
 # where a run was written, not what it did
-NOT_SETTINGS = ("output_dir", "data_dir")
+NOT_SETTINGS = ("output_dir", "data_dir", "logging.tensorboard_dir")
 
 
 def run_dirs(paths: List[str]) -> Dict[str, Path]:
