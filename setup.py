@@ -1,43 +1,31 @@
-"""Install with `make install` (see README): torch, fbgemm-gpu and torchrec are pinned there
-because torchrec must go in with --no-deps (its fbgemm-gpu dependency would pull the CUDA build
-over the CPU one)."""
+"""Builds the fused CPU kernels of the Mamba block (mdaf_dist/models/csrc) ahead of time, as a
+torch C++ extension; everything else about the package is in pyproject.toml.
 
-from setuptools import find_packages, setup
+torch must be installed before (`make install` does it in order, and installs with
+--no-build-isolation so that the build uses that torch rather than downloading one). Where the
+build is missing, mdaf_dist/models/cpu_kernels.py compiles the kernels on first use instead.
+"""
+
+import importlib.util
+from pathlib import Path
+
+from setuptools import setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+# the kernels' module alone (not the package, whose imports need torchrec): its names and flags
+_spec = importlib.util.spec_from_file_location("cpu_kernels", Path(__file__).parent / "mdaf_dist" / "models" / "cpu_kernels.py")
+kernels = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(kernels)
 
 setup(
-    name="mdaf_dist",
-    version="0.1.0",
-    description="Distributed trainer for MDAF (Mamba-DCN with Adaptive Fusion) CTR models",
-    packages=find_packages(include=["mdaf_dist", "mdaf_dist.*"]),
-    # the fused CPU kernels of the Mamba block, compiled on first use (mdaf_dist/models/cpu_kernels.py)
-    package_data={"mdaf_dist.models": ["csrc/*.cpp"]},
-    python_requires=">=3.10",
-    install_requires=[
-        "torch==2.13.0",
-        "numpy>=1.26",
-        "pyarrow>=16",
-        "fsspec>=2024.1",
-        "omegaconf>=2.3",
-        "tqdm>=4.66",
-        "tensorboard>=2.16",
-        "matplotlib>=3.8",
-        # the studies' significance tests (paired t-test, normal tail of DeLong's statistic)
-        "scipy>=1.11",
-        "torchx==0.7.0",
-        # torchrec's real dependencies (torchrec itself is installed with --no-deps)
-        "tensordict",
-        "torchmetrics==1.0.3",
-        "pyre-extensions",
-        "iopath",
-        # builds the fused CPU selective scan with torch.utils.cpp_extension (needs a C++ compiler)
-        "ninja",
+    ext_modules=[
+        CppExtension(
+            kernels.PREBUILT,
+            [str(kernels.SOURCE.relative_to(Path(__file__).resolve().parent))],
+            extra_compile_args=kernels.CFLAGS,
+            extra_link_args=kernels.LDFLAGS,
+        ),
     ],
-    extras_require={
-        "cpu": ["fbgemm-gpu-cpu==1.8.0"],
-        "cuda": ["fbgemm-gpu==1.8.0"],
-        # mamba_ssm's fused selective scan: optional, builds from source (needs nvcc)
-        "mamba": ["mamba-ssm"],
-        "test": ["pytest>=8", "scikit-learn>=1.4"],
-    },
-    entry_points={"console_scripts": ["mdaf=mdaf_dist.cli:main"]},
+    # no_python_abi_suffix: the library registers torch ops and has no Python module interface
+    cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=True, use_ninja=True)},
 )

@@ -17,14 +17,6 @@ from pathlib import Path
 from mdaf_dist.errors import UserError
 
 
-def configure_parser(parser) -> None:
-    parser.add_argument("--out", default="outputs/demo", help="working directory (default: outputs/demo)")
-    parser.add_argument("--rows", type=int, default=120_000, help="synthetic rows to generate")
-    parser.add_argument("--config", default="configs/demo.yaml", help="training config")
-    parser.add_argument("--nproc", type=int, default=2, help="training processes (CPU ranks)")
-    parser.add_argument("--seed", type=int, default=42)
-
-
 def _step(title: str, cmd: list[str]) -> None:
     print(f"\n== {title}\n$ {shlex.join(cmd)}", flush=True)
     start = time.time()

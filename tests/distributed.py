@@ -57,7 +57,7 @@ def prepare_tiny_data(root: Path, rows: int = 2250, seed: int = 3, **settings: A
     training samples: 11 batches of 256); `settings` are further PrepareConfig fields (e.g. test_days=1)."""
     root.mkdir(parents=True, exist_ok=True)
     generate(str(root / "raw.csv"), rows, seed=seed, progress=False)
-    prepare(PrepareConfig(input=str(root / "raw.csv"), out=str(root / "data"), history_length=8, samples_row_group=256, **settings), progress=False)
+    prepare(PrepareConfig(input=str(root / "raw.csv"), out=str(root / "data"), samples_row_group=256, **settings), 8, progress=False)
     return root / "data"
 
 
@@ -66,7 +66,7 @@ def tiny_config(data_dir: Path, output_dir: Path, *overrides: str) -> Config:
     base = [
         f"data_dir={data_dir}", f"output_dir={output_dir}", "train.device=cpu",
         "model.embedding_dim=8", "model.history_length=8", "model.d_state=4", "model.dropout=0.0",
-        "loader.history_length=8", "loader.batch_size=32", "loader.eval_batch_size=256", "loader.num_workers=0",
+        "loader.batch_size=32", "loader.eval_batch_size=256", "loader.num_workers=0",
         "loader.shuffle_buffer=256", "train.warmup_steps=3", "train.lr=0.003", "train.embedding_lr=0.05", "train.embedding_eps=1e-14",
         "logging.tensorboard=false", "logging.progress_bar=false",
     ]  # fmt: skip

@@ -116,7 +116,7 @@ def test_another_prepared_directory_scores_unseen_ids_as_padding(trained, tmp_pa
             row[0] = str(int(row[0]) + 10**6)
     (tmp_path / "other.csv").write_text("\n".join(",".join(row) for row in rows) + "\n")
     other = tmp_path / "other"
-    prepare(PrepareConfig(input=str(tmp_path / "other.csv"), out=str(other), history_length=8), progress=False)
+    prepare(PrepareConfig(input=str(tmp_path / "other.csv"), out=str(other)), 8, progress=False)
     out = tmp_path / "other.parquet"
     assert main(["predict", "--checkpoint", str(run / "checkpoints"), "--data", str(other), "--out", str(out)]) == 0
     c, meta = _columns(out), prediction_metadata(out)

@@ -21,7 +21,7 @@ from mdaf_dist.distributed.env import distributed
 from mdaf_dist.train.trainer import Trainer
 from tests.distributed import prepare_tiny_data, tiny_config
 
-TINY = ["model.embedding_dim=8", "model.history_length=8", "loader.history_length=8", "model.d_state=4", "train.device=cpu",
+TINY = ["model.embedding_dim=8", "model.history_length=8", "model.d_state=4", "train.device=cpu",
         "logging.tensorboard=false", "logging.progress_bar=false"]  # fmt: skip
 
 
@@ -35,7 +35,7 @@ def paths(tmp_path_factory) -> Dict[str, Path]:
         Trainer(tiny_config(data, run, "train.max_steps=2"), env).fit()
     checkpoint = sorted((run / "checkpoints").glob("step_*"))[-1]
     p = {"root": root, "data": data, "run": run, "checkpoint": checkpoint, "raw": root / "raw.csv"}
-    prepare(PrepareConfig(input=str(p["raw"]), out=str(root / "other_l"), history_length=4, samples_row_group=256), progress=False)
+    prepare(PrepareConfig(input=str(p["raw"]), out=str(root / "other_l"), samples_row_group=256), 4, progress=False)
     p["other_l"] = root / "other_l"
 
     p["file"] = root / "a_file.txt"

@@ -37,10 +37,16 @@ from mdaf_dist.data.loader import num_samples
 from mdaf_dist.train import evaluate
 from mdaf_dist.train import trainer as trainer_module
 from mdaf_dist.train.logging import RunLogger
-from mdaf_dist.train.main import main
+from mdaf_dist import cli
 from mdaf_dist.train.evaluate import evaluate_checkpoint
 from mdaf_dist.train.trainer import Trainer
 from tests.distributed import run_ranks, tiny_config
+
+
+def main(argv):
+    """`mdaf train ARGV` (python -m mdaf_dist.train runs the same)."""
+    return cli.main(["train", *argv])
+
 
 STOP, TOTAL = 3, 6
 SMOKE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
@@ -164,7 +170,7 @@ def test_rank_file_with_arbitrary_objects_is_refused_without_unpickling_them(tin
 
 def test_checkpoint_of_other_settings_is_refused_naming_them(tiny_data_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    base = ["--config", str(SMOKE_CONFIG), f"data_dir={tiny_data_dir}", f"output_dir={out}", "model.history_length=8", "loader.history_length=8", "train.max_steps=1", "logging.tensorboard=false", "logging.progress_bar=false"]
+    base = ["--config", str(SMOKE_CONFIG), f"data_dir={tiny_data_dir}", f"output_dir={out}", "model.history_length=8", "train.max_steps=1", "logging.tensorboard=false", "logging.progress_bar=false"]
     assert main(base) == 0
     path = ckpt.resolve("auto", out / "checkpoints")
     capsys.readouterr()
@@ -343,7 +349,7 @@ def test_crafted_metadata_or_shard_runs_no_code_and_a_missing_shard_is_one_line(
 
 def test_a_resumed_run_with_nothing_left_to_train_keeps_its_results(tiny_data_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    base = ["--config", str(SMOKE_CONFIG), f"data_dir={tiny_data_dir}", f"output_dir={out}", "model.history_length=8", "loader.history_length=8", "train.max_steps=1", "logging.tensorboard=false", "logging.progress_bar=false"]
+    base = ["--config", str(SMOKE_CONFIG), f"data_dir={tiny_data_dir}", f"output_dir={out}", "model.history_length=8", "train.max_steps=1", "logging.tensorboard=false", "logging.progress_bar=false"]
     assert main(base) == 0
     written = (out / trainer_module.RESULTS_FILE).read_bytes()
     assert json.loads(written)["samples_per_sec"] > 0

@@ -17,7 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.distributed.run import get_args_parser
 from torchx.specs.builders import materialize_appdef
 
-from launch.components import train
+from mdaf_dist.launch import train
 from mdaf_dist.config import load_config
 from mdaf_dist.data.loader import num_samples
 from mdaf_dist.data.prepare import prepare
@@ -88,7 +88,7 @@ def test_torchxconfig_makes_local_cwd_the_default_scheduler():
 def test_outside_the_repository_torchx_runs_with_the_scheduler_named_or_the_config_pointed_at(tmp_path):
     """`.torchxconfig` is read from the working directory only; elsewhere `-s local_cwd` or
     TORCHXCONFIG gives the same local run, in that directory, of the component named by its path."""
-    component = str(REPO / "launch" / "components.py") + ":train"
+    component = str(REPO / "mdaf_dist" / "launch.py") + ":train"
     args = [component, "--config", str(REPO / SMOKE), "--nproc_per_node", "2"]
     named = _run(str(BIN / "torchx"), "run", "--dryrun", "-s", "local_cwd", *args, cwd=tmp_path)
     pointed = _run(str(BIN / "torchx"), "run", "--dryrun", *args, cwd=tmp_path, env={"TORCHXCONFIG": str(REPO / ".torchxconfig")})
@@ -101,7 +101,7 @@ def test_outside_the_repository_torchx_runs_with_the_scheduler_named_or_the_conf
 def test_slurm_dryrun_writes_a_valid_sbatch_script(tmp_path):
     out = _run(
         str(BIN / "torchx"), "run", "--dryrun", "-s", "slurm", "-cfg", "partition=gpu,time=1:00:00",
-        "launch/components.py:train", "--config", "configs/paper.yaml", "--nnodes", "2", "--nproc_per_node", "4",
+        "mdaf_dist/launch.py:train", "--config", "configs/paper.yaml", "--nnodes", "2", "--nproc_per_node", "4",
         "--gpu", "4", "--", "loader.batch_size=512",
     )  # fmt: skip
     script = out.split("# SBATCH_SCRIPT\n#----------------\n", 1)[1]
@@ -130,7 +130,7 @@ def smoke_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("smoke")
     cfg = load_config(str(REPO / SMOKE), [f"prepare.input={root / 'raw.csv'}", f"prepare.out={root / 'data'}"])
     generate(cfg.prepare.input, 8000, seed=3, progress=False)
-    prepare(cfg.prepare, progress=False)
+    prepare(cfg.prepare, cfg.model.history_length, progress=False)
     return root / "data"
 
 
@@ -166,7 +166,7 @@ def test_torchx_component_trains_from_outside_the_repository(smoke_data, tmp_pat
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     _run(
-        str(BIN / "torchx"), "run", "-s", "local_cwd", f"{REPO / 'launch' / 'components.py'}:train",
+        str(BIN / "torchx"), "run", "-s", "local_cwd", f"{REPO / 'mdaf_dist' / 'launch.py'}:train",
         "--config", str(REPO / SMOKE), "--nproc_per_node", "1", "--", *_run_overrides(smoke_data, Path("run")),
         cwd=elsewhere, timeout=300,
     )  # fmt: skip

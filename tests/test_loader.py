@@ -61,7 +61,7 @@ def data_dir(tmp_path_factory):
 
 def config(**overrides) -> LoaderConfig:
     base = dict(batch_size=64, eval_batch_size=100, shuffle_buffer=256, num_workers=0, seed=7)
-    return LoaderConfig(**{**base, "history_length": HISTORY, **overrides})
+    return LoaderConfig(**{**base, **overrides})
 
 
 def sample_ids(batches) -> np.ndarray:
@@ -79,7 +79,7 @@ def test_num_samples_from_metadata(data_dir):
 def test_every_sample_once_across_ranks_and_workers(data_dir, world_size, num_workers):
     out, _, _ = data_dir
     cfg = config(num_workers=num_workers)
-    per_rank = [sample_ids(make_loader(out, "train", cfg, rank=r, world_size=world_size)) for r in range(world_size)]
+    per_rank = [sample_ids(make_loader(out, "train", cfg, history_length=HISTORY, rank=r, world_size=world_size)) for r in range(world_size)]
     assert np.array_equal(np.sort(np.concatenate(per_rank)), np.arange(NUM_SAMPLES))
     sizes = [len(ids) for ids in per_rank]
     assert max(sizes) - min(sizes) <= 1
@@ -90,14 +90,14 @@ def test_resume_mid_epoch_yields_exactly_the_rest_in_order(data_dir):
     cfg = config(num_workers=2)
     resumed_runs = []
     for rank in range(2):
-        full = sample_ids(make_loader(out, "train", cfg, rank=rank, world_size=2, epoch=3))
-        first = make_loader(out, "train", cfg, rank=rank, world_size=2, epoch=3)
+        full = sample_ids(make_loader(out, "train", cfg, history_length=HISTORY, rank=rank, world_size=2, epoch=3))
+        first = make_loader(out, "train", cfg, history_length=HISTORY, rank=rank, world_size=2, epoch=3)
         seen = []
         for step, batch in enumerate(first):
             seen.append(batch)
             if step == 4:  # an odd count: the next batch belongs to the second worker
                 break
-        resumed = make_loader(out, "train", cfg, rank=rank, world_size=2)
+        resumed = make_loader(out, "train", cfg, history_length=HISTORY, rank=rank, world_size=2)
         resumed.load_state_dict(first.state_dict())
         rest = list(resumed)
         resumed_runs.append(np.concatenate([sample_ids(seen), sample_ids(rest)]))
@@ -107,25 +107,25 @@ def test_resume_mid_epoch_yields_exactly_the_rest_in_order(data_dir):
 
 def test_state_after_a_full_pass_starts_the_next_epoch(data_dir):
     out, _, _ = data_dir
-    loader = make_loader(out, "train", config(), epoch=0)
+    loader = make_loader(out, "train", config(), history_length=HISTORY, epoch=0)
     list(loader)
     assert loader.state_dict()["epoch"] == 1 and loader.state_dict()["batches"] == 0
     second_pass = sample_ids(loader)
-    assert np.array_equal(second_pass, sample_ids(make_loader(out, "train", config(), epoch=1)))
+    assert np.array_equal(second_pass, sample_ids(make_loader(out, "train", config(), history_length=HISTORY, epoch=1)))
 
 
 def test_resume_rejects_another_world_size(data_dir):
     out, _, _ = data_dir
-    state = make_loader(out, "train", config(), rank=0, world_size=2).state_dict()
+    state = make_loader(out, "train", config(), history_length=HISTORY, rank=0, world_size=2).state_dict()
     with pytest.raises(ValueError, match="saved with world size 2 and batch size 64; this loader has 1 and 64"):
-        make_loader(out, "train", config()).load_state_dict(state)
+        make_loader(out, "train", config(), history_length=HISTORY).load_state_dict(state)
 
 
 def test_shuffle_is_seeded_and_differs_by_epoch(data_dir):
     out, _, _ = data_dir
 
     def order(epoch, seed=7):
-        return sample_ids(make_loader(out, "train", config(seed=seed), epoch=epoch))
+        return sample_ids(make_loader(out, "train", config(seed=seed), history_length=HISTORY, epoch=epoch))
 
     epoch0 = order(0)
     assert np.array_equal(epoch0, order(0))
@@ -136,16 +136,16 @@ def test_shuffle_is_seeded_and_differs_by_epoch(data_dir):
 
 def test_no_shuffle_keeps_file_order_and_drop_last(data_dir):
     out, _, _ = data_dir
-    batches = list(make_loader(out, "train", config(), shuffle=False, batch_size=400))
+    batches = list(make_loader(out, "train", config(), history_length=HISTORY, shuffle=False, batch_size=400))
     assert [b.batch_size for b in batches] == [400, 400, 400, 300]
     assert np.array_equal(sample_ids(batches), np.arange(NUM_SAMPLES))
-    kept = list(make_loader(out, "train", config(drop_last=True), shuffle=False, batch_size=400))
+    kept = list(make_loader(out, "train", config(drop_last=True), history_length=HISTORY, shuffle=False, batch_size=400))
     assert [b.batch_size for b in kept] == [400, 400, 400]
 
 
 def test_histories_match_per_sample_reference(data_dir):
     out, events, samples = data_dir
-    batches = list(make_loader(out, "train", config(history_categories=True, num_workers=2)))
+    batches = list(make_loader(out, "train", config(history_categories=True, num_workers=2), history_length=HISTORY))
     assert sum(b.batch_size for b in batches) == NUM_SAMPLES
     empty = 0
     for batch in batches:
@@ -171,11 +171,11 @@ def test_histories_match_per_sample_reference(data_dir):
 
 def test_batch_dtypes_and_default_batch_sizes(data_dir):
     out, _, _ = data_dir
-    train = next(iter(make_loader(out, "train", config())))
+    train = next(iter(make_loader(out, "train", config(), history_length=HISTORY)))
     assert train.batch_size == 64
     assert train.labels.dtype == torch.float32
     assert train.features.values().dtype == torch.int64
     assert train.features.lengths().dtype == torch.int32
     assert train.features.keys() == [USER, ITEM, CATEGORY, HIST_ITEM]
     assert set(torch.unique(train.labels).tolist()) <= {0.0, 1.0}
-    assert [b.batch_size for b in make_loader(out, "valid", config(), shuffle=False)] == [100] * 10
+    assert [b.batch_size for b in make_loader(out, "valid", config(), history_length=HISTORY, shuffle=False)] == [100] * 10

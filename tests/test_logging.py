@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import re
 
 import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from mdaf_dist import log
 from mdaf_dist.train.logging import RunLogger
 
 
@@ -47,6 +49,7 @@ def test_rank0_writes_scalars_and_histograms_tensorboard_can_read(tmp_path):
 
 
 def test_without_progress_bar_each_step_is_a_key_value_line(capsys):
+    log.configure(rank=0, world_size=1)
     logger = RunLogger(None, rank=0, total_steps=10, samples_per_step=8, enabled_progress=False)
     logger.step(4, {"loss": 0.5})
     logger.step(6, {"loss": 0.25})
@@ -54,7 +57,7 @@ def test_without_progress_bar_each_step_is_a_key_value_line(capsys):
     logger.close()
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 3
-    assert lines[0].endswith(" step=4/10 loss=0.5")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d I step=4/10 loss=0.5", lines[0])
     assert re.search(r" step=6/10 loss=0\.25 samples_per_sec=[0-9.e+]+ eta=\d+:\d\d:\d\d$", lines[1])
     assert lines[2].endswith(" eval auc=0.7")
 
@@ -69,3 +72,29 @@ def test_other_ranks_write_nothing(tmp_path, capsys):
     logger.close()
     assert not log_dir.exists()
     assert capsys.readouterr() == ("", "")
+
+
+def test_the_progress_bar_of_a_finished_run_ends_at_100_percent(capsys):
+    # 10 planned steps reported every 4: the loop's last report is step 8
+    logger = RunLogger(None, rank=0, total_steps=10, samples_per_step=1, enabled_progress=True)
+    for step in (4, 8):
+        logger.step(step, {"loss": 0.5})
+    logger.close(10)
+    assert re.search(r"100%\|[^\r]*\| 10.0/10.0 ", capsys.readouterr().err.split("\r")[-1])
+    # stopped early at step 6 of 10: the run is done, its bar says so
+    logger = RunLogger(None, rank=0, total_steps=10, samples_per_step=1, enabled_progress=True)
+    logger.step(4, {"loss": 0.5})
+    logger.close(6)
+    assert re.search(r"100%\|[^\r]*\| 6.00/6.00 ", capsys.readouterr().err.split("\r")[-1])
+
+
+def test_one_log_format_prefixed_with_the_rank_on_more_than_one_rank(capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    log.configure()
+    logging.getLogger("mdaf_dist.train.trainer").warning("early stopping")
+    log.configure(rank=0, world_size=1)
+    logging.getLogger("mdaf_dist.data").info("prepared")
+    first, second = capsys.readouterr().err.splitlines()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d W \[rank 1\] early stopping", first)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d I prepared", second)

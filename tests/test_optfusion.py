@@ -207,7 +207,7 @@ def test_search_retrain_stage_runs_both_into_one_run(data_dir, tmp_path, capsys)
     out = tmp_path / "run"
     code = train_main([
         f"data_dir={data_dir}", f"output_dir={out}", "train.device=cpu", "model.embedding_dim=8", "model.history_length=8",
-        "model.d_state=4", "loader.history_length=8", "loader.batch_size=256", "loader.num_workers=0", "train.max_steps=2",
+        "model.d_state=4", "loader.batch_size=256", "loader.num_workers=0", "train.max_steps=2",
         "logging.tensorboard=false", "logging.progress_bar=false", "model.fusion=optfusion", "model.optfusion_stage=search_retrain",
     ])  # fmt: skip
     assert code == 0

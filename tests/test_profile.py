@@ -94,7 +94,7 @@ def test_profile_without_table_sizes_is_one_line(capsys):
 
 
 def test_cli_profiles_mdaf_and_bst_each_in_a_fresh_process(tmp_path, capsys):
-    tiny = ["model.embedding_dim=8", "model.history_length=8", "loader.history_length=8", "model.d_state=4",
+    tiny = ["model.embedding_dim=8", "model.history_length=8", "model.d_state=4",
             "loader.batch_size=32", "loader.eval_batch_size=64", "train.device=cpu"]  # fmt: skip
     argv = ["profile", "--vocab", "user=20,item=70,category=5", "--steps", "1", "--repeats", "1", "--out", str(tmp_path), *tiny]
     assert main(argv) == 0

@@ -24,8 +24,14 @@ from mdaf_dist.files import DirectoryLock
 from mdaf_dist.studies.grid import expand, plan_record
 from mdaf_dist.studies.spec import load_study
 from mdaf_dist.studies.workdir import StudyDir
-from mdaf_dist.train.main import main
+from mdaf_dist import cli
 from tests.distributed import tiny_config
+
+
+def main(argv):
+    """`mdaf train ARGV` (python -m mdaf_dist.train runs the same)."""
+    return cli.main(["train", *argv])
+
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -52,7 +58,7 @@ def _holder() -> str:
 
 def test_a_run_on_a_directory_in_use_is_refused_naming_the_holder(tiny_data_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["--config", str(SMOKE_CONFIG), f"data_dir={tiny_data_dir}", f"output_dir={out}", "model.history_length=8", "loader.history_length=8", "train.max_steps=1"]
+    args = ["--config", str(SMOKE_CONFIG), f"data_dir={tiny_data_dir}", f"output_dir={out}", "model.history_length=8", "train.max_steps=1"]
     with DirectoryLock(out):
         assert main(args) == 2
     assert capsys.readouterr().err == f"mdaf train: error: {out} is in use by another run ({_holder()}); wait for it or stop it first\n"

@@ -164,11 +164,7 @@ def test_sharding_type_that_cannot_run_on_cpu_names_the_alternatives():
     )
 
 
-def test_unknown_sharding_type_and_table_are_user_errors():
+def test_unknown_table_is_a_user_error():
     tables, cpu = ["user", "item", "category"], torch.device("cpu")
-    with pytest.raises(UserError, match=r"^sharding.default='grid' is not one of: table_wise, row_wise, column_wise, data_parallel$"):
-        table_sharding_types(ShardingConfig(default="grid"), tables, cpu)
-    with pytest.raises(UserError, match=r"^sharding.tables.item='rows' is not one of: table_wise, row_wise, column_wise, data_parallel$"):
-        table_sharding_types(ShardingConfig(tables={"item": "rows"}), tables, cpu)
     with pytest.raises(UserError, match=r"sharding.tables names unknown tables \['items'\]"):
         table_sharding_types(ShardingConfig(tables={"items": "row_wise"}), tables, cpu)

@@ -43,7 +43,7 @@ def _recorded_study(tmp_path: Path, study_file: str) -> tuple[Plan, StudyDir, Di
     rng = random.Random(0)
     results = {}
     for cell in plan.cells:
-        data_dir = study_dir.data(prepare_key(cell.config.prepare))
+        data_dir = study_dir.data(prepare_key(cell.config))
         if not data_dir.is_dir():
             data_dir.mkdir(parents=True)
             train = rng.randrange(1000, 9000)
@@ -119,7 +119,7 @@ def test_data_scaling_report_and_filtering_report_count_each_prepared_directory(
     rows = _markdown_rows(report.markdown, "User fraction")
     for label in ("0.1", "1.0"):
         cells = [c for c in plan.cells if c.coords == {"User fraction": label}]
-        meta = json.loads((study_dir.data(prepare_key(cells[0].config.prepare)) / "meta.json").read_text())
+        meta = json.loads((study_dir.data(prepare_key(cells[0].config)) / "meta.json").read_text())
         auc = [results[c.id]["best_auc"] for c in cells]
         assert rows[label]["Train samples"] == f"{meta['splits']['train']['rows']:,}"
         assert rows[label]["Val AUC"] == f"{statistics.fmean(auc):.4f} ± {statistics.stdev(auc):.4f}"

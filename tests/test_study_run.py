@@ -28,7 +28,7 @@ TINY = "configs: [configs/paper.yaml, configs/studies/tiny/base_config.yaml]\nsy
 
 FUSIONS = TINY + """name: fusions
 title: two fusions x two seeds
-overrides: [train.max_epochs=1]
+overrides: [train.max_epochs=1, logging.tensorboard=true]
 axes:
   - {name: Fusion, key: model.fusion, values: [gate, concat]}
 seeds: [1, 2]
@@ -41,7 +41,7 @@ overrides: [train.max_epochs=1]
 axes:
   - name: Filter
     values:
-      - {label: broken, set: {prepare.category_filter: any, loader.history_length: 5}}
+      - {label: broken, set: {prepare.category_filter: any, sharding.tables.basket: row_wise}}
       - {label: none, set: {prepare.category_filter: none}}
       - {label: last_l, set: {prepare.category_filter: last_l}}
 seeds: [1]
@@ -192,8 +192,8 @@ def test_filter_cells_prepare_their_own_data_and_a_failing_cell_does_not_stop_th
     assert run.returncode == 1 and "1 cell(s) failed" in run.stdout
     status = json.loads((out / "status.json").read_text())
     assert status["filter-broken_seed-1"]["state"] == "failed"
-    assert "loader.history_length (5) must equal model.history_length (10)" in status["filter-broken_seed-1"]["error"]
-    assert "must equal" in (out / "cells" / "filter-broken_seed-1" / "error.txt").read_text()
+    assert "sharding.tables names unknown tables ['basket']" in status["filter-broken_seed-1"]["error"]
+    assert "unknown tables" in (out / "cells" / "filter-broken_seed-1" / "error.txt").read_text()
     assert status["filter-none_seed-1"]["state"] == status["filter-last-l_seed-1"]["state"] == "done"
     assert len(list((out / "data").iterdir())) == 3
 
@@ -220,3 +220,16 @@ def test_filter_cells_prepare_their_own_data_and_a_failing_cell_does_not_stop_th
     assert rows["last_l"]["Common AUC"] == f"{common['last-l']['auc']:.4f}" and rows["none"]["Common AUC"] == f"{common['none']['auc']:.4f}"
     assert not (out / "cells" / "filter-broken_seed-1" / "common.json").exists()
     _assert_png(out / "report" / "filtering.png")
+
+
+@pytest.mark.slow
+def test_one_tensorboard_directory_shows_every_cell_and_compare_tabulates_them(fusions, capsys):
+    out = fusions["out"]
+    cells = sorted(p.name for p in (out / "cells").iterdir())
+    assert sorted(p.name for p in (out / "tensorboard").iterdir()) == cells
+    assert all(list((out / "tensorboard" / cell).glob("events.out.tfevents.*")) for cell in cells)
+    assert not list((out / "cells").glob("*/tensorboard"))
+    assert cli.main(["compare", str(out)]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0].startswith("| run | auc |") and rows[0].endswith("| model.fusion | train.seed |")
+    assert sorted(row.split(" | ")[0] for row in rows[2:]) == [f"| out/{cell}" for cell in cells]

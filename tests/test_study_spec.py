@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from mdaf_dist import cli
-from mdaf_dist.studies.common import common_prepare
+from mdaf_dist.studies.common import common_config
 from mdaf_dist.studies.datacache import prepare_key
 from mdaf_dist.studies.grid import expand
 from mdaf_dist.studies.spec import load_study
@@ -140,16 +140,16 @@ def test_an_evaluation_set_that_is_not_prepare_settings_is_one_line(tmp_path, ca
 
 def test_the_common_evaluation_set_is_the_base_config_with_evaluate_on():
     plan = expand(load_study("configs/studies/tiny/scaling_filter.yaml"), ["prepare.input=raw.csv"])
-    keys = {cell.coords["Category filter"]: prepare_key(cell.config.prepare) for cell in plan.cells}
+    keys = {cell.coords["Category filter"]: prepare_key(cell.config) for cell in plan.cells}
     assert len(set(keys.values())) == 4
     # the filter study names the unfiltered data: the none row trains on exactly that data
     assert plan.study.file.evaluate_on == ["prepare.category_filter=none"]
-    common = common_prepare(plan)
-    assert common.category_filter == "none" and common.input == "raw.csv" and common.history_length == 10
+    common = common_config(plan)
+    assert common.prepare.category_filter == "none" and common.prepare.input == "raw.csv" and common.model.history_length == 10
     assert prepare_key(common) == keys["none"]
     # without evaluate_on: the base config's own data (the paper's filter), which the last_l row trains on
     plan.study.file.evaluate_on = []
-    assert common_prepare(plan).category_filter == "last_l" and prepare_key(common_prepare(plan)) == keys["last_l"]
+    assert common_config(plan).prepare.category_filter == "last_l" and prepare_key(common_config(plan)) == keys["last_l"]
 
 
 def test_a_file_that_is_not_yaml_is_one_line(tmp_path, capsys):

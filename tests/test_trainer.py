@@ -16,20 +16,28 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torchx.tracker.api import AppRun
+from torchx.tracker.backend.fsspec import create as fsspec_tracker
 
+from mdaf_dist import cli
 from mdaf_dist.analysis.dynamics import table7
 from mdaf_dist.data.layout import sample_files
 from mdaf_dist.data.loader import num_samples
 from mdaf_dist.distributed.env import distributed
 from mdaf_dist.errors import UserError
-from mdaf_dist.train.main import main
 from mdaf_dist.train.trainer import RESULTS_FILE, Trainer, padding_batch
 from tests.distributed import prepare_tiny_data, run_ranks, tiny_config
+
+
+def main(argv):
+    """`mdaf train ARGV` (python -m mdaf_dist.train runs the same)."""
+    return cli.main(["train", *argv])
+
 
 BATCHES = {0: 3, 1: 2}
 SMOKE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
 # the smoke config's model on the tiny data's histories
-TINY_HISTORY = ["model.history_length=8", "loader.history_length=8"]
+TINY_HISTORY = ["model.history_length=8"]
 
 
 class FewerBatches:
@@ -70,10 +78,18 @@ def test_padding_batch_uses_the_padding_id_of_every_feature():
     assert batch.batch_size == 1
 
 
-def test_smoke_config_run_writes_results_json(tiny_data_dir, tmp_path, capsys):
+def test_smoke_config_run_writes_results_json_and_records_with_a_torchx_tracker(tiny_data_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
+    (tmp_path / "tracker").mkdir()
+    (tmp_path / "tracker.cfg").write_text(f"protocol=file\nroot_path={tmp_path / 'tracker'}\n")
+    for name, value in [("TORCHX_TRACKERS", "fsspec"), ("TORCHX_TRACKER_FSSPEC_CONFIG", str(tmp_path / "tracker.cfg")), ("TORCHX_JOB_ID", "local_cwd://torchx/run-1")]:
+        monkeypatch.setenv(name, value)
+    AppRun.run_from_env.cache_clear()  # one AppRun per process: this test's environment
     quiet = ["logging.tensorboard=false", "logging.progress_bar=false", "train.patience=0", *TINY_HISTORY]
-    assert main(["--config", str(SMOKE_CONFIG), f"data_dir={tiny_data_dir}", f"output_dir={out}", *quiet]) == 0
+    try:
+        assert main(["--config", str(SMOKE_CONFIG), f"data_dir={tiny_data_dir}", f"output_dir={out}", *quiet]) == 0
+    finally:
+        AppRun.run_from_env.cache_clear()
 
     results = json.loads((out / RESULTS_FILE).read_text())
     valid = results["valid"]
@@ -89,6 +105,8 @@ def test_smoke_config_run_writes_results_json(tiny_data_dir, tmp_path, capsys):
 
     printed = json.loads(capsys.readouterr().out.splitlines()[-2])
     assert printed["auc"] == valid["auc"] and printed["num_samples"] == valid["num_samples"]
+    tracked = fsspec_tracker(str(tmp_path / "tracker.cfg")).metadata("local_cwd://torchx/run-1")
+    assert tracked == {**printed, "wall_seconds": results["wall_seconds"]}
 
 
 def test_resumed_finished_run_without_results_reports_the_final_model(tiny_data_dir, tmp_path):
@@ -199,23 +217,17 @@ ALLOWED_SHARDING = "table_wise, row_wise, column_wise, data_parallel"
         (["train.device=gpu"], "train.device='gpu' is not one of: auto, cpu, cuda"),
         (["sharding.tables.item=rows"], f"sharding.tables.item='rows' is not one of: {ALLOWED_SHARDING}"),
         (
-            ["model.history_length=10", "loader.history_length=10"],
+            ["model.history_length=10"],
             "model.history_length=10 but {data} was prepared with history_length=8 (its meta.json; the category filter "
-            "looked at that many clicks): train with model.history_length=8 loader.history_length=8, or prepare the data "
-            "again with prepare.history_length=10",
+            "looked at that many clicks): train with model.history_length=8, or prepare the data "
+            "again with model.history_length=10",
         ),
     ],
 )
 def test_bad_settings_are_one_line_naming_key_value_and_choices(tiny_data_dir, tmp_path, capsys, overrides, message):
-    argv = [f"data_dir={tiny_data_dir}", f"output_dir={tmp_path}", "train.device=cpu", "model.history_length=8", "loader.history_length=8"]
+    argv = [f"data_dir={tiny_data_dir}", f"output_dir={tmp_path}", "train.device=cpu", "model.history_length=8"]
     assert main([*argv, *overrides]) == 2
     assert capsys.readouterr().err == f"mdaf train: error: {message.format(data=tiny_data_dir)}\n"
-
-
-def test_loader_and_model_history_lengths_must_agree(tiny_data_dir, tmp_path):
-    cfg = tiny_config(tiny_data_dir, tmp_path / "run", "loader.history_length=5")
-    with distributed("cpu") as env, pytest.raises(UserError, match=r"loader.history_length \(5\) must equal model.history_length \(8\)"):
-        Trainer(cfg, env)
 
 
 def _fit_refused(cfg):

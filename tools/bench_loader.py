@@ -45,8 +45,8 @@ def build_prepared_dir(out: Path, samples: int, users: int, mean_clicks: float, 
     pq.write_table(table, out / SAMPLES_DIR / "train" / "part-00000.parquet", row_group_size=row_group)
 
 
-def measure(data_dir: Path, split: str, cfg: LoaderConfig) -> dict:
-    loader = make_loader(data_dir, split, cfg)
+def measure(data_dir: Path, split: str, cfg: LoaderConfig, history_length: int) -> dict:
+    loader = make_loader(data_dir, split, cfg, history_length=history_length)
     samples, history_values, start = 0, 0, time.perf_counter()
     for batch in loader:
         samples += batch.batch_size
@@ -77,7 +77,7 @@ def main() -> None:
     torch.set_num_threads(1)
     cfg = LoaderConfig(
         batch_size=args.batch_size, shuffle_buffer=args.shuffle_buffer, num_workers=0, seed=args.seed,
-        history_length=args.history_length, history_categories=args.history_categories,
+        history_categories=args.history_categories,
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as scratch:
         data_dir = args.data_dir
@@ -88,9 +88,9 @@ def main() -> None:
             "data_dir": str(args.data_dir or "synthetic"),
             "split_samples": num_samples(data_dir, args.split),
             "batch_size": cfg.batch_size,
-            "history_length": cfg.history_length,
+            "history_length": args.history_length,
             "history_categories": cfg.history_categories,
-            **measure(data_dir, args.split, cfg),
+            **measure(data_dir, args.split, cfg, args.history_length),
         }
     print(json.dumps(result))
 

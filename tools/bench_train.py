@@ -41,7 +41,7 @@ def build_data(cfg: Config, scratch: Path, rows: int, seed: int) -> Path:
     cfg.prepare.input, cfg.prepare.out = str(scratch / "raw.csv"), str(scratch / "data")
     generate(cfg.prepare.input, rows, seed=seed, progress=False)
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the result
-        prepare(cfg.prepare, progress=False)
+        prepare(cfg.prepare, cfg.model.history_length, progress=False)
     return Path(cfg.prepare.out)
 
 
@@ -61,7 +61,7 @@ def train(config: str, overrides: List[str], world_size: int, threads: int) -> f
 
 def loader_seconds_per_batch(cfg: Config, data_dir: Path, world_size: int, first: int, last: int) -> float:
     """Rank 0's loader alone over its batches [first, last) of the first epoch."""
-    loader = make_loader(data_dir, "train", cfg.loader, rank=0, world_size=world_size)
+    loader = make_loader(data_dir, "train", cfg.loader, history_length=cfg.model.history_length, rank=0, world_size=world_size)
     batches = iter(loader)
     for _ in islice(batches, first):
         pass

@@ -84,17 +84,6 @@ def analyze(columns: Dict[str, np.ndarray], split: str, evaluations: Optional[Li
     return text + "".join(f"\n{note}\n" for note in notes)
 
 
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="a checkpoint directory, or a folder of them (latest): scores --split first")
-    source.add_argument("--predictions", help="predictions written by `mdaf predict`")
-    parser.add_argument("--best", action="store_true", help="with a folder of checkpoints: the best by validation AUC (the paper's Table 4 model)")
-    parser.add_argument("--split", default="valid", help="with --checkpoint: the split to score (default valid)")
-    parser.add_argument("--results", help="the run's results.json, for Table 7 (default: RUN/results.json beside the checkpoints, else the checkpoint's records)")
-    parser.add_argument("--out", help="output folder (default RUN/analysis, or beside the predictions)")
-    parser.add_argument("overrides", nargs="*", help="with --checkpoint: dotted overrides of the saved config")
-
-
 def run(args: argparse.Namespace) -> int:
     if args.checkpoint:
         path = resolve_checkpoint(args.checkpoint, args.best)

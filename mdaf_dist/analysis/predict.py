@@ -225,15 +225,6 @@ def _write_part(path: Path, rows: Dict[str, np.ndarray], columns: Dict[str, np.n
     pq.write_table(pa.table(data, schema=schema), path)
 
 
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint directory, or a folder of them (latest)")
-    parser.add_argument("--best", action="store_true", help="with a folder of checkpoints: the best by validation AUC")
-    parser.add_argument("--split", default="valid", help="valid (default), test or train")
-    parser.add_argument("--data", help="a prepared directory to score (default: the training run's); ids unseen in training score as padding")
-    parser.add_argument("--out", required=True, help="predictions directory, e.g. preds.parquet (one part file per rank)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides of the saved config, e.g. train.device=cpu loader.eval_batch_size=8192")
-
-
 def run(args: argparse.Namespace) -> int:
     path = resolve_checkpoint(args.checkpoint, args.best)
     with distributed(checkpoint_config(path, args.overrides).train.device) as env:

@@ -279,15 +279,6 @@ def _vocab(cfg: Config, text: Optional[str]) -> Dict[str, int]:
     return {name: int(size) for name, size in read_meta(cfg.data_dir)["vocab"].items() if name in (USER, ITEM, CATEGORY)}
 
 
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", action="append", help="YAML config (model, batch sizes, lr); repeat to overlay files in order")
-    parser.add_argument("--vocab", help="table sizes user=N,item=N,category=N (default: the data_dir's)")
-    parser.add_argument("--steps", type=int, default=5, help="training steps timed (after one warm-up step)")
-    parser.add_argument("--repeats", type=int, default=3, help="forward passes timed for latency")
-    parser.add_argument("--out", help="write the tables here too (Markdown + JSON)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data_dir=PATH loader.eval_batch_size=1024 train.device=cpu")
-
-
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.steps < 1 or args.repeats < 1:

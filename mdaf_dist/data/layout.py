@@ -129,6 +129,6 @@ def check_history_length(data_dir: str | Path, meta: Dict[str, Any], history_len
     if prepared is not None and prepared != history_length:
         raise UserError(
             f"model.history_length={history_length} but {data_dir} was prepared with history_length={prepared} "
-            f"(its meta.json; the category filter looked at that many clicks): train with model.history_length={prepared} "
-            f"loader.history_length={prepared}, or prepare the data again with prepare.history_length={history_length}"
+            f"(its meta.json; the category filter looked at that many clicks): train with model.history_length={prepared}, "
+            f"or prepare the data again with model.history_length={history_length}"
         )

@@ -246,6 +246,7 @@ class StreamingLoader:
         split: str,
         cfg: LoaderConfig,
         *,
+        history_length: int,
         rank: int,
         world_size: int,
         shuffle: bool,
@@ -253,7 +254,7 @@ class StreamingLoader:
         batch_size: int,
         pin_memory: bool,
     ) -> None:
-        self.data_dir, self.split, self.cfg = str(data_dir), split, cfg
+        self.data_dir, self.split, self.cfg, self.history_length = str(data_dir), split, cfg, history_length
         self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
         self.batch_size, self.pin_memory = batch_size, pin_memory
         self.epoch, self.position = epoch, 0
@@ -261,7 +262,7 @@ class StreamingLoader:
     def _stream(self, start_batch: int) -> SampleStream:
         cfg = self.cfg
         return SampleStream(
-            self.data_dir, self.split, batch_size=self.batch_size, history_length=cfg.history_length,
+            self.data_dir, self.split, batch_size=self.batch_size, history_length=self.history_length,
             history_categories=cfg.history_categories, shuffle=self.shuffle, shuffle_buffer=cfg.shuffle_buffer,
             seed=cfg.seed, epoch=self.epoch, rank=self.rank, world_size=self.world_size,
             drop_last=cfg.drop_last and self.split == "train", start_batch=start_batch,
@@ -321,6 +322,7 @@ def make_loader(
     split: str,
     cfg: LoaderConfig,
     *,
+    history_length: int,
     rank: int = 0,
     world_size: int = 1,
     shuffle: bool = True,
@@ -328,13 +330,14 @@ def make_loader(
     batch_size: Optional[int] = None,
     device: Optional[torch.device] = None,
 ) -> StreamingLoader:
-    """The loader the trainer iterates: `batch_size` defaults to cfg.batch_size for train and
+    """The loader the trainer iterates, gathering the last `history_length` clicks (the
+    model's) of each sample: `batch_size` defaults to cfg.batch_size for train and
     cfg.eval_batch_size otherwise; batches land in pinned memory when `device` is CUDA."""
     check_settings(cfg)
     if batch_size is None:
         batch_size = cfg.batch_size if split == "train" else cfg.eval_batch_size
     pin = device is not None and torch.device(device).type == "cuda"
     return StreamingLoader(
-        data_dir, split, cfg, rank=rank, world_size=world_size, shuffle=shuffle, epoch=epoch,
+        data_dir, split, cfg, history_length=history_length, rank=rank, world_size=world_size, shuffle=shuffle, epoch=epoch,
         batch_size=batch_size, pin_memory=pin,
     )  # fmt: skip

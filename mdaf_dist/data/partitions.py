@@ -316,7 +316,7 @@ class _PartWriter:
 
 
 def _filter_and_write(
-    out: Path, clicks: S.Clicks, draw: S.NegativeDraw, cfg: PrepareConfig, bounds: Tuple[int, Optional[int]]
+    out: Path, clicks: S.Clicks, draw: S.NegativeDraw, cfg: PrepareConfig, history_length: int, bounds: Tuple[int, Optional[int]]
 ) -> Tuple[Dict[str, Dict[str, Any]], np.ndarray]:
     """Build, filter, split and write the samples chunk by chunk of clicks, so that at most
     about `samples.CHUNK` sample rows exist at a time.
@@ -340,14 +340,14 @@ def _filter_and_write(
         tallies[1] += S.split_counts(chunk.label, split)
         keep = S.has_history(chunk) if cfg.drop_empty_history else np.ones(len(chunk), dtype=bool)
         tallies[2] += S.split_counts(chunk.label[keep], split[keep])
-        keep &= S.category_filter(history, chunk, cfg.category_filter, cfg.history_length, cfg.category_last_k)
+        keep &= S.category_filter(history, chunk, cfg.category_filter, history_length, cfg.category_last_k)
         tallies[3] += S.split_counts(chunk.label[keep], split[keep])
         for code, writer in enumerate(writers.values()):
             writer.write(chunk.select(keep & (split == code)))
     return {split: writer.close() for split, writer in writers.items()}, tallies
 
 
-def prepare_partition(cfg: PrepareConfig, shared: Shared, spills: Iterable[Path], bounds: Tuple[int, Optional[int]], out: Path) -> Dict[str, Any]:
+def prepare_partition(cfg: PrepareConfig, history_length: int, shared: Shared, spills: Iterable[Path], bounds: Tuple[int, Optional[int]], out: Path) -> Dict[str, Any]:
     """Every per-user stage for the click rows spilled to `spills`; samples and events written
     into `out`; returns its counts (also in out/summary.json)."""
     rows = np.concatenate([np.fromfile(path, SPILL) for path in spills]) if spills else np.zeros(0, SPILL)
@@ -377,7 +377,7 @@ def prepare_partition(cfg: PrepareConfig, shared: Shared, spills: Iterable[Path]
         clicks, cfg.history_cutoff, window_start=cfg.window_start, window_seconds=cfg.neg_window_seconds, session_gap_seconds=cfg.session_gap_seconds
     )
     click_hash = S.click_hashes(clicks, cfg.seed)
-    span = S.filter_span(cfg.category_filter, cfg.history_length, cfg.category_last_k)
+    span = S.filter_span(cfg.category_filter, history_length, cfg.category_last_k)
     draw = S.draw_negatives(
         clicks,
         S.negative_counts(click_hash, cfg.neg_ratio),
@@ -389,19 +389,19 @@ def prepare_partition(cfg: PrepareConfig, shared: Shared, spills: Iterable[Path]
         category_span=span if cfg.neg_category == "filter" else None,
     )
     del click_hash
-    splits, tallies = _filter_and_write(out, clicks, draw, cfg, bounds)
+    splits, tallies = _filter_and_write(out, clicks, draw, cfg, history_length, bounds)
     summary = {"clicks": len(clicks.user), "repeated": n_repeated, "requested": draw.requested, "unavailable": draw.unavailable,
                "tallies": tallies.tolist(), "splits": splits}
     write_json(out / SUMMARY_FILE, summary)
     return summary
 
 
-def _prepare_partition_task(cfg: PrepareConfig, shared_dir: str, spills: List[str], bounds: Tuple[int, Optional[int]], out: str) -> Dict[str, Any]:
+def _prepare_partition_task(cfg: PrepareConfig, history_length: int, shared_dir: str, spills: List[str], bounds: Tuple[int, Optional[int]], out: str) -> Dict[str, Any]:
     """`prepare_partition` in a worker process: the shared tables read from `shared_dir`."""
-    return prepare_partition(cfg, Shared.load(Path(shared_dir)), [Path(p) for p in spills], bounds, Path(out))
+    return prepare_partition(cfg, history_length, Shared.load(Path(shared_dir)), [Path(p) for p in spills], bounds, Path(out))
 
 
-def prepare_partitions(cfg: PrepareConfig, shared: Shared, shared_dir: Path, spill: Path, buckets: int, partitions: int,
+def prepare_partitions(cfg: PrepareConfig, history_length: int, shared: Shared, shared_dir: Path, spill: Path, buckets: int, partitions: int,
                        bounds: Tuple[int, Optional[int]], work: Path) -> List[Path]:
     """Partition j (the buckets b with b % partitions == j) into work/part-j, `prepare.workers`
     at a time in worker processes (in this one when one at a time); returns the directories."""
@@ -410,11 +410,11 @@ def prepare_partitions(cfg: PrepareConfig, shared: Shared, shared_dir: Path, spi
     workers = min(worker_count(cfg), partitions)
     if workers == 1:
         for paths, out in zip(spills, outs):
-            prepare_partition(cfg, shared, paths, bounds, out)
+            prepare_partition(cfg, history_length, shared, paths, bounds, out)
         return outs
     shared.save(shared_dir)
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        jobs = [pool.submit(_prepare_partition_task, cfg, str(shared_dir), [str(p) for p in paths], bounds, str(out))
+        jobs = [pool.submit(_prepare_partition_task, cfg, history_length, str(shared_dir), [str(p) for p in paths], bounds, str(out))
                 for paths, out in zip(spills, outs)]
         for job in jobs:
             job.result()

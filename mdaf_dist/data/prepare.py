@@ -62,7 +62,7 @@ import numpy as np
 import pyarrow as pa
 
 import mdaf_dist
-from mdaf_dist.config import PrepareConfig, load_config, to_dict
+from mdaf_dist.config import ModelConfig, PrepareConfig, load_config, to_dict
 from mdaf_dist.data import paper_counts
 from mdaf_dist.data import partitions as P
 from mdaf_dist.data import samples as S
@@ -70,7 +70,6 @@ from mdaf_dist.data.layout import META_FILE, PREPARED_ENTRIES, REJECTS_FILE, SPL
 from mdaf_dist.errors import UserError
 from mdaf_dist.files import output_directory, published_directory, read_json
 
-SPLIT_MODES = ("days", "fraction")
 # settings that say where and how prepare runs, not what it writes
 RUN_SETTINGS = ("out", "workers", "memory_gb", "partitions")
 
@@ -105,27 +104,15 @@ class _Stages:
             print(f"prepare: {name} done in {self.seconds[name]:.1f} s", file=sys.stderr, flush=True)
 
 
-def _check_settings(cfg: PrepareConfig) -> None:
+def _check_settings(cfg: PrepareConfig, history_length: int) -> None:
     if not cfg.input:
         raise UserError("no input: pass --input PATH (or prepare.input=PATH)")
     if not cfg.out:
         raise UserError("no output directory: pass --out DIR (or prepare.out=DIR)")
-    if cfg.history_length < 1 or cfg.category_last_k < 1:
-        raise UserError("prepare.history_length and prepare.category_last_k must be >= 1")
+    if history_length < 1 or cfg.category_last_k < 1:
+        raise UserError("model.history_length and prepare.category_last_k must be >= 1")
     if cfg.samples_row_group < 1 or cfg.samples_part_row_groups < 1 or cfg.neg_max_draws < 1:
         raise UserError("prepare.samples_row_group, samples_part_row_groups and neg_max_draws must be >= 1")
-    if cfg.category_filter not in S.CATEGORY_FILTERS:
-        raise UserError(f"prepare.category_filter must be one of {S.CATEGORY_FILTERS}, got {cfg.category_filter!r}")
-    if cfg.neg_category not in S.NEG_CATEGORIES:
-        raise UserError(f"prepare.neg_category must be one of {S.NEG_CATEGORIES}, got {cfg.neg_category!r}")
-    if cfg.history_cutoff not in S.HISTORY_CUTOFFS:
-        raise UserError(f"prepare.history_cutoff must be one of {S.HISTORY_CUTOFFS}, got {cfg.history_cutoff!r}")
-    if cfg.dedup_clicks not in S.DEDUP_CLICKS:
-        raise UserError(f"prepare.dedup_clicks must be one of {S.DEDUP_CLICKS}, got {cfg.dedup_clicks!r}")
-    if cfg.neg_sampling not in S.NEG_SAMPLING:
-        raise UserError(f"prepare.neg_sampling must be one of {S.NEG_SAMPLING}, got {cfg.neg_sampling!r}")
-    if cfg.split not in SPLIT_MODES:
-        raise UserError(f"prepare.split must be one of {SPLIT_MODES}, got {cfg.split!r}")
     if cfg.split == "days":
         S.split_bounds_by_days(cfg.window_start, cfg.window_days, cfg.valid_days, cfg.test_days)
     else:
@@ -188,10 +175,12 @@ def _split(tally: np.ndarray) -> Dict[str, int]:
     return dict(zip(SPLITS + tuple(f"{name}_positives" for name in SPLITS), map(int, tally)))
 
 
-def prepare(cfg: PrepareConfig, progress: bool = True) -> Dict[str, Any]:
+def prepare(cfg: PrepareConfig, history_length: int = ModelConfig.history_length, progress: bool = True) -> Dict[str, Any]:
     """Run every stage on this machine, the partitions `prepare.workers` at a time; publish the
-    prepared directory `cfg.out` whole; print the stage table; return meta."""
-    _check_settings(cfg)
+    prepared directory `cfg.out` whole; print the stage table; return meta. `history_length` is
+    model.history_length: the clicks the model sees, which the category filter looks at (meta.json
+    records it, and training refuses another)."""
+    _check_settings(cfg, history_length)
     final = output_directory(cfg.out, "prepare.out")
     stages = _Stages(progress)
     buckets = cfg.partitions or P.BUCKETS
@@ -202,28 +191,29 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> Dict[str, Any]:
         partitions = P.plan_partitions(cfg, shared)
         bounds = split_bounds(cfg, shared.ts_range)
         with stages.timed("partitions"):
-            parts = P.prepare_partitions(cfg, shared, work / "shared", work / "spill", buckets, partitions, bounds, work)
+            parts = P.prepare_partitions(cfg, history_length, shared, work / "shared", work / "spill", buckets, partitions, bounds, work)
         with stages.timed("merge"):
             totals = P.merge(shared, parts, staging)
         shutil.rmtree(work)
-        meta = write_meta(staging, _meta(cfg, shared, totals, bounds, stages, final, partitions))
+        meta = write_meta(staging, _meta(cfg, history_length, shared, totals, bounds, stages, final, partitions))
     _print_summary(meta)
     return meta
 
 
-def prepare_task(cfg: PrepareConfig, index: int, count: int, progress: bool = True) -> None:
+def prepare_task(cfg: PrepareConfig, history_length: int, index: int, count: int, progress: bool = True) -> None:
     """`mdaf prepare --partition I/N`: the whole input read, partition I of N prepared and
     published in DIR.partitions/ for `merge_tasks`."""
-    _check_settings(cfg)
+    _check_settings(cfg, history_length)
     final = output_directory(cfg.out, "prepare.out")
     target = P.task_directory(final, index, count)
     with published_directory(target, P.TASK_ENTRIES, last=P.SUMMARY_FILE) as staging:
         shared = P.scan(cfg, staging / REJECTS_FILE, staging / "spill", count, keep=index, progress=progress)
         shared.scan["source"] = source_fingerprint(cfg.input)
         shared.scan["settings"] = to_dict(cfg)
+        shared.scan["history_length"] = history_length
         shared.save(staging)
         spill = sorted((staging / "spill").glob("bucket-*.bin"))
-        P.prepare_partition(cfg, shared, spill, split_bounds(cfg, shared.ts_range), staging)
+        P.prepare_partition(cfg, history_length, shared, spill, split_bounds(cfg, shared.ts_range), staging)
         shutil.rmtree(staging / "spill")
     print(f"prepare: partition {index}/{count} written to {target}; when all {count} are, run `mdaf prepare --merge --out {cfg.out}`")
 
@@ -249,7 +239,7 @@ def merge_tasks(out: str, progress: bool = True) -> Dict[str, Any]:
             shutil.copyfile(parts[0] / REJECTS_FILE, staging / REJECTS_FILE)
         with stages.timed("merge"):
             totals = P.merge(shared, parts, staging)
-        meta = write_meta(staging, _meta(cfg, shared, totals, split_bounds(cfg, shared.ts_range), stages, final, len(parts)))
+        meta = write_meta(staging, _meta(cfg, scans[0]["history_length"], shared, totals, split_bounds(cfg, shared.ts_range), stages, final, len(parts)))
     shutil.rmtree(parts[0].parent)
     _print_summary(meta)
     return meta
@@ -260,6 +250,7 @@ def _task_identity(scan: Dict[str, Any]) -> Dict[str, Any]:
     return {
         "input": scan["source"],
         "settings": {key: value for key, value in scan["settings"].items() if key not in RUN_SETTINGS},
+        "model.history_length": scan["history_length"],
         "ingest counts": {key: value for key, value in scan["ingest"].items() if key != "rejects_path"},
     }
 
@@ -273,7 +264,7 @@ def _print_summary(meta: Dict[str, Any]) -> None:
         print(f"rejected: {reasons} (lines in {meta['ingest']['rejects_path']})")
 
 
-def _meta(cfg: PrepareConfig, shared: P.Shared, totals: P.Totals, bounds: tuple[int, Optional[int]], stages: _Stages, final: Path,
+def _meta(cfg: PrepareConfig, history_length: int, shared: P.Shared, totals: P.Totals, bounds: tuple[int, Optional[int]], stages: _Stages, final: Path,
           partitions: int) -> Dict[str, Any]:
     """meta.json (without its file list): the stage ledger from the scan's and the partitions' counts."""
     scan = shared.scan
@@ -306,7 +297,7 @@ def _meta(cfg: PrepareConfig, shared: P.Shared, totals: P.Totals, bounds: tuple[
         "vocab": {name: len(raw_by_dense) for name, raw_by_dense in shared.vocab.items()},
         "num_users": len(shared.vocab["user"]),
         "num_clicks": totals.clicks,
-        "history_length": cfg.history_length,
+        "history_length": history_length,
         "valid_start_ts": bounds[0],
         "test_start_ts": bounds[1],
         "stages": stages.rows,
@@ -388,25 +379,15 @@ def stage_table(meta: Dict[str, Any]) -> str:
     return "\n".join([fmt(header), rule, *(fmt(cells) for cells in lines), footer])
 
 
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input", help="raw UserBehavior CSV (plain, gzip, bzip2, xz, zstd or zip; local path or fsspec URI)")
-    parser.add_argument("--out", help="output directory (prepared-data layout; a local path or file:// URI)")
-    parser.add_argument("--config", action="append", help="YAML config file; its prepare: section is used; repeat to overlay files in order")
-    parser.add_argument("--quiet", action="store_true", help="no progress output (the stage table is still printed)")
-    whole = parser.add_mutually_exclusive_group()
-    whole.add_argument("--partition", metavar="I/N", help="prepare only partition I of N (one task of an array job) into DIR.partitions/")
-    whole.add_argument("--merge", action="store_true", help="join the N partitions of DIR.partitions/ into DIR")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. prepare.neg_ratio=2 prepare.user_fraction=0.01")
-
-
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides).prepare
+    full = load_config(args.config, args.overrides)
+    cfg = full.prepare
     cfg.input = args.input or cfg.input
     cfg.out = args.out or cfg.out
     if args.merge:
         merge_tasks(cfg.out, progress=not args.quiet)
     elif args.partition:
-        prepare_task(cfg, *P.parse_partition(args.partition), progress=not args.quiet)
+        prepare_task(cfg, full.model.history_length, *P.parse_partition(args.partition), progress=not args.quiet)
     else:
-        prepare(cfg, progress=not args.quiet)
+        prepare(cfg, full.model.history_length, progress=not args.quiet)
     return 0

@@ -12,26 +12,26 @@ window or session, so that a history never holds clicks of the sample's own day 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Optional, Tuple
+from typing import Optional, Tuple, get_args
 
 import numpy as np
 
-from mdaf_dist.config import SECONDS_PER_DAY
+from mdaf_dist.config import SECONDS_PER_DAY, CategoryFilter, DedupClicks, HistoryCutoff, NegCategory, NegSampling
 from mdaf_dist.data.layout import SPLITS
 from mdaf_dist.errors import UserError
 
-CATEGORY_FILTERS = ("last_l", "any", "last_k", "none")
-NEG_SAMPLING = ("uniform", "popularity")
+CATEGORY_FILTERS = get_args(CategoryFilter)
+NEG_SAMPLING = get_args(NegSampling)
 # `CategoryHistory.gap` of a sample whose category is not among the user's earlier clicks
 NO_PREVIOUS = np.iinfo(np.int32).max
 # `filter_span` of the "any" filter: every earlier click
 WHOLE_HISTORY = NO_PREVIOUS - 1
 # negatives' categories: from the history span the category filter looks at, or any (`draw_negatives`)
-NEG_CATEGORIES = ("filter", "any")
+NEG_CATEGORIES = get_args(NegCategory)
 # where a sample's history ends (`history_ends`)
-HISTORY_CUTOFFS = ("click", "window", "session")
+HISTORY_CUTOFFS = get_args(HistoryCutoff)
 # which repeated clicks are dropped (`repeated_clicks`)
-DEDUP_CLICKS = ("none", "consecutive", "user_item")
+DEDUP_CLICKS = get_args(DedupClicks)
 # rows per slice in the passes that build large int64 temporaries
 CHUNK = 1 << 23
 

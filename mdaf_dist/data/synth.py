@@ -373,19 +373,6 @@ def generate(
     return {**asdict(sizes), "seed": seed, "behaviors": dict(zip(BEHAVIORS, counts.tolist()))}
 
 
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", help="output CSV path or URI (.csv, or .csv.gz for gzip)")
-    parser.add_argument("--rows", type=int, help="number of rows to write")
-    parser.add_argument("--seed", type=int, default=42, help="generator seed; with --stats, the seed of the user samples")
-    parser.add_argument("--users", type=int, default=None, help="default: rows x the real file's users/rows")
-    parser.add_argument("--items", type=int, default=None, help=f"default: the real file's {REAL_ITEMS:,}")
-    parser.add_argument("--categories", type=int, default=None, help=f"default: the real file's {REAL_CATEGORIES:,}")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    parser.add_argument(
-        "--stats", metavar="FILE", help="instead of writing: print FILE's statistics beside the real data set's"
-    )
-
-
 def run(args: argparse.Namespace) -> int:
     if args.stats:
         from mdaf_dist.data import stats

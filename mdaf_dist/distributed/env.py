@@ -18,11 +18,9 @@ from typing import Callable, Iterator, Optional, TypeVar
 import torch
 import torch.distributed as dist
 
-from mdaf_dist.config import check_choice
 from mdaf_dist.distributed.lifetime import end_with_launcher
 from mdaf_dist.errors import UserError
 
-DEVICES = ("auto", "cpu", "cuda")
 T = TypeVar("T")
 
 
@@ -46,7 +44,6 @@ def _int_env(name: str, default: int) -> int:
 
 def resolve_device(requested: str, local_rank: int) -> torch.device:
     """CUDA (one GPU per local rank) when asked for or available, else CPU."""
-    check_choice("train.device", requested, DEVICES)
     if requested == "cuda" and not torch.cuda.is_available():
         raise UserError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
     if requested == "cpu" or not torch.cuda.is_available():

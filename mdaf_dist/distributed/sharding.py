@@ -28,14 +28,16 @@ import torch.distributed as dist
 from torch import nn
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.model_parallel import DefaultDataParallelWrapper
-from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
 from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
+from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
 from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
 
-from mdaf_dist.config import ShardingConfig, check_choice
+from mdaf_dist.config import ShardingConfig
 from mdaf_dist.distributed.env import DistEnv
 from mdaf_dist.errors import UserError
 
+# config.ShardingType -> torchrec's name
 SHARDING_TYPES = {
     "table_wise": ShardingType.TABLE_WISE.value,
     "row_wise": ShardingType.ROW_WISE.value,
@@ -59,9 +61,6 @@ def table_sharding_types(cfg: ShardingConfig, tables: List[str], device: torch.d
     unknown_tables = sorted(set(cfg.tables) - set(tables))
     if unknown_tables:
         raise UserError(f"sharding.tables names unknown tables {unknown_tables}; the tables are {tables}")
-    check_choice("sharding.default", cfg.default, list(SHARDING_TYPES))
-    for table, kind in cfg.tables.items():
-        check_choice(f"sharding.tables.{table}", kind, list(SHARDING_TYPES))
     chosen = {table: cfg.tables.get(table, cfg.default) for table in tables}
     runnable = supported_sharding_types(device)
     for table, kind in chosen.items():
@@ -78,7 +77,11 @@ def plan_sharding(model: nn.Module, types: Dict[str, str], env: DistEnv) -> Shar
     """The planner's plan with each table constrained to its configured sharding type; every rank
     gets the same plan (rank 0 plans, the others receive it)."""
     constraints = {table: ParameterConstraints(sharding_types=[SHARDING_TYPES[kind]]) for table, kind in types.items()}
-    topology = Topology(world_size=env.world_size, local_world_size=env.local_world_size, compute_device=env.device.type)
+    # the factory (torchrec warns at every Topology built directly); same values as Topology(...)
+    topology = TopologyFactory.create_topology(
+        trainer_config=TrainerConfig(world_size=env.world_size, local_world_size=env.local_world_size),
+        kernel_config=KernelConfig(compute_device=env.device.type),
+    )
     # a fixed share of memory kept for dense modules and activations, as torchrec recommends over
     # its default heuristic (which over-estimates dense sizes)
     planner = EmbeddingShardingPlanner(

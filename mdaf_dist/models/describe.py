@@ -163,14 +163,6 @@ def describe(cfg: ModelConfig, vocab: Dict[str, int]) -> str:
     return "\n".join(lines)
 
 
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", action="append", help="YAML config; its model: section is described; repeat to overlay files in order")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.fusion=concat")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--vocab", help="table sizes user=N,item=N,category=N (default: full Taobao)")
-    source.add_argument("--data-dir", help="a prepared data directory whose meta.json gives the sizes")
-
-
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.vocab:

@@ -10,17 +10,17 @@ real steps).
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, get_args
 
 import torch
 from torch import nn
 
-from mdaf_dist.config import ModelConfig
+from mdaf_dist.config import CrossAttentionDirection, Fusion, ModelConfig
 from mdaf_dist.models.dlf import NetworkAwareAttention
 from mdaf_dist.models.optfusion import Architecture, OptFusionFusion
 
-FUSIONS = ("gate", "concat", "fixed", "attention", "cross_attention", "dlf_naf", "optfusion")
-CROSS_ATTENTION_DIRECTIONS = ("seq_to_static", "static_to_seq", "both")
+FUSIONS = get_args(Fusion)
+CROSS_ATTENTION_DIRECTIONS = get_args(CrossAttentionDirection)
 
 Fused = Tuple[torch.Tensor, Optional[torch.Tensor]]
 

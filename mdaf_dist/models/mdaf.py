@@ -29,14 +29,10 @@ from mdaf_dist.models.optfusion import selected_architecture, space_architecture
 from mdaf_dist.models.output import ModelOutput, prediction_head
 from mdaf_dist.models.static_branch import build_static_branch
 
-SEQUENCE_BRANCHES = ("mamba", "none")
-
 
 class MDAF(nn.Module):
     def __init__(self, cfg: ModelConfig, embeddings: nn.Module):
         super().__init__()
-        if cfg.sequence_branch not in SEQUENCE_BRANCHES:
-            raise ValueError(f"unknown sequence_branch {cfg.sequence_branch!r}; expected one of {SEQUENCE_BRANCHES}")
         dim = cfg.embedding_dim
         self.embeddings = embeddings
         self.history_length = cfg.history_length

@@ -52,7 +52,6 @@ from mdaf_dist.config import Config, ConfigError, ModelConfig
 from mdaf_dist.files import read_json
 
 OPERATIONS = ("add", "prod", "concat", "att")
-STAGES = ("search", "retrain", "search_retrain")
 ARCHITECTURE_FILE = "optfusion_architecture.json"
 # where `search_retrain` runs its search stage, under the run's output_dir
 SEARCH_DIR = "search"

@@ -7,18 +7,14 @@ from typing import Callable, Dict, Optional
 import torch
 from torch import nn
 
-from mdaf_dist.config import ConfigError, ModelConfig, check_choice
+from mdaf_dist.config import ConfigError, ModelConfig
 from mdaf_dist.models.autoint import AutoInt
 from mdaf_dist.models.bst import BST
 from mdaf_dist.models.dcnv2 import DCNv2
 from mdaf_dist.models.dlf import DLF
 from mdaf_dist.models.embeddings import build_embeddings, table_configs
 from mdaf_dist.models.mamba4rec import Mamba4Rec
-from mdaf_dist.models.fusion import CROSS_ATTENTION_DIRECTIONS, FUSIONS
-from mdaf_dist.models.mdaf import MDAF, SEQUENCE_BRANCHES
-from mdaf_dist.models.optfusion import STAGES as OPTFUSION_STAGES
-from mdaf_dist.models.selective_scan import BACKENDS as SCAN_BACKENDS
-from mdaf_dist.models.static_branch import STATIC_BRANCHES
+from mdaf_dist.models.mdaf import MDAF
 
 
 def _mdaf(cfg: ModelConfig, embeddings: nn.Module) -> nn.Module:
@@ -28,6 +24,7 @@ def _mdaf(cfg: ModelConfig, embeddings: nn.Module) -> nn.Module:
     return MDAF(cfg, embeddings)
 
 
+# one entry per choice of config.ModelName
 MODELS: Dict[str, Callable[[ModelConfig, nn.Module], nn.Module]] = {
     "mdaf": _mdaf,
     "autoint": AutoInt,
@@ -39,15 +36,9 @@ MODELS: Dict[str, Callable[[ModelConfig, nn.Module], nn.Module]] = {
 
 
 def check_model_config(cfg: ModelConfig) -> None:
-    """Every name in `model.*` against what the models offer, so that a typo is one line naming
-    the setting (ConfigError), not a traceback from deep in a constructor."""
-    check_choice("model.name", cfg.name, list(MODELS))
-    check_choice("model.static_branch", cfg.static_branch, STATIC_BRANCHES + ("none",))
-    check_choice("model.sequence_branch", cfg.sequence_branch, SEQUENCE_BRANCHES)
-    check_choice("model.fusion", cfg.fusion, FUSIONS)
-    check_choice("model.scan_backend", cfg.scan_backend, SCAN_BACKENDS)
-    check_choice("model.cross_attention_direction", cfg.cross_attention_direction, CROSS_ATTENTION_DIRECTIONS)
-    check_choice("model.optfusion_stage", cfg.optfusion_stage, OPTFUSION_STAGES)
+    """The settings of `model.*` that must agree with each other, so that a mistake is one line
+    naming the setting (ConfigError), not a traceback from deep in a constructor (the names are
+    checked against their Literal choices where the config is loaded)."""
     if cfg.static_branch == "none" and cfg.sequence_branch == "none":
         raise ConfigError("model.static_branch and model.sequence_branch cannot both be 'none'")
     if not 0.0 <= cfg.fixed_gate <= 1.0:

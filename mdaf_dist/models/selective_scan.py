@@ -29,15 +29,16 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mdaf_dist.config import ScanBackend
 from mdaf_dist.models import cpu_kernels
 
-BACKENDS = ("auto", "reference", "fused_cpu", "cpu", "compiled", "mamba_ssm")
+BACKENDS = get_args(ScanBackend)
 
 
 def selective_scan(

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, get_args
 
 from torch import nn
 
-from mdaf_dist.config import ModelConfig
+from mdaf_dist.config import ModelConfig, StaticBranch
 from mdaf_dist.models.dcn import OfficialDCNv3, PaperDCNv3
 from mdaf_dist.models.dlf import DLFStaticBranch
 from mdaf_dist.models.optfusion import Architecture, OptFusionStatic
 
 # "none" (sequence only) has no module: the registry builds the Mamba4Rec model for it
-STATIC_BRANCHES = ("dcnv3", "dcnv3_official", "mlp", "dlf", "optfusion")
+STATIC_BRANCHES = tuple(b for b in get_args(StaticBranch) if b != "none")
 
 
 def mlp_static_branch(in_dim: int, out_dim: int, num_layers: int, dropout: float) -> nn.Sequential:

@@ -18,7 +18,7 @@ import contextlib
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from mdaf_dist.config import PrepareConfig, load_config
+from mdaf_dist.config import Config, load_config
 from mdaf_dist.files import write_json
 from mdaf_dist.studies.grid import Plan, shared_overrides
 from mdaf_dist.studies.workdir import LOG_FILE, StudyDir
@@ -27,10 +27,11 @@ COMMON_JSON = "common.json"
 COMMON_PREDICTIONS = "common.parquet"
 
 
-def common_prepare(plan: Plan) -> PrepareConfig:
-    """The prepare config of the study's common evaluation set."""
+def common_config(plan: Plan) -> Config:
+    """The config whose prepared data (prepare.*, model.history_length) is the study's common
+    evaluation set."""
     study = plan.study
-    return load_config(study.file.configs, [*shared_overrides(study, plan.overrides), *study.file.evaluate_on]).prepare
+    return load_config(study.file.configs, [*shared_overrides(study, plan.overrides), *study.file.evaluate_on])
 
 
 def score_cell(cell_dir: Path, data_dir: Path) -> Dict[str, Any]:

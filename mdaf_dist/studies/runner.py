@@ -1,6 +1,6 @@
 """`mdaf study run`: prepare the study's data, then train every cell as a TorchX job.
 
-Each cell is the project's own component (`launch/components.py:train`, loaded by TorchX's
+Each cell is the project's own component (`mdaf_dist/launch.py:train`, loaded by TorchX's
 component finder as `torchx run` loads it) submitted through TorchX's Python API
 (`get_runner().run`), on `local_cwd` by default or any TorchX scheduler by name, so a study that
 outgrows one machine runs on a cluster unchanged: DIR must then be on storage the cluster sees
@@ -62,7 +62,7 @@ from mdaf_dist.studies.progress import Progress, duration
 from mdaf_dist.studies.spec import ResourcesSpec, parse_resources
 from mdaf_dist.studies.workdir import CELL_CONFIG, ERROR_FILE, StudyDir
 
-COMPONENT_FILE = Path(mdaf_dist.__file__).resolve().parents[1] / "launch" / "components.py"
+COMPONENT_FILE = Path(mdaf_dist.__file__).resolve().with_name("launch.py")
 LOCAL_SCHEDULERS = ("local_cwd", "local_docker")
 # schedulers that run the job on this file system: it runs this environment's Python (whose bin
 # directory need not be on the nodes' PATH), and on Slurm in the cell's directory (its logs too)
@@ -98,8 +98,6 @@ class _Running:
 
 
 def load_component() -> Callable[..., AppDef]:
-    if not COMPONENT_FILE.is_file():
-        raise UserError(f"the TorchX component {COMPONENT_FILE} is missing: `mdaf study run` runs from a source checkout")
     return get_component(f"{COMPONENT_FILE}:train").fn
 
 
@@ -202,6 +200,7 @@ class StudyRunner:
         cell_dir = self.dir.cell(cell.id)
         config = dataclasses.replace(cell.config, data_dir=str(data_dir), output_dir=str(cell_dir))
         config.train = dataclasses.replace(config.train, resume="auto")
+        config.logging = dataclasses.replace(config.logging, tensorboard_dir=str(self.dir.tensorboard / cell.id))
         if not self.settings.dryrun:
             cell_dir.mkdir(parents=True, exist_ok=True)
             self._config_path(cell).write_text(to_yaml(config))

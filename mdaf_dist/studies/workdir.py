@@ -7,6 +7,7 @@
     DIR/data/<key>/         one prepared directory per distinct prepare config
     DIR/cells/<cell-id>/    one training run: config.yaml, results.json, checkpoints, error.txt
     DIR/report/             the report and its plots
+    DIR/tensorboard/<cell-id>/  each cell's TensorBoard events (`tensorboard --logdir DIR/tensorboard`)
 
 A directory is claimed by one study and one set of command-line overrides; running another
 study (or the same one with other overrides) into it is refused, so no run mixes into or
@@ -51,6 +52,10 @@ class StudyDir:
     @property
     def report(self) -> Path:
         return self.root / "report"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
 
     # -- ownership -------------------------------------------------------------------------
     def read_plan(self) -> Dict[str, Any]:

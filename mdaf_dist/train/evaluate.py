@@ -22,12 +22,6 @@ from mdaf_dist.files import dumps
 from mdaf_dist.train.trainer import Trainer
 
 
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint directory, or a folder of them (latest)")
-    parser.add_argument("--best", action="store_true", help="with a folder of checkpoints: the best by validation AUC")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides of the saved config, e.g. data_dir=PATH train.device=cpu")
-
-
 def resolve_checkpoint(checkpoint: str, best: bool = False) -> Path:
     """A checkpoint directory, or of a folder of them the latest (the best by validation AUC
     with `best`), verified against its manifest (on every rank, before anything of it is read);

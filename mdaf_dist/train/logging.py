@@ -2,20 +2,24 @@
 
 Every rank builds a RunLogger and calls it unconditionally; only rank 0 writes anything, so the
 training loop needs no `if rank == 0` branches. Log lines are `key=value` pairs so that they can
-be grepped from Slurm or Kubernetes logs, where a progress bar is switched off.
+be grepped from Slurm or Kubernetes logs, where a progress bar is switched off; they go through
+`logging` in the project's one format (mdaf_dist/log.py).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import time
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import List, Mapping, Optional, Tuple
 
 import numpy as np
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
+
+LOG = logging.getLogger(__name__)
 
 
 class RunLogger:
@@ -90,12 +94,18 @@ class RunLogger:
             self._writer.add_histogram(name, values, step)
 
     def info(self, msg: str) -> None:
-        """One time-stamped line on stderr, written above the progress bar, not through it."""
+        """One log line (stderr, above the progress bar, not through it)."""
         if self.active:
-            tqdm.write(f"{datetime.now().isoformat(timespec='seconds')} {msg}", file=sys.stderr)
+            LOG.info(msg)
 
-    def close(self) -> None:
+    def close(self, step: Optional[int] = None) -> None:
+        """`step`: the run's last step. The bar moves to it (the loop reports every log_every
+        steps only) and, when the run stopped before its planned total (early stopping), ends
+        there: a finished run's bar reads 100 %."""
         if self._bar is not None:
+            if step is not None:
+                self._bar.total = step
+                self._bar.update(step - self._bar.n)
             self._bar.close()
             self._bar = None
         if self._writer is not None:

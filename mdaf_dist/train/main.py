@@ -1,30 +1,32 @@
-"""`mdaf train` and `python -m mdaf_dist.train`: one `main` for both, so torchrun/TorchX and the
-console script run the same code. Each rank is one process; the launcher's environment says
+"""`mdaf train` and `python -m mdaf_dist.train`: one handler for both (its arguments are in
+mdaf_dist/cli.py), so torchrun/TorchX and the console script run the same code. Each rank is one process; the launcher's environment says
 which (see mdaf_dist/distributed/env.py). Rank 0 holds a lock on output_dir for the run's
 lifetime, so a second run there is refused (naming the holder) instead of mixing its files into
-this one's; it writes the run's summary to <output_dir>/results.json (see `Trainer.results`)
-and prints its headline numbers."""
+this one's; it writes the run's summary to <output_dir>/results.json (see `Trainer.results`),
+prints its headline numbers and hands them to TorchX's tracker API, which records them where a
+tracker is configured (TORCHX_TRACKERS, e.g. from .torchxconfig's [torchx:tracker]; MLflow or
+fsspec) and does nothing where none is."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict
 
 from mdaf_dist.config import load_config
 from mdaf_dist.distributed.env import decided_on_rank_0, distributed
-from mdaf_dist.errors import UserError, one_line
+from mdaf_dist.errors import UserError
 from mdaf_dist.files import DirectoryLock, finite, output_directory
 from mdaf_dist.models.optfusion import stages
-from mdaf_dist.train.trainer import EMBEDDING_BACKENDS, RESULTS_FILE, Trainer
+from mdaf_dist.train.trainer import RESULTS_FILE, Trainer
 
 
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", action="append", help="YAML config (e.g. configs/smoke.yaml); repeat to overlay files in order")
-    parser.add_argument("--embedding-backend", choices=EMBEDDING_BACKENDS, default="torchrec", help="plain: unsharded reference, one process")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_epochs=1 sharding.tables.item=row_wise")
+def track(summary: Dict[str, Any]) -> None:
+    """The run's numbers to the TorchX trackers of this job (none configured: nothing)."""
+    from torchx.tracker import app_run_from_env
+
+    app_run_from_env().add_metadata(**finite(summary))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,16 +51,6 @@ def run(args: argparse.Namespace) -> int:
             summary = {key: results["valid"].get(key) for key in ("auc", "logloss", "num_samples")}
             summary.update({key: results[key] for key in ("best_auc", "best_epoch", "epochs", "steps")})
             print(json.dumps(finite(summary), allow_nan=False))
+            track({**summary, "wall_seconds": results["wall_seconds"]})
             print(f"results: {Path(cfg.output_dir) / RESULTS_FILE}")
     return 0
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mdaf_dist.train", description="train MDAF (one process per rank)")
-    configure_parser(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except (UserError, OSError) as e:
-        print(f"mdaf train: error: {one_line(e)}", file=sys.stderr)
-        return 2

@@ -39,10 +39,11 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimiz
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-from mdaf_dist.config import TrainConfig, check_choice
+from mdaf_dist.config import TrainConfig
 from mdaf_dist.errors import UserError
 from mdaf_dist.models.optfusion import ARCHITECTURE_LR
 
+# the choices of config.EmbeddingOptimizer but "auto"
 EMBEDDING_OPTIMIZERS: Dict[str, Type[torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam,
     "rowwise_adagrad": RowWiseAdagrad,
@@ -55,7 +56,6 @@ EMBEDDINGS_PREFIX = "embeddings."
 
 
 def resolve_embedding_optimizer(name: str, device: torch.device) -> str:
-    check_choice("train.embedding_optimizer", name, ["auto", *EMBEDDING_OPTIMIZERS])
     if name == "auto":
         return "adam" if device.type == "cuda" else "rowwise_adagrad"
     if device.type == "cpu" and name not in CPU_EMBEDDING_OPTIMIZERS:

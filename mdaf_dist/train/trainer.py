@@ -124,11 +124,6 @@ class Trainer:
     def __init__(self, cfg: Config, env: DistEnv, embedding_backend: str = "torchrec", save_plan: bool = True) -> None:
         """`save_plan`: rank 0 writes the sharding plan into output_dir (off for a run that only
         reads a checkpoint, such as `mdaf evaluate`)."""
-        if cfg.loader.history_length != cfg.model.history_length:
-            raise UserError(
-                f"loader.history_length ({cfg.loader.history_length}) must equal model.history_length "
-                f"({cfg.model.history_length}): the loader gathers the histories the model reads"
-            )
         check_loader_settings(cfg.loader)
         self.cfg, self.env = cfg, env
         self.out_dir = Path(cfg.output_dir)
@@ -145,7 +140,7 @@ class Trainer:
         self.sharded = embedding_backend == "torchrec"
         self.optimizer = build_optimizer(self.model, cfg.train, self.embedding_optimizer)
         self.dense_params = list(dense_parameters(self.model).values())
-        self.train_loader = make_loader(cfg.data_dir, "train", cfg.loader, rank=env.rank, world_size=env.world_size, device=env.device)
+        self.train_loader = make_loader(cfg.data_dir, "train", cfg.loader, history_length=cfg.model.history_length, rank=env.rank, world_size=env.world_size, device=env.device)
         self.steps_per_epoch = self._all_reduce_max(len(self.train_loader))
         self.scheduler = linear_warmup(self.optimizer, warmup_steps(cfg.train, self.steps_per_epoch))
         self.evaluator = Evaluator()
@@ -208,7 +203,7 @@ class Trainer:
         each real batch (after `transform`) with the model's output in eval mode; the ranks step
         in lockstep, so every rank must run the generator to its end."""
         self.model.eval()
-        loader = make_loader(data_dir or self.cfg.data_dir, split, self.cfg.loader, rank=self.env.rank, world_size=self.env.world_size, shuffle=False, device=self.env.device)
+        loader = make_loader(data_dir or self.cfg.data_dir, split, self.cfg.loader, history_length=self.cfg.model.history_length, rank=self.env.rank, world_size=self.env.world_size, shuffle=False, device=self.env.device)
         batches = iter(loader)
         while (batch := self._next_or_padding(batches)) is not None:
             real = batch is not self.padding
@@ -307,7 +302,7 @@ class Trainer:
         if resume_from is not None:
             self.restore(resume_from)
         logger = RunLogger(
-            str(self.out_dir / "tensorboard") if self.cfg.logging.tensorboard else None,
+            (self.cfg.logging.tensorboard_dir or str(self.out_dir / "tensorboard")) if self.cfg.logging.tensorboard else None,
             self.env.rank,
             self._planned_steps(),
             self.cfg.loader.batch_size * self.env.world_size,
@@ -334,7 +329,7 @@ class Trainer:
                     logger.info(f"early stopping: no better validation AUC for {self.cfg.train.patience} evaluations")
                     break
         finally:
-            logger.close()
+            logger.close(self.state.step)
         wall_seconds = time.perf_counter() - started
         results_file = self.out_dir / RESULTS_FILE
         if not metrics:
