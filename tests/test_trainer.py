@@ -191,8 +191,8 @@ ALLOWED_SHARDING = "table_wise, row_wise, column_wise, data_parallel"
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["model.fusion=concatt"], "model.fusion='concatt' is not one of: gate, concat, fixed, attention"),
-        (["model.static_branch=dcn"], "model.static_branch='dcn' is not one of: dcnv3, dcnv3_official, mlp, none"),
+        (["model.fusion=concatt"], "model.fusion='concatt' is not one of: gate, concat, fixed, attention, cross_attention, dlf_naf"),
+        (["model.static_branch=dcn"], "model.static_branch='dcn' is not one of: dcnv3, dcnv3_official, mlp, dlf, none"),
         (["train.lr=abc"], "train.lr: Value 'abc' of type 'str' could not be converted to Float"),
         (["data_dir="], "data_dir is empty: give a prepared data directory (`mdaf prepare`'s output) in the config or as data_dir=PATH"),
         (["train.embedding_optimizer=adamw"], "train.embedding_optimizer='adamw' is not one of: auto, adam, rowwise_adagrad, adagrad, sgd"),
