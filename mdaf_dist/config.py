@@ -126,7 +126,9 @@ class PrepareConfig:
     # `workers` processes (0: one per CPU core) at a time stay within memory_gb, or exactly
     # `partitions` when it is set; the output is the same whatever the partitioning
     memory_gb: float = 3.0
+    # partitions prepared at once, each in its own process (0: one per CPU core)
     workers: int = 0
+    # partitions of the users (0: as many as memory_gb allows)
     partitions: int = 0
 
 
@@ -179,7 +181,9 @@ class ModelConfig:
     # stacked layers L and rounds of NAF attention (5.5: best at 8 and 2), and a LayerNorm on each
     # layer's output (models/dlf.py says why; false: the paper's equations exactly)
     dlf_layers: int = 8
+    # DLF: rounds of NAF attention in each layer (5.5: 2)
     dlf_attention_layers: int = 2
+    # DLF: a LayerNorm on each layer's output (false: the paper's equations exactly)
     dlf_layer_norm: bool = True
     # sequential branch: "mamba" or "none"
     sequence_branch: SequenceBranch = "mamba"
@@ -231,6 +235,7 @@ class ModelConfig:
     # optfusion_architecture with it fixed; "search_retrain" runs both, the search in
     # <output_dir>/search
     optfusion_stage: OptFusionStage = "search"
+    # OptFusion's retrain stage: the selection file its search wrote (optfusion_architecture.json)
     optfusion_architecture: Optional[str] = None
     # the learning rate of alpha and beta's own Adam in the search stage
     optfusion_search_lr: float = 1e-3

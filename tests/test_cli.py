@@ -76,4 +76,4 @@ def test_config_show_lists_every_setting_with_value_default_and_meaning(tmp_path
 
 def test_config_show_refuses_a_bad_setting_in_one_line(capsys):
     assert cli.main(["config", "show", "model.fusion=concatt"]) == 2
-    assert capsys.readouterr().err == "mdaf config: error: model.fusion='concatt' is not one of: gate, concat, fixed, attention\n"
+    assert capsys.readouterr().err == "mdaf config: error: model.fusion='concatt' is not one of: gate, concat, fixed, attention, cross_attention, dlf_naf, optfusion\n"

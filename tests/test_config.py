@@ -77,7 +77,7 @@ def test_the_choice_settings_are_typed():
     assert {key for key, _ in LITERAL_KEYS} == {
         "prepare.neg_sampling", "prepare.neg_category", "prepare.dedup_clicks", "prepare.history_cutoff",
         "prepare.category_filter", "prepare.split", "model.name", "model.static_branch", "model.sequence_branch",
-        "model.scan_backend", "model.fusion", "train.embedding_optimizer", "train.device", "sharding.default",
+        "model.scan_backend", "model.fusion", "model.cross_attention_direction", "model.optfusion_stage", "train.embedding_optimizer", "train.device", "sharding.default",
         "sharding.tables.some_table",
     }  # fmt: skip
 
@@ -94,7 +94,7 @@ def test_every_choice_is_checked_where_the_config_is_loaded(key, choices):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["model.fusion=concatt"], "model.fusion='concatt' is not one of: gate, concat, fixed, attention"),
+        (["model.fusion=concatt"], "model.fusion='concatt' is not one of: gate, concat, fixed, attention, cross_attention, dlf_naf, optfusion"),
         (["sharding.tables.item=rows"], "sharding.tables.item='rows' is not one of: table_wise, row_wise, column_wise, data_parallel"),
         (["train.device=gpu"], "train.device='gpu' is not one of: auto, cpu, cuda"),
     ],

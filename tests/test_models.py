@@ -146,7 +146,6 @@ def test_label_smoothing_matches_a_hand_computation():
     "field, value, message",
     [
         ("fixed_gate", 1.5, r"model.fixed_gate=1.5 must lie in \[0, 1\]"),
-        ("cross_attention_direction", "up", r"model.cross_attention_direction='up' is not one of: seq_to_static, static_to_seq, both"),
     ],
 )
 def test_bad_variant_settings_are_errors(field, value, message):
@@ -223,14 +222,15 @@ def train_on_planted(variant, steps):
 
 # Mamba4Rec alone must first learn to carry the history through the SSM (dt starts small): it
 # stays near 0.5 for ~100 steps, then climbs at a point that depends on the seeds' trajectory
-# (160 steps are too few for some); every other model learns within 60 steps.
-STEPS = {"mamba4rec": 200}
+# (160 steps are too few for some). MDAF with DLF's eight layers as its static branch is near
+# 0.75 after 60 steps, where the scan's rounding decides how near; every other model learns within 60.
+STEPS = {"mamba4rec": 200, "dlf_static": 120}
 # AUC measured with these seeds on CPU (the planted rule's own AUC is about 0.85); each test asserts
 # a margin of 0.05 below it. "sequence_only" builds the Mamba4Rec model and is not trained twice.
 MEASURED_AUC = {
     "mdaf": 0.822, "concat": 0.826, "fixed_gate": 0.824, "attention_fusion": 0.830,
     "dcnv3_official": 0.823, "mlp_static": 0.793, "static_only": 0.825, "autoint": 0.825,
-    "dcnv2": 0.825, "bst": 0.789, "mamba4rec": 0.801, "dlf": 0.822, "dlf_static": 0.795,
+    "dcnv2": 0.825, "bst": 0.789, "mamba4rec": 0.801, "dlf": 0.822, "dlf_static": 0.823,
     "cross_attention": 0.829, "dlf_naf": 0.828,
 }
 

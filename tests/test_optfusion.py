@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from mdaf_dist import cli
 from mdaf_dist.config import ConfigError, ModelConfig
 from mdaf_dist.distributed.env import distributed
 from mdaf_dist.models.optfusion import (
@@ -22,7 +23,6 @@ from mdaf_dist.models.optfusion import (
     searched_architecture,
 )
 from mdaf_dist.models.registry import build_model
-from mdaf_dist.train.main import main as train_main
 from mdaf_dist.train.optim import architecture_parameters
 from mdaf_dist.train.trainer import Trainer
 from tests.distributed import prepare_tiny_data, tiny_config
@@ -205,7 +205,7 @@ def test_search_then_retrain_through_the_trainer(data_dir, tmp_path):
 
 def test_search_retrain_stage_runs_both_into_one_run(data_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    code = train_main([
+    code = cli.main(["train",
         f"data_dir={data_dir}", f"output_dir={out}", "train.device=cpu", "model.embedding_dim=8", "model.history_length=8",
         "model.d_state=4", "loader.batch_size=256", "loader.num_workers=0", "train.max_steps=2",
         "logging.tensorboard=false", "logging.progress_bar=false", "model.fusion=optfusion", "model.optfusion_stage=search_retrain",
