@@ -40,10 +40,12 @@ from mdaf_dist.data.layout import SPLITS, check_history_length, read_meta
 from mdaf_dist.data.loader import rank_pieces, row_groups
 from mdaf_dist.data.vocab import load_vocab
 from mdaf_dist.distributed import checkpoint as ckpt
-from mdaf_dist.distributed.env import DistEnv, distributed
+from mdaf_dist.distributed.env import DistEnv, all_reduce, distributed
 from mdaf_dist.errors import UserError
 from mdaf_dist.files import dumps, output_directory
-from mdaf_dist.train.evaluate import checkpoint_config, load_trainer, resolve_checkpoint
+from mdaf_dist.train.evaluate import checkpoint_config, load_model, resolve_checkpoint
+from mdaf_dist.train.metrics import Evaluator
+from mdaf_dist.train.score import Scorer
 
 PART_PATTERN = "part-*.parquet"
 METADATA_KEY = b"mdaf"
@@ -160,14 +162,14 @@ def predict(env: DistEnv, path: Path, out: str, split: str = "valid", data_dir: 
     check_split(scored_dir, split)
     other_data = Path(scored_dir).resolve() != Path(training_dir).resolve()
     if other_data:
-        # the training data is verified (and its history length checked) by the trainer
+        # the training data is verified (and its history length checked) by `load_model`
         check_history_length(scored_dir, read_meta(scored_dir, checksums=True), cfg.model.history_length)
-    trainer = load_trainer(path, cfg, env)
+    scorer = Scorer(load_model(path, cfg, env), cfg, env)
     remap = VocabMap.between(scored_dir, training_dir) if other_data else None
     unseen: Dict[str, int] = {}
     transform = (lambda batch: remap.apply(batch, unseen)) if remap is not None else None
     outputs: Dict[str, List[np.ndarray]] = {"label": [], "logit": [], "gate": [], "hist_len": []}
-    for batch, result in trainer.scored_batches(split, scored_dir, transform):
+    for batch, result in scorer.scored_batches(split, scored_dir, transform):
         outputs["label"].append(batch.labels.cpu().numpy())
         outputs["logit"].append(result.logits.float().cpu().numpy())
         outputs["hist_len"].append(batch.features[HIST_ITEM].lengths().cpu().numpy())
@@ -178,13 +180,13 @@ def predict(env: DistEnv, path: Path, out: str, split: str = "valid", data_dir: 
     if not np.array_equal(columns["label"], rows["label"].astype(np.float32)):
         raise AssertionError("the loader's batches and the split's rows disagree: predictions would be misaligned")
     # users by the scored data's ids: unseen users all score as padding but stay apart for GAUC
-    trainer.evaluator.reset()
-    trainer.evaluator.update(
+    evaluator = Evaluator()
+    evaluator.update(
         *(torch.from_numpy(columns[name]) for name in ("logit", "label")),
         torch.from_numpy(columns["gate"]) if outputs["gate"] else None,
         torch.from_numpy(columns["hist_len"]), torch.tensor(rows["user"]),  # a copy: pyarrow's arrays are read-only
     )  # fmt: skip
-    metrics = trainer.evaluator.compute()
+    metrics = evaluator.compute()
     feature_keys = [USER, ITEM, CATEGORY, HIST_ITEM] + ([HIST_CATEGORY] if cfg.loader.history_categories else [])
     meta = {
         "checkpoint": str(path),
@@ -195,7 +197,7 @@ def predict(env: DistEnv, path: Path, out: str, split: str = "valid", data_dir: 
         "world_size": env.world_size,
         "num_samples": int(metrics["num_samples"]),
         "metrics": metrics,
-        "unseen_ids": dict(zip(feature_keys, map(int, trainer._all_reduce([unseen.get(key, 0) for key in feature_keys], dist.ReduceOp.SUM)))) if remap is not None else None,
+        "unseen_ids": dict(zip(feature_keys, map(int, all_reduce([unseen.get(key, 0) for key in feature_keys], dist.ReduceOp.SUM)))) if remap is not None else None,
     }
     if env.is_main:
         out_dir.mkdir(exist_ok=True)

@@ -17,7 +17,8 @@ from mdaf_dist.config import load_config
 from mdaf_dist.distributed.env import decided_on_rank_0, distributed
 from mdaf_dist.errors import UserError, one_line
 from mdaf_dist.files import DirectoryLock, finite, output_directory
-from mdaf_dist.train.trainer import EMBEDDING_BACKENDS, RESULTS_FILE, Trainer
+from mdaf_dist.train.build import EMBEDDING_BACKENDS
+from mdaf_dist.train.trainer import RESULTS_FILE, Trainer
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
