@@ -31,6 +31,8 @@ setup(
         "iopath",
         # builds the fused CPU selective scan with torch.utils.cpp_extension (needs a C++ compiler)
         "ninja",
+        # `mdaf export` writes the unsharded weights in safetensors
+        "safetensors>=0.8",
     ],
     extras_require={
         "cpu": ["fbgemm-gpu-cpu==1.8.0"],

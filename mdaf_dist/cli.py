@@ -18,6 +18,7 @@ COMMANDS = {
     "train": ("mdaf_dist.train.main", "train in this process (torchrun/TorchX: python -m mdaf_dist.train)"),
     "evaluate": ("mdaf_dist.train.evaluate", "evaluate a checkpoint on the validation split"),
     "predict": ("mdaf_dist.analysis.predict", "per-sample predictions of a checkpoint -> Parquet (one part per rank)"),
+    "export": ("mdaf_dist.serving.export", "a checkpoint -> a self-contained export for serving (torch.export program, safetensors)"),
     "analyze": ("mdaf_dist.analysis.analyze", "the paper's gate and training tables of one trained model"),
     "profile": ("mdaf_dist.analysis.profile", "parameters, memory, time, FLOPs per component (Tables 8, C1)"),
     "demo": ("mdaf_dist.demo", "synthetic data -> prepare -> train: the README's main job"),
