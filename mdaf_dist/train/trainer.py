@@ -1,4 +1,5 @@
-"""The training loop: sharded model, optimizers, epochs, evaluation, early stopping, checkpoints.
+"""The training loop: optimizers, epochs, evaluation, early stopping, checkpoints. The model
+comes from build.py (the same one scoring builds), every evaluation runs score.py's loop.
 
 Uneven data across ranks. The loader gives every rank a contiguous slice of the samples (ranks
 differ by at most one sample), so one rank may have one batch more than another. Every step
@@ -8,7 +9,7 @@ row of every table) with loss weight 0, so it joins the collectives (embedding a
 all-reduce) without contributing gradient: nothing hangs and no sample is dropped, the tail
 batches included (the last partial batch of each rank is trained on, unless loader.drop_last).
 On such a step the dense gradient is the mean over all ranks, the padding rank counting zero.
-Evaluation does the same, and only real batches reach the Evaluator.
+Evaluation does the same (score.py), and only real batches reach the Evaluator.
 
 Train AUC per epoch (the paper's Table 7) is exact over the epoch's training samples and costs
 no second pass: each step's logits, from the training forward (dropout on, weights as they were
