@@ -152,6 +152,8 @@ def export(checkpoint: str, out: str, quantize: str = "none", best: bool = False
         if len(raw_by_row[name]) != vocab[name]:
             raise UserError(f"{cfg.data_dir}/{VOCAB_DIR}/{name}.npy has {len(raw_by_row[name])} rows, the checkpoint's table {vocab[name]}: not the run's data")
     model = unsharded_model(path, cfg, vocab)
+    if not hasattr(model, "from_embeddings"):
+        raise UserError(f"model.name={cfg.model.name} cannot be exported: its class has no from_embeddings (the model after the table lookup)")
     history_length = cfg.model.history_length
     served = serving_model(model, raw_by_row, "none")
     info: Dict[str, Any] = {
