@@ -109,13 +109,23 @@ def _evaluate(parser: Parser) -> None:
     parser.add_argument("overrides", nargs="*", help="dotted overrides of the saved config, e.g. data_dir=PATH train.device=cpu")
 
 
-@_command("predict", "per-sample predictions of a checkpoint -> Parquet (one part per rank)", "mdaf_dist.analysis.predict:run")
+@_command("predict", "per-sample predictions of a checkpoint or an export -> Parquet (one part per rank)", "mdaf_dist.analysis.predict:run")
 def _predict(parser: Parser) -> None:
-    _checkpoint_args(parser)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a checkpoint directory, or a folder of them (latest)")
+    source.add_argument("--model", help="an export directory (`mdaf export`): scored in this process, no process group")
+    _checkpoint_args(parser, required=False)
     parser.add_argument("--split", default="valid", help="valid, test or train")
     parser.add_argument("--data", help="a prepared directory to score (None: the training run's); ids unseen in training score as padding")
     parser.add_argument("--out", required=True, help="predictions directory, e.g. preds.parquet (one part file per rank)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides of the saved config, e.g. train.device=cpu loader.eval_batch_size=8192")
+
+
+@_command("export", "a checkpoint -> a self-contained export for serving (torch.export program, safetensors)", "mdaf_dist.serving.export:run")
+def _export(parser: Parser) -> None:
+    _checkpoint_args(parser)
+    parser.add_argument("--out", required=True, help="the export directory to write")
+    parser.add_argument("--quantize", default="none", choices=("none", "int8"), help="int8: the tables quantized by TorchRec (row-wise int8)")
 
 
 @_command("analyze", "the paper's gate and training tables of one trained model", "mdaf_dist.analysis.analyze:run")

@@ -17,7 +17,8 @@ from mdaf_dist.errors import UserError
 from mdaf_dist.studies.grid import expand
 from mdaf_dist.studies.spec import load_study
 from mdaf_dist.train.optim import build_optimizer, embedding_lr, linear_warmup
-from mdaf_dist.train.trainer import Trainer, build_training_model
+from mdaf_dist.train.build import build_distributed_model
+from mdaf_dist.train.trainer import Trainer
 from tests.distributed import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +45,7 @@ def test_tableA1_lr_axis_moves_the_tables_learning_rate():
     seen = {}
     with distributed("cpu") as env:
         for cell in cells:
-            model = build_training_model(cell.config, VOCAB, env, "torchrec", "rowwise_adagrad", None)
+            model = build_distributed_model(cell.config, VOCAB, env, "torchrec", "rowwise_adagrad", None)
             lrs = kernel_lrs(build_optimizer(model, cell.config.train, "rowwise_adagrad"))
             assert lrs and lrs == pytest.approx([cell.config.train.lr] * len(lrs))
             seen[cell.config.train.lr] = lrs[0]
@@ -54,7 +55,7 @@ def test_tableA1_lr_axis_moves_the_tables_learning_rate():
 def test_warmup_schedules_the_fused_tables_lr():
     cfg = load_config([str(ROOT / "configs" / "paper.yaml"), str(ROOT / "configs" / "studies" / "tiny" / "base_config.yaml")], ["train.embedding_lr=0.04"])
     with distributed("cpu") as env:
-        model = build_training_model(cfg, VOCAB, env, "torchrec", "rowwise_adagrad", None)
+        model = build_distributed_model(cfg, VOCAB, env, "torchrec", "rowwise_adagrad", None)
         optimizer = build_optimizer(model, cfg.train, "rowwise_adagrad")
         scheduler = linear_warmup(optimizer, 4)
         for step in range(6):

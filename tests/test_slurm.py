@@ -129,7 +129,7 @@ def test_torchx_dist_ddp_on_slurm_writes_results_from_a_job_dir_without_the_envi
     submit = subprocess.run(
         [str(BIN / "torchx"), "run", "-s", "slurm", "-cfg", f"job_dir={job_dir}", "dist.ddp", "-j", "1x2", "--cpu", "1", "--memMB", "1024",
          "-m", "mdaf_dist.train", "--", "--config", "configs/smoke.yaml", f"data_dir={data_dir}", f"output_dir={output_dir}",
-         "model.history_length=8", "loader.history_length=8", "train.max_steps=2", EAGER_SCAN, "logging.progress_bar=false"],
+         "model.history_length=8", "train.max_steps=2", EAGER_SCAN, "logging.progress_bar=false"],
         cwd=REPO, env=_env(f"{BIN}:/usr/bin:/bin"), capture_output=True, text=True, timeout=TIMEOUT_S,
     )  # fmt: skip
     assert submit.returncode == 0, submit.stderr

@@ -25,7 +25,8 @@ from mdaf_dist.data.layout import sample_files
 from mdaf_dist.data.loader import num_samples
 from mdaf_dist.distributed.env import distributed
 from mdaf_dist.errors import UserError
-from mdaf_dist.train.trainer import RESULTS_FILE, Trainer, padding_batch
+from mdaf_dist.train.score import padding_batch
+from mdaf_dist.train.trainer import RESULTS_FILE, Trainer
 from tests.distributed import prepare_tiny_data, run_ranks, tiny_config
 
 

@@ -1,4 +1,5 @@
-"""`mdaf predict`: one row per sample of a split, scored by a checkpoint, written as Parquet.
+"""`mdaf predict`: one row per sample of a split, scored by a checkpoint (or an export, `--model`),
+written as Parquet.
 
     OUT.parquet/part-00000.parquet ...   one part file per rank, together every sample of the
                                          split once, in the split's file order
@@ -17,6 +18,11 @@ in the same order (the labels are checked against each other).
 Scoring another prepared directory (`--data`): its dense ids are not the training run's. Each id
 goes back to its raw id (DIR/vocab) and to the training run's dense id; ids the training data
 never had map to row 0, the padding row, and are counted per feature in the metadata.
+
+Scoring an export (`--model EXPORT_DIR`, written by `mdaf export`): one process, no process
+group, no checkpoint; the scored data's raw ids go to the exported program, whose vocabularies
+map them to rows (unseen ids to the padding row, counted here the same way). Its probability
+column is the program's own output.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -34,16 +40,18 @@ import torch
 import torch.distributed as dist
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from mdaf_dist.config import SECONDS_PER_DAY
+from mdaf_dist.config import SECONDS_PER_DAY, Config, load_config
 from mdaf_dist.data.batch import CATEGORY, HIST_CATEGORY, HIST_ITEM, ITEM, USER, Batch
 from mdaf_dist.data.layout import SPLITS, check_history_length, read_meta
 from mdaf_dist.data.loader import rank_pieces, row_groups
 from mdaf_dist.data.vocab import load_vocab
 from mdaf_dist.distributed import checkpoint as ckpt
-from mdaf_dist.distributed.env import DistEnv, distributed
+from mdaf_dist.distributed.env import DistEnv, all_reduce, distributed
 from mdaf_dist.errors import UserError
 from mdaf_dist.files import dumps, output_directory
-from mdaf_dist.train.evaluate import checkpoint_config, load_trainer, resolve_checkpoint
+from mdaf_dist.train.evaluate import checkpoint_config, load_model, resolve_checkpoint
+from mdaf_dist.train.metrics import Evaluator
+from mdaf_dist.train.score import Scorer
 
 PART_PATTERN = "part-*.parquet"
 METADATA_KEY = b"mdaf"
@@ -151,41 +159,22 @@ def rank_rows(data_dir: str, split: str, rank: int, world_size: int) -> Dict[str
 def predict(env: DistEnv, path: Path, out: str, split: str = "valid", data_dir: Optional[str] = None, overrides: List[str] = ()) -> Dict[str, Any]:
     """Score a split with a checkpoint (`resolve_checkpoint`) and write this rank's part (a
     collective: every rank calls it); returns the metadata, the same on every rank."""
-    out_dir = output_directory(out, "--out")
-    if not out_dir.parent.is_dir():
-        raise UserError(f"cannot write {out}: the directory {out_dir.parent} does not exist")
+    out_dir = _out_dir(out)
     cfg = checkpoint_config(path, overrides)
     training_dir = cfg.data_dir
     scored_dir = data_dir or training_dir
-    check_split(scored_dir, split)
     other_data = Path(scored_dir).resolve() != Path(training_dir).resolve()
-    if other_data:
-        # the training data is verified (and its history length checked) by the trainer
-        check_history_length(scored_dir, read_meta(scored_dir, checksums=True), cfg.model.history_length)
-    trainer = load_trainer(path, cfg, env)
+    # the training data is verified (and its history length checked) by `load_model`
+    _check_scored(scored_dir, split, cfg.model.history_length, verify=other_data)
     remap = VocabMap.between(scored_dir, training_dir) if other_data else None
+    scorer = Scorer(load_model(path, cfg, env), cfg, env)
     unseen: Dict[str, int] = {}
     transform = (lambda batch: remap.apply(batch, unseen)) if remap is not None else None
-    outputs: Dict[str, List[np.ndarray]] = {"label": [], "logit": [], "gate": [], "hist_len": []}
-    for batch, result in trainer.scored_batches(split, scored_dir, transform):
-        outputs["label"].append(batch.labels.cpu().numpy())
-        outputs["logit"].append(result.logits.float().cpu().numpy())
-        outputs["hist_len"].append(batch.features[HIST_ITEM].lengths().cpu().numpy())
-        if result.gate is not None:
-            outputs["gate"].append(result.gate.float().cpu().numpy())
+    scored = ((batch, {"logit": result.logits, "gate": result.gate}) for batch, result in scorer.scored_batches(split, scored_dir, transform))
+    columns = _columns(scored)
     rows = rank_rows(scored_dir, split, env.rank, env.world_size)
-    columns = {name: np.concatenate(values) if values else np.empty(0, np.float32) for name, values in outputs.items()}
-    if not np.array_equal(columns["label"], rows["label"].astype(np.float32)):
-        raise AssertionError("the loader's batches and the split's rows disagree: predictions would be misaligned")
-    # users by the scored data's ids: unseen users all score as padding but stay apart for GAUC
-    trainer.evaluator.reset()
-    trainer.evaluator.update(
-        *(torch.from_numpy(columns[name]) for name in ("logit", "label")),
-        torch.from_numpy(columns["gate"]) if outputs["gate"] else None,
-        torch.from_numpy(columns["hist_len"]), torch.tensor(rows["user"]),  # a copy: pyarrow's arrays are read-only
-    )  # fmt: skip
-    metrics = trainer.evaluator.compute()
-    feature_keys = [USER, ITEM, CATEGORY, HIST_ITEM] + ([HIST_CATEGORY] if cfg.loader.history_categories else [])
+    metrics = _metrics(columns, rows)
+    feature_keys = _feature_keys(cfg)
     meta = {
         "checkpoint": str(path),
         "step": ckpt.read_trainer_state(path)["step"],
@@ -195,27 +184,124 @@ def predict(env: DistEnv, path: Path, out: str, split: str = "valid", data_dir: 
         "world_size": env.world_size,
         "num_samples": int(metrics["num_samples"]),
         "metrics": metrics,
-        "unseen_ids": dict(zip(feature_keys, map(int, trainer._all_reduce([unseen.get(key, 0) for key in feature_keys], dist.ReduceOp.SUM)))) if remap is not None else None,
+        "unseen_ids": dict(zip(feature_keys, map(int, all_reduce([unseen.get(key, 0) for key in feature_keys], dist.ReduceOp.SUM)))) if remap is not None else None,
     }
     if env.is_main:
-        out_dir.mkdir(exist_ok=True)
-        for stale in out_dir.glob(PART_PATTERN):
-            stale.unlink()
+        _clear(out_dir)
     dist.barrier()
-    _write_part(out_dir / part_file(env.rank), rows, columns, scored_dir, meta, with_gate="gate_mean" in metrics)
+    _write_part(out_dir / part_file(env.rank), rows, columns, scored_dir, meta)
     dist.barrier()
     return meta
 
 
-def _write_part(path: Path, rows: Dict[str, np.ndarray], columns: Dict[str, np.ndarray], data_dir: str, meta: Dict[str, Any], with_gate: bool) -> None:
+def predict_with_export(model_dir: str, out: str, split: str = "valid", data_dir: Optional[str] = None) -> Dict[str, Any]:
+    """Score a split with an export (`mdaf export`) in this process alone, no process group, and
+    write one part; returns the metadata. The export's vocabularies map the scored data's raw ids."""
+    from mdaf_dist.serving.inputs import split_inputs
+    from mdaf_dist.serving.load import export_info, load_export
+
+    out_dir = _out_dir(out)
+    served = load_export(model_dir)
+    info = export_info(model_dir)
+    cfg = load_config(str(Path(model_dir) / ckpt.CONFIG_FILE))
+    training_dir = cfg.data_dir
+    scored_dir = data_dir or training_dir
+    _check_scored(scored_dir, split, info["history_length"], verify=True)
+    # the export's vocabularies are the training data's: that data need not be here
+    remap = VocabMap.between(scored_dir, model_dir) if Path(scored_dir).resolve() != Path(training_dir).resolve() else None
+    unseen: Dict[str, int] = {}
+
+    @torch.no_grad()
+    def scored() -> Iterator[Tuple[Batch, Dict[str, torch.Tensor]]]:
+        for batch, inputs in split_inputs(scored_dir, split, cfg.loader, info["history_length"]):
+            if remap is not None:
+                remap.apply(batch, unseen)  # counts the ids the export's vocabularies lack
+            yield batch, served(**inputs)
+
+    columns = _columns(scored())
+    rows = rank_rows(scored_dir, split, 0, 1)
+    metrics = _metrics(columns, rows)
+    meta = {
+        "checkpoint": info["checkpoint"],
+        "export": str(model_dir),
+        "step": info["step"],
+        "split": split,
+        "data_dir": str(scored_dir),
+        "training_data_dir": str(training_dir),
+        "world_size": 1,
+        "num_samples": int(metrics["num_samples"]),
+        "metrics": metrics,
+        "unseen_ids": {key: unseen.get(key, 0) for key in _feature_keys(cfg)} if remap is not None else None,
+    }
+    _clear(out_dir)
+    _write_part(out_dir / part_file(0), rows, columns, scored_dir, meta)
+    return meta
+
+
+def _out_dir(out: str) -> Path:
+    out_dir = output_directory(out, "--out")
+    if not out_dir.parent.is_dir():
+        raise UserError(f"cannot write {out}: the directory {out_dir.parent} does not exist")
+    return out_dir
+
+
+def _check_scored(scored_dir: str, split: str, history_length: int, verify: bool) -> None:
+    """Refuse a split without samples; with `verify`, data that does not match its checksums or
+    was prepared with another history length."""
+    check_split(scored_dir, split)
+    if verify:
+        check_history_length(scored_dir, read_meta(scored_dir, checksums=True), history_length)
+
+
+def _feature_keys(cfg: Config) -> List[str]:
+    return [USER, ITEM, CATEGORY, HIST_ITEM] + ([HIST_CATEGORY] if cfg.loader.history_categories else [])
+
+
+def _columns(scored: Iterable[Tuple[Batch, Dict[str, Optional[torch.Tensor]]]]) -> Dict[str, np.ndarray]:
+    """label, logit and hist_len of every scored batch, and gate and probability where the
+    outputs have them."""
+    outputs: Dict[str, List[np.ndarray]] = {"label": [], "logit": [], "hist_len": [], "gate": [], "probability": []}
+    for batch, result in scored:
+        outputs["label"].append(batch.labels.cpu().numpy())
+        outputs["hist_len"].append(batch.features[HIST_ITEM].lengths().cpu().numpy())
+        for name in ("logit", "gate", "probability"):
+            if result.get(name) is not None:
+                outputs[name].append(result[name].float().cpu().numpy())
+    return {name: np.concatenate(values) if values else np.empty(0, np.float32) for name, values in outputs.items() if values or name in ("label", "logit", "hist_len")}
+
+
+def _metrics(columns: Dict[str, np.ndarray], rows: Dict[str, np.ndarray]) -> Dict[str, Any]:
+    """The split's metrics (a collective under torch.distributed), the outputs checked against the rows."""
+    if not np.array_equal(columns["label"], rows["label"].astype(np.float32)):
+        raise AssertionError("the loader's batches and the split's rows disagree: predictions would be misaligned")
+    # users by the scored data's ids: unseen users all score as padding but stay apart for GAUC
+    evaluator = Evaluator()
+    evaluator.update(
+        *(torch.from_numpy(columns[name]) for name in ("logit", "label")),
+        torch.from_numpy(columns["gate"]) if "gate" in columns else None,
+        torch.from_numpy(columns["hist_len"]), torch.tensor(rows["user"]),  # a copy: pyarrow's arrays are read-only
+    )  # fmt: skip
+    return evaluator.compute()
+
+
+def _clear(out_dir: Path) -> None:
+    out_dir.mkdir(exist_ok=True)
+    for stale in out_dir.glob(PART_PATTERN):
+        stale.unlink()
+
+
+def _write_part(path: Path, rows: Dict[str, np.ndarray], columns: Dict[str, np.ndarray], data_dir: str, meta: Dict[str, Any]) -> None:
+    """One part file; the probability is the given one (an export's), else the logits' sigmoid."""
     window_start = int(read_meta(data_dir)["settings"]["window_start"])
     raw = {name: np.asarray(load_vocab(data_dir, name))[rows[name]] for name in (USER, ITEM, CATEGORY)}
     logits = columns["logit"].astype(np.float32)
+    with_gate = "gate" in columns
+    probability = columns["probability"] if "probability" in columns else 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
     data = {
         **raw,
         "label": rows["label"].astype(np.int8),
         "logit": logits,
-        "probability": (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32),
+        "probability": probability.astype(np.float32),
         **({"gate": columns["gate"].astype(np.float32)} if with_gate else {}),
         "hist_len": columns["hist_len"].astype(np.int32),
         "day": ((rows["ts"].astype(np.int64) - window_start) // SECONDS_PER_DAY).astype(np.int16),
@@ -226,10 +312,17 @@ def _write_part(path: Path, rows: Dict[str, np.ndarray], columns: Dict[str, np.n
 
 
 def run(args: argparse.Namespace) -> int:
-    path = resolve_checkpoint(args.checkpoint, args.best)
-    with distributed(checkpoint_config(path, args.overrides).train.device) as env:
-        meta = predict(env, path, args.out, args.split, args.data, args.overrides)
-    if env.is_main:
+    if args.model:
+        if args.overrides:
+            raise UserError(f"overrides {args.overrides} apply to a checkpoint's config, not to an export")
+        meta = predict_with_export(args.model, args.out, args.split, args.data)
+        is_main = True
+    else:
+        path = resolve_checkpoint(args.checkpoint, args.best)
+        with distributed(checkpoint_config(path, args.overrides).train.device) as env:
+            meta = predict(env, path, args.out, args.split, args.data, args.overrides)
+        is_main = env.is_main
+    if is_main:
         m = meta["metrics"]
         print(
             f"{meta['num_samples']} {meta['split']} predictions -> {args.out} ({meta['world_size']} part files); "

@@ -13,7 +13,7 @@ import datetime
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, TypeVar
+from typing import Callable, Iterator, List, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -124,3 +124,14 @@ def collective_device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def all_reduce(values: List[float], op: dist.ReduceOp) -> List[float]:
+    """`values` reduced over every rank, in float64 (a collective)."""
+    t = torch.tensor(values, dtype=torch.float64, device=collective_device())
+    dist.all_reduce(t, op=op)
+    return t.tolist()
+
+
+def all_reduce_max(value: float) -> int:
+    return int(all_reduce([value], dist.ReduceOp.MAX)[0])

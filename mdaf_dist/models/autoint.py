@@ -17,7 +17,7 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mdaf_dist.config import ModelConfig
-from mdaf_dist.models.embeddings import embed
+from mdaf_dist.models.embeddings import EmbeddedFeatures, embed
 from mdaf_dist.models.output import ModelOutput
 
 INIT_STD = 0.05
@@ -50,6 +50,9 @@ class AutoInt(nn.Module):
         self.out = nn.Linear(3 * dim, 1)
 
     def forward(self, features: KeyedJaggedTensor) -> ModelOutput:
-        e = embed(self.embeddings, features, self.history_length)
+        return self.from_embeddings(embed(self.embeddings, features, self.history_length))
+
+    def from_embeddings(self, e: EmbeddedFeatures) -> ModelOutput:
+        """Everything after the table lookup (what a served model runs on looked-up rows)."""
         tokens = self.layers(self.dropout(torch.stack([e.user, e.item, e.category], dim=1)))
         return ModelOutput(logits=self.out(tokens.flatten(1)).squeeze(-1))

@@ -20,7 +20,7 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mdaf_dist.config import ModelConfig
-from mdaf_dist.models.embeddings import embed
+from mdaf_dist.models.embeddings import EmbeddedFeatures, embed
 from mdaf_dist.models.output import ModelOutput, mlp_head
 
 
@@ -56,7 +56,10 @@ class BST(nn.Module):
         self.deep = mlp_head(4 * dim, cfg.mlp_hidden, cfg.dropout)
 
     def forward(self, features: KeyedJaggedTensor) -> ModelOutput:
-        e = embed(self.embeddings, features, self.history_length)
+        return self.from_embeddings(embed(self.embeddings, features, self.history_length))
+
+    def from_embeddings(self, e: EmbeddedFeatures) -> ModelOutput:
+        """Everything after the table lookup (what a served model runs on looked-up rows)."""
         sequence, mask = e.history_with_target()  # [B, L + 1, D], [B, L + 1]
         length = sequence.shape[1]
         recency = torch.arange(length - 1, -1, -1, device=sequence.device).expand_as(mask)

@@ -20,7 +20,7 @@ from torchrec.modules.crossnet import LowRankMixtureCrossNet
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mdaf_dist.config import ModelConfig
-from mdaf_dist.models.embeddings import embed
+from mdaf_dist.models.embeddings import EmbeddedFeatures, embed
 from mdaf_dist.models.output import ModelOutput, mlp_head
 
 
@@ -39,6 +39,9 @@ class DCNv2(nn.Module):
         self.deep = mlp_head(in_dim, cfg.mlp_hidden, cfg.dropout)
 
     def forward(self, features: KeyedJaggedTensor) -> ModelOutput:
-        e = embed(self.embeddings, features, self.history_length)
+        return self.from_embeddings(embed(self.embeddings, features, self.history_length))
+
+    def from_embeddings(self, e: EmbeddedFeatures) -> ModelOutput:
+        """Everything after the table lookup (what a served model runs on looked-up rows)."""
         x0 = self.dropout(torch.cat([e.user, e.item, e.category], dim=-1))
         return ModelOutput(logits=self.deep(self.cross(x0)).squeeze(-1))

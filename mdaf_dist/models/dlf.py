@@ -35,7 +35,7 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mdaf_dist.config import ModelConfig
-from mdaf_dist.models.embeddings import embed
+from mdaf_dist.models.embeddings import EmbeddedFeatures, embed
 from mdaf_dist.models.output import ModelOutput
 
 # eq. 9's epsilon: the smallest weight the gate gives the residual
@@ -160,6 +160,9 @@ class DLF(nn.Module):
         self.out = nn.Linear(3 * dim, 1)  # W_out, b_out, eq. 16
 
     def forward(self, features: KeyedJaggedTensor) -> ModelOutput:
-        e = embed(self.embeddings, features, self.history_length)
+        return self.from_embeddings(embed(self.embeddings, features, self.history_length))
+
+    def from_embeddings(self, e: EmbeddedFeatures) -> ModelOutput:
+        """Everything after the table lookup (what a served model runs on looked-up rows)."""
         e_final = self.dlf(self.dropout(torch.stack([e.user, e.item, e.category], dim=1)))
         return ModelOutput(logits=self.out(e_final.flatten(1)).squeeze(-1))

@@ -9,7 +9,7 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mdaf_dist.config import ModelConfig
-from mdaf_dist.models.embeddings import embed
+from mdaf_dist.models.embeddings import EmbeddedFeatures, embed
 from mdaf_dist.models.mamba import Mamba
 from mdaf_dist.models.output import ModelOutput, prediction_head
 
@@ -111,7 +111,10 @@ class Mamba4Rec(nn.Module):
         self.head = prediction_head(cfg.embedding_dim, cfg.embedding_dim)
 
     def forward(self, features: KeyedJaggedTensor) -> ModelOutput:
-        e = embed(self.embeddings, features, self.history_length)
+        return self.from_embeddings(embed(self.embeddings, features, self.history_length))
+
+    def from_embeddings(self, e: EmbeddedFeatures) -> ModelOutput:
+        """Everything after the table lookup (what a served model runs on looked-up rows)."""
         sequence, mask = e.history_with_target()  # [B, L + 1, D], [B, L + 1]
         h_seq = self.sequence(sequence, mask)
         return ModelOutput(logits=self.head(self.dropout(h_seq)).squeeze(-1), h_seq=h_seq)

@@ -22,7 +22,7 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mdaf_dist.config import ModelConfig
-from mdaf_dist.models.embeddings import embed
+from mdaf_dist.models.embeddings import EmbeddedFeatures, embed
 from mdaf_dist.models.fusion import build_fusion
 from mdaf_dist.models.mamba4rec import SequenceBranch
 from mdaf_dist.models.optfusion import selected_architecture, space_architecture
@@ -52,7 +52,10 @@ class MDAF(nn.Module):
         self.head = prediction_head(self.fusion.out_dim if self.fusion is not None else dim, dim)
 
     def forward(self, features: KeyedJaggedTensor) -> ModelOutput:
-        e = embed(self.embeddings, features, self.history_length)
+        return self.from_embeddings(embed(self.embeddings, features, self.history_length))
+
+    def from_embeddings(self, e: EmbeddedFeatures) -> ModelOutput:
+        """Everything after the table lookup (what a served model runs on looked-up rows)."""
         x0 = self.static_norm(self.static_dropout(torch.cat([e.user, e.item, e.category], dim=-1)))
         h_static = self.static(x0)
         if self.sequence is None:

@@ -1,7 +1,8 @@
 """`mdaf evaluate --checkpoint DIR`: the validation metrics of a checkpoint, recomputed.
 
 The run's resolved config is read from the checkpoint, the model is rebuilt and sharded for
-the current world size (DCP reshards), and the whole validation split is evaluated; the result
+the current world size (DCP reshards) without any optimizer, and the whole validation split is
+scored (`Scorer`); the result
 is printed (by rank 0) next to the metrics the checkpoint recorded when it was written. A
 checkpoint that does not match its manifest is refused. The run's own files (sharding plan,
 checkpoints, results) are left as they are, and the run's directory is not locked: evaluating
@@ -14,12 +15,16 @@ import argparse
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from torch import nn
+
 from mdaf_dist.config import Config, load_config
 from mdaf_dist.distributed import checkpoint as ckpt
 from mdaf_dist.distributed.env import DistEnv, distributed
 from mdaf_dist.errors import UserError
 from mdaf_dist.files import dumps
-from mdaf_dist.train.trainer import Trainer
+from mdaf_dist.train.build import build_distributed_model, data_vocab
+from mdaf_dist.train.metrics import Evaluator
+from mdaf_dist.train.score import Scorer
 
 
 def resolve_checkpoint(checkpoint: str, best: bool = False) -> Path:
@@ -42,12 +47,14 @@ def checkpoint_config(path: Path, overrides: List[str] = ()) -> Config:
     return cfg
 
 
-def load_trainer(path: Path, cfg: Config, env: DistEnv) -> Trainer:
-    """A Trainer over `cfg` with the checkpoint's weights; nothing of the run's directory is written."""
-    trainer = Trainer(cfg, env, save_plan=False)
-    ckpt.check_compatible(path, cfg, trainer.vocab)
-    ckpt.Checkpointer.load(path, trainer.model)
-    return trainer
+def load_model(path: Path, cfg: Config, env: DistEnv) -> nn.Module:
+    """The model of `cfg`, sharded over env's ranks, with the checkpoint's weights and no
+    optimizer; nothing of the run's directory is written."""
+    vocab = data_vocab(cfg)
+    ckpt.check_compatible(path, cfg, vocab)
+    model = build_distributed_model(cfg, vocab, env)
+    ckpt.Checkpointer.load(path, model)
+    return model
 
 
 def evaluate_checkpoint(checkpoint: str, overrides: List[str] = (), best: bool = False) -> Optional[Dict[str, Any]]:
@@ -56,7 +63,7 @@ def evaluate_checkpoint(checkpoint: str, overrides: List[str] = (), best: bool =
     path = resolve_checkpoint(checkpoint, best)
     cfg = checkpoint_config(path, overrides)
     with distributed(cfg.train.device) as env:
-        metrics = load_trainer(path, cfg, env).evaluate()
+        metrics = Scorer(load_model(path, cfg, env), cfg, env).evaluate(Evaluator())
         if not env.is_main:
             return None
     saved = ckpt.read_trainer_state(path)

@@ -1,4 +1,5 @@
-"""The training loop: sharded model, optimizers, epochs, evaluation, early stopping, checkpoints.
+"""The training loop: optimizers, epochs, evaluation, early stopping, checkpoints. The model
+comes from build.py (the same one scoring builds), every evaluation runs score.py's loop.
 
 Uneven data across ranks. The loader gives every rank a contiguous slice of the samples (ranks
 differ by at most one sample), so one rank may have one batch more than another. Every step
@@ -8,7 +9,7 @@ row of every table) with loss weight 0, so it joins the collectives (embedding a
 all-reduce) without contributing gradient: nothing hangs and no sample is dropped, the tail
 batches included (the last partial batch of each rank is trained on, unless loader.drop_last).
 On such a step the dense gradient is the mean over all ranks, the padding rank counting zero.
-Evaluation does the same, and only real batches reach the Evaluator.
+Evaluation does the same (score.py), and only real batches reach the Evaluator.
 
 Train AUC per epoch (the paper's Table 7) is exact over the epoch's training samples and costs
 no second pass: each step's logits, from the training forward (dropout on, weights as they were
@@ -30,72 +31,38 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mdaf_dist.config import Config, to_yaml
-from mdaf_dist.data.batch import CATEGORY, HIST_CATEGORY, HIST_ITEM, ITEM, USER, Batch
-from mdaf_dist.data.layout import check_history_length, read_meta
+from mdaf_dist.data.batch import Batch
 from mdaf_dist.data.loader import check_settings as check_loader_settings
 from mdaf_dist.data.loader import make_loader, num_samples
 from mdaf_dist.distributed import checkpoint as ckpt
-from mdaf_dist.distributed.env import DistEnv, collective_device
-from mdaf_dist.distributed.sharding import PLAN_JSON, PLAN_TEXT, describe_plan, shard_model
+from mdaf_dist.distributed.env import DistEnv, all_reduce, all_reduce_max
+from mdaf_dist.distributed.sharding import PLAN_JSON, PLAN_TEXT, describe_plan
 from mdaf_dist.errors import UserError
 from mdaf_dist.files import read_json, write_json
-from mdaf_dist.models.embeddings import init_tables
 from mdaf_dist.models.loss import smoothed_bce
 from mdaf_dist.models.optfusion import ARCHITECTURE_FILE, describe_architecture, searched_architecture
-from mdaf_dist.models.output import ModelOutput
-from mdaf_dist.models.registry import build_model
+from mdaf_dist.train.build import build_distributed_model, data_vocab
 from mdaf_dist.train.logging import RunLogger
 from mdaf_dist.train.metrics import Evaluator
 from mdaf_dist.train.optim import (
     build_optimizer,
     dense_parameters,
-    fuse_embedding_optimizer,
     linear_warmup,
     resolve_embedding_optimizer,
     warmup_steps,
 )
+from mdaf_dist.train.score import Scorer
 
-EMBEDDING_BACKENDS = ("torchrec", "plain")
 RESULTS_FILE = "results.json"
 # the key of this rank's train-AUC rows of the current epoch in its checkpoint file
 TRAIN_AUC_ROWS = "train_auc_rows"
-
-
-def build_training_model(cfg: Config, vocab: Dict[str, int], env: DistEnv, backend: str, embedding_optimizer: str, plan_dir: Optional[Path]) -> nn.Module:
-    """torchrec: tables on the meta device, their optimizer fused, sharded by DMP (dense modules
-    in DDP), the plan saved in `plan_dir` unless None, each rank's shards then filled from
-    train.seed and their global rows. plain: the unsharded reference, in a world of one. Either
-    way the tables start from the same values, and so do the dense modules (built from the global
-    generator, which the tables never draw from)."""
-    if backend not in EMBEDDING_BACKENDS:
-        raise UserError(f"unknown embedding backend {backend!r}; expected one of {EMBEDDING_BACKENDS}")
-    if backend == "plain":
-        if env.world_size != 1:
-            raise UserError("the plain embedding backend is unsharded: run it as a single process")
-        return build_model(cfg.model, vocab, embedding_backend="plain", seed=cfg.train.seed).to(env.device)
-    model = build_model(cfg.model, vocab, embedding_backend="torchrec", embedding_device=torch.device("meta"), seed=cfg.train.seed)
-    tables = model.embeddings.embedding_configs()
-    fuse_embedding_optimizer(model.embeddings, embedding_optimizer, cfg.train)
-    sharded = shard_model(model, cfg.sharding, env, plan_dir)
-    # DMP runs each table's init_fn on this rank's local shard as if it began at row 0 and
-    # column 0: overwrite every shard with its own rows and columns of the whole table
-    init_tables(sharded, tables, cfg.train.seed)
-    return sharded
-
-
-def padding_batch(history_categories: bool) -> Batch:
-    """One sample of padding ids (0 in every table): what an out-of-data rank computes on."""
-    keys = [USER, ITEM, CATEGORY, HIST_ITEM] + ([HIST_CATEGORY] if history_categories else [])
-    features = KeyedJaggedTensor(keys=keys, values=torch.zeros(len(keys), dtype=torch.int64), lengths=torch.ones(len(keys), dtype=torch.int32), stride=1)
-    return Batch(features, torch.zeros(1))
 
 
 @dataclass
@@ -128,12 +95,10 @@ class Trainer:
         self.cfg, self.env = cfg, env
         self.out_dir = Path(cfg.output_dir)
         ckpt.seed_everything(cfg.train.seed)
-        meta = read_meta(cfg.data_dir, checksums=True)
-        check_history_length(cfg.data_dir, meta, cfg.model.history_length)
-        self.vocab = {name: int(size) for name, size in meta["vocab"].items()}
+        self.vocab = data_vocab(cfg)
         self.embedding_optimizer = resolve_embedding_optimizer(cfg.train.embedding_optimizer, env.device)
         plan_dir = self.out_dir if save_plan else None
-        self.model = build_training_model(cfg, self.vocab, env, embedding_backend, self.embedding_optimizer, plan_dir)
+        self.model = build_distributed_model(cfg, self.vocab, env, embedding_backend, self.embedding_optimizer, plan_dir)
         # seed again: whatever building and sharding drew, the dropout masks then do not depend
         # on the plan or the backend
         ckpt.seed_everything(cfg.train.seed)
@@ -141,7 +106,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.train, self.embedding_optimizer)
         self.dense_params = list(dense_parameters(self.model).values())
         self.train_loader = make_loader(cfg.data_dir, "train", cfg.loader, history_length=cfg.model.history_length, rank=env.rank, world_size=env.world_size, device=env.device)
-        self.steps_per_epoch = self._all_reduce_max(len(self.train_loader))
+        self.steps_per_epoch = all_reduce_max(len(self.train_loader))
         self.scheduler = linear_warmup(self.optimizer, warmup_steps(cfg.train, self.steps_per_epoch))
         self.evaluator = Evaluator()
         # None with train.train_auc off: nothing is accumulated
@@ -154,25 +119,8 @@ class Trainer:
         self.state = TrainState()
         # global mean training loss of every step this process ran
         self.step_losses: List[float] = []
-        self.padding = padding_batch(cfg.loader.history_categories).to(env.device)
+        self.scorer = Scorer(self.model, cfg, env)
         self._warned_undefined_auc = False
-
-    # -- collectives ------------------------------------------------------------------------
-    def _all_reduce(self, values: List[float], op: dist.ReduceOp) -> List[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=collective_device())
-        dist.all_reduce(t, op=op)
-        return t.tolist()
-
-    def _all_reduce_max(self, value: float) -> int:
-        return int(self._all_reduce([value], dist.ReduceOp.MAX)[0])
-
-    def _next_or_padding(self, batches) -> Optional[Batch]:
-        """This rank's next batch; None once every rank is out of data; the padding batch (with
-        weight 0) while only some are."""
-        batch = next(batches, None)
-        if not self._all_reduce_max(batch is not None):
-            return None
-        return batch.to(self.env.device, non_blocking=True) if batch is not None else self.padding
 
     # -- one step ---------------------------------------------------------------------------
     def train_step(self, batch: Batch, weight: float = 1.0) -> torch.Tensor:
@@ -195,30 +143,9 @@ class Trainer:
         return losses.detach().double().sum()
 
     # -- evaluation -------------------------------------------------------------------------
-    @torch.no_grad()
-    def scored_batches(
-        self, split: str, data_dir: Optional[str] = None, transform: Optional[Callable[[Batch], Batch]] = None
-    ) -> Iterator[Tuple[Batch, ModelOutput]]:
-        """This rank's slice of a split (of `data_dir`, default the training data) in file order,
-        each real batch (after `transform`) with the model's output in eval mode; the ranks step
-        in lockstep, so every rank must run the generator to its end."""
-        self.model.eval()
-        loader = make_loader(data_dir or self.cfg.data_dir, split, self.cfg.loader, history_length=self.cfg.model.history_length, rank=self.env.rank, world_size=self.env.world_size, shuffle=False, device=self.env.device)
-        batches = iter(loader)
-        while (batch := self._next_or_padding(batches)) is not None:
-            real = batch is not self.padding
-            if real and transform is not None:
-                batch = transform(batch)
-            out = self.model(batch.features)
-            if real:
-                yield batch, out
-
     def evaluate(self, split: str = "valid") -> Dict[str, Any]:
         """Exact metrics over a whole split, every rank taking its slice."""
-        self.evaluator.reset()
-        for batch, out in self.scored_batches(split):
-            self.evaluator.update(out.logits, batch.labels, out.gate, batch.features[HIST_ITEM].lengths(), batch.features[USER].values())
-        return self.evaluator.compute()
+        return self.scorer.evaluate(self.evaluator, split)
 
     def train_auc(self) -> Optional[float]:
         """Exact AUC over the current epoch's training samples so far (collective); None with
@@ -241,14 +168,14 @@ class Trainer:
         log_every = max(1, self.cfg.logging.log_every)
         every = self.cfg.checkpoint.every_steps
         while not self._reached_max_steps():
-            batch = self._next_or_padding(batches)
+            batch = self.scorer.next_or_padding(batches)
             if batch is None:
                 self.state.epoch_samples = 0
                 return
-            real = batch is not self.padding
+            real = batch is not self.scorer.padding
             loss = self.train_step(batch, weight=1.0 if real else 0.0)
             n = batch.batch_size if real else 0
-            loss_sum, count = self._all_reduce([float(loss) if real else 0.0, n], dist.ReduceOp.SUM)
+            loss_sum, count = all_reduce([float(loss) if real else 0.0, n], dist.ReduceOp.SUM)
             self.state.step += 1
             self.state.samples_trained += int(count)
             self.state.epoch_samples += int(count)
@@ -361,7 +288,7 @@ class Trainer:
     def _planned_steps(self) -> int:
         """The step count this run ends at unless it stops early: the steps taken, the rest of
         the current epoch (ranks in lockstep: the furthest rank's position), then whole epochs."""
-        done_in_epoch = self._all_reduce_max(self.train_loader.position)
+        done_in_epoch = all_reduce_max(self.train_loader.position)
         epochs_left = max(0, self.cfg.train.max_epochs - self.train_loader.epoch)
         total = self.state.step + max(0, epochs_left * self.steps_per_epoch - done_in_epoch)
         return min(total, self.cfg.train.max_steps) if self.cfg.train.max_steps > 0 else total
