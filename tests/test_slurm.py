@@ -34,12 +34,12 @@ TIMEOUT_S = 600
 # the eager selective scan: no kernel build inside jobs the tests cancel (torch's build lock stays
 # behind when a build is killed midway, and every later build waits for it)
 EAGER_SCAN = "model.scan_backend=cpu"
-# steps of batch 16: long enough (seconds) for a test to suspend a cell's job while its ranks train
-STEPS = 100
+# steps of batch 16: long enough (seconds, on a quiet machine too) for a test to suspend a cell's job while its ranks train
+STEPS = 600
 STUDY = f"""configs: [configs/paper.yaml, configs/studies/tiny/base_config.yaml]
 synth: {{{{rows: 2000, seed: 3}}}}
 name: {{name}}
-overrides: [train.max_steps={STEPS}, train.max_epochs=1, loader.batch_size=16, {EAGER_SCAN}]
+overrides: [train.max_steps={STEPS}, train.max_epochs=50, train.patience=50, loader.batch_size=16, {EAGER_SCAN}]
 seeds: {{seeds}}
 env: {{{{OMP_NUM_THREADS: "1"}}}}
 report: {{{{kind: models}}}}
