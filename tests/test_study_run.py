@@ -233,3 +233,23 @@ def test_one_tensorboard_directory_shows_every_cell_and_compare_tabulates_them(f
     rows = capsys.readouterr().out.splitlines()
     assert rows[0].startswith("| run | auc |") and rows[0].endswith("| model.fusion | train.seed |")
     assert sorted(row.split(" | ")[0] for row in rows[2:]) == [f"| out/{cell}" for cell in cells]
+
+
+@pytest.mark.slow
+def test_the_tiny_fusion_zoo_runs_every_row_and_reports_each_beside_the_gate(tmp_path, capsys):
+    """configs/studies/tiny/fusion_zoo.yaml with one seed and one epoch: every fusion design trains
+    on the same data, and the report lists each with its p-value and OptFusion's selections."""
+    text = (REPO / "configs" / "studies" / "tiny" / "fusion_zoo.yaml").read_text()
+    study, out = tmp_path / "fusion_zoo.yaml", tmp_path / "out"
+    study.write_text(text.replace("seeds: [1, 2]", "seeds: [1]").replace("overrides: [", "overrides: [train.max_epochs=1, "))
+    run = subprocess.run(_command(study, out), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, f"{run.stdout}\n{run.stderr}"
+    assert cli.main(["study", "report", str(out)]) == 0
+    rows = _markdown_rows(capsys.readouterr().out, "Fusion")
+    labels = re.findall(r'label: "([^"]+)"', text)
+    assert list(rows) == labels and len(labels) == 9
+    for label, row in rows.items():
+        assert 0.5 < float(row["Common AUC"]) < 1.0, label
+        assert row["p"] == "n/a" if label == "MDAF gate" else 0.0 <= float(row["p"].rstrip("*")) <= 1.0, label
+    assert rows["OptFusion (searched, re-trained)"]["OptFusion selection"].startswith("seed 1: fusion.output = ")
+    assert "static_branch.output = " in rows["OptFusion static branch (searched, re-trained)"]["OptFusion selection"]

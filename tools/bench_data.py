@@ -27,6 +27,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Dict, List, Tuple
+from machine import gemm_gflops
 
 MODES = {"single": ["prepare.partitions=1", "prepare.workers=1"], "partitioned": []}
 
@@ -124,6 +125,7 @@ def main() -> None:
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
+    result["gemm_gflops_one_core"] = gemm_gflops()
     print(json.dumps(result))
 
 

@@ -22,6 +22,7 @@ import torch
 from mdaf_dist.config import LoaderConfig
 from mdaf_dist.data.layout import SAMPLE_SCHEMA, SAMPLES_DIR, Events, write_events, write_meta
 from mdaf_dist.data.loader import make_loader, num_samples
+from machine import gemm_gflops
 
 
 def build_prepared_dir(out: Path, samples: int, users: int, mean_clicks: float, row_group: int, seed: int) -> None:
@@ -92,6 +93,7 @@ def main() -> None:
             "history_categories": cfg.history_categories,
             **measure(data_dir, args.split, cfg, args.history_length),
         }
+    result["gemm_gflops_one_core"] = gemm_gflops()
     print(json.dumps(result))
 
 

@@ -23,6 +23,7 @@ import sys
 import time
 
 import torch
+from machine import gemm_gflops
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -120,7 +121,7 @@ def main(argv=None) -> int:
         results[name]["memory_fraction_of_" + backends[0]] = round(fraction, 3)
     shape = {k: getattr(args, k) for k in ("batch", "length", "d_model", "d_state", "expand", "d_conv")}
     print(json.dumps({"device": args.device, "threads": args.threads, "iters": args.iters,
-                      "shape": shape, "backends": results}, indent=2))
+                      "shape": shape, "backends": results, "gemm_gflops_one_core": gemm_gflops()}, indent=2))
     return 0
 
 

@@ -21,6 +21,7 @@ from mdaf_dist.config import ModelConfig, load_config
 from mdaf_dist.data.batch import FEATURES
 from mdaf_dist.models.loss import smoothed_bce
 from mdaf_dist.models.registry import build_model
+from machine import gemm_gflops
 
 # model name -> overrides of configs/paper.yaml's model section
 VARIANTS = {
@@ -81,7 +82,7 @@ def main() -> None:
         result = measure(cfg, args.batch, args.iters, vocab)
         result["samples_per_s_per_core"] = round(result["samples_per_s"] / args.threads, 1)
         results[name] = result
-    print(json.dumps({"batch": args.batch, "threads": args.threads, "vocab": vocab, "models": results}, indent=2))
+    print(json.dumps({"batch": args.batch, "threads": args.threads, "vocab": vocab, "models": results, "gemm_gflops_one_core": gemm_gflops()}, indent=2))
 
 
 if __name__ == "__main__":

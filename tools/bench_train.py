@@ -32,6 +32,7 @@ from mdaf_dist.config import Config, load_config
 from mdaf_dist.data.loader import make_loader, num_samples
 from mdaf_dist.data.prepare import prepare
 from mdaf_dist.data.synth import generate
+from machine import gemm_gflops
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -135,6 +136,7 @@ def main() -> None:
     }
     if len(runs) > 1:
         result["speedup_vs_first"] = {str(r["world_size"]): round(r["samples_per_s"] / runs[0]["samples_per_s"], 3) for r in runs[1:]}
+    result["gemm_gflops_one_core"] = gemm_gflops()
     print(json.dumps(result, indent=2))
 
 
