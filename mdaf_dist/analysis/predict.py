@@ -40,8 +40,8 @@ import torch
 import torch.distributed as dist
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from mdaf_dist.config import SECONDS_PER_DAY, Config, load_config
-from mdaf_dist.data.batch import CATEGORY, HIST_CATEGORY, HIST_ITEM, ITEM, USER, Batch
+from mdaf_dist.config import SECONDS_PER_DAY, load_config
+from mdaf_dist.data.batch import CATEGORY, HIST_CATEGORY, HIST_ITEM, ITEM, USER, Batch, feature_keys
 from mdaf_dist.data.layout import SPLITS, check_history_length, read_meta
 from mdaf_dist.data.loader import rank_pieces, row_groups
 from mdaf_dist.data.vocab import load_vocab
@@ -174,7 +174,7 @@ def predict(env: DistEnv, path: Path, out: str, split: str = "valid", data_dir: 
     columns = _columns(scored)
     rows = rank_rows(scored_dir, split, env.rank, env.world_size)
     metrics = _metrics(columns, rows)
-    feature_keys = _feature_keys(cfg)
+    keys = feature_keys(cfg.loader.history_categories)
     meta = {
         "checkpoint": str(path),
         "step": ckpt.read_trainer_state(path)["step"],
@@ -184,7 +184,7 @@ def predict(env: DistEnv, path: Path, out: str, split: str = "valid", data_dir: 
         "world_size": env.world_size,
         "num_samples": int(metrics["num_samples"]),
         "metrics": metrics,
-        "unseen_ids": dict(zip(feature_keys, map(int, all_reduce([unseen.get(key, 0) for key in feature_keys], dist.ReduceOp.SUM)))) if remap is not None else None,
+        "unseen_ids": dict(zip(keys, map(int, all_reduce([unseen.get(key, 0) for key in keys], dist.ReduceOp.SUM)))) if remap is not None else None,
     }
     if env.is_main:
         _clear(out_dir)
@@ -231,7 +231,7 @@ def predict_with_export(model_dir: str, out: str, split: str = "valid", data_dir
         "world_size": 1,
         "num_samples": int(metrics["num_samples"]),
         "metrics": metrics,
-        "unseen_ids": {key: unseen.get(key, 0) for key in _feature_keys(cfg)} if remap is not None else None,
+        "unseen_ids": {key: unseen.get(key, 0) for key in feature_keys(cfg.loader.history_categories)} if remap is not None else None,
     }
     _clear(out_dir)
     _write_part(out_dir / part_file(0), rows, columns, scored_dir, meta)
@@ -251,10 +251,6 @@ def _check_scored(scored_dir: str, split: str, history_length: int, verify: bool
     check_split(scored_dir, split)
     if verify:
         check_history_length(scored_dir, read_meta(scored_dir, checksums=True), history_length)
-
-
-def _feature_keys(cfg: Config) -> List[str]:
-    return [USER, ITEM, CATEGORY, HIST_ITEM] + ([HIST_CATEGORY] if cfg.loader.history_categories else [])
 
 
 def _columns(scored: Iterable[Tuple[Batch, Dict[str, Optional[torch.Tensor]]]]) -> Dict[str, np.ndarray]:

@@ -12,6 +12,11 @@ USER, ITEM, CATEGORY, HIST_ITEM, HIST_CATEGORY = "user", "item", "category", "hi
 FEATURES = (USER, ITEM, CATEGORY, HIST_ITEM)
 
 
+def feature_keys(history_categories: bool) -> list[str]:
+    """A batch's feature names in KeyedJaggedTensor order (loader.history_categories adds one)."""
+    return [*FEATURES, HIST_CATEGORY] if history_categories else list(FEATURES)
+
+
 @dataclass
 class Batch:
     """features: one id per sample for user/item/category; the history (oldest first, at most L

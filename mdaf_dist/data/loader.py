@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mdaf_dist.config import LoaderConfig
-from mdaf_dist.data.batch import CATEGORY, HIST_CATEGORY, HIST_ITEM, ITEM, USER, Batch
+from mdaf_dist.data.batch import Batch, feature_keys
 from mdaf_dist.data.layout import Events, open_events, sample_files
 from mdaf_dist.errors import UserError
 
@@ -116,9 +116,8 @@ def make_batch(columns: Dict[str, np.ndarray], events: Events, history_length: i
         values[3 * size + k * total : 3 * size + (k + 1) * total] = column[indices]
     all_lengths = np.ones((3 + len(history_columns)) * size, dtype=np.int32)
     all_lengths[3 * size :] = np.tile(lengths, len(history_columns))
-    keys = [USER, ITEM, CATEGORY, HIST_ITEM] + ([HIST_CATEGORY] if history_categories else [])
     features = KeyedJaggedTensor(
-        keys=keys, values=torch.from_numpy(values), lengths=torch.from_numpy(all_lengths), stride=size
+        keys=feature_keys(history_categories), values=torch.from_numpy(values), lengths=torch.from_numpy(all_lengths), stride=size
     )
     return Batch(features, torch.from_numpy(columns["label"].astype(np.float32)))
 

@@ -16,7 +16,7 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mdaf_dist.config import Config
-from mdaf_dist.data.batch import CATEGORY, HIST_CATEGORY, HIST_ITEM, ITEM, USER, Batch
+from mdaf_dist.data.batch import HIST_ITEM, USER, Batch, feature_keys
 from mdaf_dist.data.loader import make_loader
 from mdaf_dist.distributed.env import DistEnv, all_reduce_max
 from mdaf_dist.models.output import ModelOutput
@@ -25,7 +25,7 @@ from mdaf_dist.train.metrics import Evaluator
 
 def padding_batch(history_categories: bool) -> Batch:
     """One sample of padding ids (0 in every table): what an out-of-data rank computes on."""
-    keys = [USER, ITEM, CATEGORY, HIST_ITEM] + ([HIST_CATEGORY] if history_categories else [])
+    keys = feature_keys(history_categories)
     features = KeyedJaggedTensor(keys=keys, values=torch.zeros(len(keys), dtype=torch.int64), lengths=torch.ones(len(keys), dtype=torch.int32), stride=1)
     return Batch(features, torch.zeros(1))
 
