@@ -12,7 +12,7 @@ import argparse
 import importlib
 import sys
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from mdaf_dist import log
 from mdaf_dist.errors import UserError, one_line
@@ -53,9 +53,13 @@ def _config_args(parser: Parser, what: str, example: str) -> None:
     parser.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {example}")
 
 
-def _checkpoint_args(parser: Parser, required: bool = True) -> None:
-    if required:
-        parser.add_argument("--checkpoint", required=True, help="a checkpoint directory, or a folder of them (latest)")
+def _checkpoint_args(parser: Parser, alternative: Optional[Tuple[str, str]] = None, what: str = "") -> None:
+    """--checkpoint (`what` ends its help) and --best; with `alternative` (an option and its help),
+    exactly one of --checkpoint and that option."""
+    source = parser.add_mutually_exclusive_group(required=True) if alternative else parser
+    source.add_argument("--checkpoint", required=alternative is None, help=f"a checkpoint directory, or a folder of them (latest){what}")
+    if alternative:
+        source.add_argument(alternative[0], help=alternative[1])
     parser.add_argument("--best", action="store_true", help="with a folder of checkpoints: the best by validation AUC")
 
 
@@ -111,10 +115,7 @@ def _evaluate(parser: Parser) -> None:
 
 @_command("predict", "per-sample predictions of a checkpoint or an export -> Parquet (one part per rank)", "mdaf_dist.analysis.predict:run")
 def _predict(parser: Parser) -> None:
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="a checkpoint directory, or a folder of them (latest)")
-    source.add_argument("--model", help="an export directory (`mdaf export`): scored in this process, no process group")
-    _checkpoint_args(parser, required=False)
+    _checkpoint_args(parser, ("--model", "an export directory (`mdaf export`): scored in this process, no process group"))
     parser.add_argument("--split", default="valid", help="valid, test or train")
     parser.add_argument("--data", help="a prepared directory to score (None: the training run's); ids unseen in training score as padding")
     parser.add_argument("--out", required=True, help="predictions directory, e.g. preds.parquet (one part file per rank)")
@@ -130,10 +131,7 @@ def _export(parser: Parser) -> None:
 
 @_command("analyze", "the paper's gate and training tables of one trained model", "mdaf_dist.analysis.analyze:run")
 def _analyze(parser: Parser) -> None:
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="a checkpoint directory, or a folder of them (latest): scores --split first")
-    source.add_argument("--predictions", help="predictions written by `mdaf predict`")
-    _checkpoint_args(parser, required=False)
+    _checkpoint_args(parser, ("--predictions", "predictions written by `mdaf predict`"), ": scores --split first")
     parser.add_argument("--split", default="valid", help="with --checkpoint: the split to score")
     parser.add_argument("--results", help="the run's results.json, for Table 7 (None: RUN/results.json beside the checkpoints, else the checkpoint's records)")
     parser.add_argument("--out", help="output folder (None: RUN/analysis, or beside the predictions)")
