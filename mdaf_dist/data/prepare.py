@@ -226,9 +226,10 @@ def merge_tasks(out: str, progress: bool = True) -> Dict[str, Any]:
     final = output_directory(out, "prepare.out")
     parts = P.task_directories(final)
     scans = [read_json(part / P.SCAN_FILE, "partition scan") for part in parts]
+    first = _task_identity(scans[0])
     for index, other in enumerate(scans):
         for key, value in _task_identity(other).items():
-            if value != _task_identity(scans[0])[key]:
+            if value != first[key]:
                 raise UserError(f"prepare --merge: partition {index}/{len(parts)} was prepared with other {key} than partition 0/{len(parts)}; "
                                 f"run `mdaf prepare --partition {index}/{len(parts)}` again with partition 0's")
     cfg = PrepareConfig(**{**scans[0]["settings"], "out": out})
