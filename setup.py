@@ -1,5 +1,5 @@
-"""Builds the fused CPU kernels of the Mamba block (mdaf_dist/models/csrc) ahead of time, as a
-torch C++ extension; everything else about the package is in pyproject.toml.
+"""Builds the fused CPU kernels (mdaf_dist/models/csrc: the Mamba block's and the tables' backward)
+ahead of time, as a torch C++ extension; everything else about the package is in pyproject.toml.
 
 torch must be installed before (`make install` does it in order, and installs with
 --no-build-isolation so that the build uses that torch rather than downloading one). Where the
@@ -21,7 +21,7 @@ setup(
     ext_modules=[
         CppExtension(
             kernels.PREBUILT,
-            [str(kernels.SOURCE.relative_to(Path(__file__).resolve().parent))],
+            [str(source.relative_to(Path(__file__).resolve().parent)) for source in kernels.SOURCES],
             extra_compile_args=kernels.CFLAGS,
             extra_link_args=kernels.LDFLAGS,
         ),

@@ -41,6 +41,7 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from mdaf_dist.config import TrainConfig
 from mdaf_dist.errors import UserError
+from mdaf_dist.models import embedding_backward
 from mdaf_dist.models.optfusion import ARCHITECTURE_LR
 
 # the choices of config.EmbeddingOptimizer but "auto"
@@ -77,7 +78,9 @@ def embedding_optimizer_spec(name: str, cfg: TrainConfig) -> Tuple[Type[torch.op
 
 
 def fuse_embedding_optimizer(embeddings: nn.Module, name: str, cfg: TrainConfig) -> None:
-    """Mark the tables' parameters for the fused in-backward update; call before sharding."""
+    """Mark the tables' parameters for the fused in-backward update; call before sharding. On CPU,
+    row-wise Adagrad's non-pooled update then runs our kernel (models/embedding_backward.py)."""
+    embedding_backward.install()
     optimizer_class, kwargs = embedding_optimizer_spec(name, cfg)
     apply_optimizer_in_backward(optimizer_class, embeddings.parameters(), kwargs)
 
