@@ -8,7 +8,8 @@
 // which torch runs as a radix sort), and each unique row then sums its gradient rows in the
 // order they occur in the batch, as fbgemm does, and is updated in place, rows split over
 // torch's intra-op threads. The arithmetic is fbgemm's, operation for operation in float, so
-// weights and momentum come out bit for bit the same (tests/test_embedding_backward.py).
+// weights and momentum come out bit for bit the same (tests/test_embedding_backward.py); that
+// holds while the compiler fuses no multiply-add, as for the extension's x86-64 baseline target.
 //
 // Row-wise Adagrad as fbgemm 1.8's CPU kernel does it (codegen/genscript/optimizers.py,
 // weight_decay_mode 0): per row, with g the row's summed gradient [D],
@@ -35,6 +36,7 @@ namespace {
 
 constexpr const char* kOp = "split_embedding_nobag_backward_codegen_rowwise_adagrad_cpu";
 constexpr const char* kName = "row-wise Adagrad table backward (mdaf_dist)";
+constexpr int64_t kAhead = 8;  // rows (ids) ahead whose table row (gradient row) is prefetched
 
 // Every id's row key (its row in host_weights viewed as [rows, D]) and feature, in the order of
 // the ids, checked against its table's size as fbgemm checks it.
@@ -43,6 +45,9 @@ void row_keys(const at::Tensor& indices, const at::Tensor& offsets, const int64_
               const int64_t* hash_size_cumsum, int64_t T, int64_t B, int64_t D, int32_t* keys, int32_t* features) {
   const index_t* ids = indices.data_ptr<index_t>();
   const index_t* offs = offsets.data_ptr<index_t>();
+  bool covered = offs[0] == 0 && offs[T * B] == indices.numel();
+  for (int64_t t = 0; t < T; ++t) covered = covered && offs[t * B] <= offs[(t + 1) * B];
+  TORCH_CHECK(covered, kName, ": the features' offsets do not split the ", indices.numel(), " ids");
   for (int64_t t = 0; t < T; ++t) {
     // a table shared by several features gives its size to the last of them: the earlier ones
     // have a zero size, and take the next non-zero one
@@ -59,12 +64,16 @@ void row_keys(const at::Tensor& indices, const at::Tensor& offsets, const int64_
   }
 }
 
-void nobag_backward_rowwise_adagrad(at::Tensor grad_output, at::Tensor host_weights, at::Tensor weights_placements,
+// fbgemm's signature, argument for argument; those without a name here mean nothing on CPU
+// (placements, stochastic rounding of float weights) or are checked to be unused (weight_decay with
+// weight_decay_mode 0)
+void nobag_backward_rowwise_adagrad(at::Tensor grad_output, at::Tensor host_weights, at::Tensor /*weights_placements*/,
                                     at::Tensor weights_offsets, int64_t D, at::Tensor hash_size_cumsum,
-                                    int64_t total_hash_size_bits, at::Tensor indices, at::Tensor offsets,
-                                    bool stochastic_rounding, at::Tensor momentum1_host, at::Tensor momentum1_placements,
-                                    at::Tensor momentum1_offsets, at::Tensor learning_rate_tensor, double eps,
-                                    double weight_decay, int64_t weight_decay_mode, double max_norm) {
+                                    int64_t /*total_hash_size_bits*/, at::Tensor indices, at::Tensor offsets,
+                                    bool /*stochastic_rounding*/, at::Tensor momentum1_host,
+                                    at::Tensor /*momentum1_placements*/, at::Tensor momentum1_offsets,
+                                    at::Tensor learning_rate_tensor, double eps, double /*weight_decay*/,
+                                    int64_t weight_decay_mode, double max_norm) {
   TORCH_CHECK(weight_decay_mode == 0, kName, ": weight_decay_mode ", weight_decay_mode,
               " is not supported (only 0, no weight decay)");
   TORCH_CHECK(max_norm == 0.0, kName, ": max_norm ", max_norm, " is not supported (only 0)");
@@ -80,6 +89,7 @@ void nobag_backward_rowwise_adagrad(at::Tensor grad_output, at::Tensor host_weig
   TORCH_CHECK(T > 0 && D > 0, kName, ": no features or D = 0");
   TORCH_CHECK(host_weights.numel() / D <= INT32_MAX, kName, ": tables of more than 2^31 rows in all are not supported");
   const int64_t B = (offsets.numel() - 1) / T;
+  TORCH_CHECK(offsets.numel() == T * B + 1, kName, ": ", offsets.numel(), " offsets for ", T, " features");
   grad_output = grad_output.contiguous();
   TORCH_CHECK(grad_output.numel() == N * D, kName, ": grad_output has ", grad_output.numel(), " values for ", N,
               " ids of dimension ", D);
@@ -112,12 +122,18 @@ void nobag_backward_rowwise_adagrad(at::Tensor grad_output, at::Tensor host_weig
   float* momentum = momentum1_host.data_ptr<float>();
   const int64_t* weights_offset = weights_offsets_cpu.data_ptr<int64_t>();
   const int64_t* momentum_offset = momentum1_offsets_cpu.data_ptr<int64_t>();
+  // the table and the gradient are read at random, which memory latency dominates: prefetched
+  auto prefetch = [D](const float* row) {
+    for (int64_t d = 0; d < D; d += 64 / sizeof(float)) __builtin_prefetch(row + d);
+  };
   at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
     std::vector<float> row_grad(D);
     float* g = row_grad.data();
     for (int64_t r = begin; r < end; ++r) {
+      if (r + kAhead < end) prefetch(weights + int64_t{sorted[run_start[r + kAhead]]} * D);
       std::fill(row_grad.begin(), row_grad.end(), 0.0f);
       for (int64_t j = run_start[r]; j < run_start[r + 1]; ++j) {
+        if (j + kAhead < N) prefetch(grad + position[j + kAhead] * D);
         const float* source = grad + position[j] * D;
         for (int64_t d = 0; d < D; ++d) g[d] += source[d];
       }
@@ -129,7 +145,7 @@ void nobag_backward_rowwise_adagrad(at::Tensor grad_output, at::Tensor host_weig
       m += sum_square / D;
       const float multiplier = learning_rate / (std::sqrt(m) + eps_f);
       float* w = weights + key * D;
-      for (int64_t d = 0; d < D; ++d) w[d] = 1.0f * w[d] - g[d] * multiplier;
+      for (int64_t d = 0; d < D; ++d) w[d] = w[d] - g[d] * multiplier;
     }
   });
 }
