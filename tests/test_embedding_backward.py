@@ -21,7 +21,7 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
     WeightDecayMode,
 )
 
-from mdaf_dist.models import embedding_backward
+from mdaf_dist.models import cpu_kernels, embedding_backward
 
 REPO = Path(__file__).resolve().parents[1]
 TABLE_ROWS = [40, 300, 25]  # user, item, category
@@ -63,13 +63,17 @@ def tables(**options) -> SplitTableBatchedEmbeddingBagsCodegen:
 def train(threads: int = 1):
     """Weights and momentum of `tables()` after the STEPS, each step's output gradient random
     (rows of very different scales), run by whichever kernel this process has."""
-    torch.set_num_threads(threads)
     tbe, generator = tables(), torch.Generator().manual_seed(0)
-    for step in range(len(STEPS)):
-        ids, offsets = batch_ids(step, generator)
-        out = tbe(ids, offsets)
-        scale = 10.0 ** torch.randint(-3, 2, (out.shape[0], 1), generator=generator)
-        out.backward(torch.randn(out.shape, generator=generator) * scale)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for step in range(len(STEPS)):
+            ids, offsets = batch_ids(step, generator)
+            out = tbe(ids, offsets)
+            scale = 10.0 ** torch.randint(-3, 2, (out.shape[0], 1), generator=generator)
+            out.backward(torch.randn(out.shape, generator=generator) * scale)
+    finally:
+        torch.set_num_threads(before)
     return tbe.weights_host.detach().clone(), tbe.momentum1_host.detach().clone()
 
 
@@ -143,3 +147,13 @@ def test_unsupported_options_fail_saying_which_leaving_the_weights(installed, op
     with pytest.raises(RuntimeError, match=re.escape(f"row-wise Adagrad table backward (mdaf_dist): {message}")):
         tbe(ids, offsets).float().sum().backward()
     assert torch.equal(tbe.weights_host.detach(), before)
+
+
+def test_without_the_kernels_fbgemms_backward_stays_saying_why(monkeypatch, capsys):
+    def fail():
+        raise cpu_kernels.ExtensionUnavailable("no C++ compiler")
+
+    monkeypatch.setattr(cpu_kernels, "load", fail)
+    assert embedding_backward.install.__wrapped__() is False
+    assert capsys.readouterr().err.splitlines() == [
+        "mdaf_dist: fused CPU kernels unavailable (no C++ compiler); the tables' backward is fbgemm's"]
