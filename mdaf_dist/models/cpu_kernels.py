@@ -7,7 +7,7 @@ package (``mdaf_dist/models/_mamba_cpu*.so``); where that build is missing or ol
 sources, it is compiled on first use with torch's own ``cpp_extension`` (g++ and ninja), once per
 machine: that build lands in torch's extension cache (``TORCH_EXTENSIONS_DIR``, default
 ``~/.cache/torch_extensions``) and later processes load it from there; torch rebuilds it when the
-source or the flags change. ``MDAF_VERBOSE_BUILD=1`` shows the compiler's output.
+sources or the flags change. ``MDAF_VERBOSE_BUILD=1`` shows the compiler's output.
 
 A C++ extension rather than numba, by measurement: the same forward loop (batch 512, L 50,
 d_inner 128, N 32, one thread) took 0.38 s under numba's ``njit(parallel=True, fastmath=True)``
