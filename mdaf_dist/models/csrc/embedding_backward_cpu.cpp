@@ -13,8 +13,10 @@
 //
 // Row-wise Adagrad as fbgemm 1.8's CPU kernel does it (codegen/genscript/optimizers.py,
 // weight_decay_mode 0): per row, with g the row's summed gradient [D],
-//   m += (sum_d g_d^2) / D,   w_d = 1 * w_d - g_d * lr / (sqrt(m) + eps)
-// with every quantity a float (learning rate and eps converted from the op's arguments).
+//   m += (sum_d g_d^2) / D   (the squares summed in the order of d),
+//   w_d = w_d - g_d * multiplier,   multiplier = lr / (sqrt(m) + eps)
+// with every quantity a float (learning rate and eps converted from the op's arguments; fbgemm's
+// factor on w_d, `correction`, is exactly 1 without weight decay).
 // What this kernel does not implement fails with one line naming the argument: weight decay
 // (modes 1 and 2), max_norm, non-float weights or gradients.
 //
