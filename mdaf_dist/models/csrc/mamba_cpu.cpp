@@ -320,31 +320,45 @@ struct Scratch {
   }
 };
 
-// The states n0 .. n0 + count of a channel block over time, adding C_t . h_t into x.y; with
-// `keep`, the states and decays also go to s.states and s.decays for the backward.
+// One step t of the states n0 .. n0 + K of a channel block: h <- exp(dt A) h + dt B u, and with kY
+// y_t += C_t . h_t.
+template <int kCount, bool keep, bool kY>
+ALWAYS_INLINE void scan_step(const Problem& p, int64_t t, int64_t n0, int64_t K, const Vec* a, Vec* h, const Series& x,
+                             Scratch& s) {
+  const Vec dt = x.dt[t], du = dt * x.u[t];
+  const float* Bt = s.B.data() + t * p.n + n0;
+  const float* Ct = s.C.data() + t * p.n + n0;
+  Vec y = kY ? x.y[t] : Vec{};
+  for (int64_t j = 0; j < K; ++j) {
+    const Vec decay = exp2_vec(dt * a[j]);
+    h[j] = decay * h[j] + du * Bt[j];
+    if (kY) y += h[j] * Ct[j];
+    if (keep) {
+      s.decays[t * kChunk + j] = decay;
+      s.states[(t + 1) * kChunk + j] = h[j];
+    }
+  }
+  if (kY) x.y[t] = y;
+}
+
+// The states n0 .. n0 + count of a channel block over time, adding C_t . h_t into x.y (at the
+// last step only with last_only: no other y is read); with `keep`, the states and decays also go
+// to s.states and s.decays for the backward.
 // kCount: count at compile time (kChunk: the state loop unrolls into registers) or 0 (count < kChunk).
 template <int kCount, bool keep>
 ALWAYS_INLINE void scan_chunk(const Problem& p, const Vec* A2, int64_t n0, int64_t count, const Series& x, Scratch& s) {
-  const int64_t K = kCount ? kCount : count, N = p.n;
+  const int64_t K = kCount ? kCount : count, last = p.length - 1;
   Vec h[kChunk] = {}, a[kChunk];
   for (int64_t j = 0; j < K; ++j) a[j] = A2[n0 + j];
   if (keep) std::fill(s.states.data(), s.states.data() + kChunk, Vec{});
-  for (int64_t t = 0; t < p.length; ++t) {
-    const Vec dt = x.dt[t], du = dt * x.u[t];
-    const float* Bt = s.B.data() + t * N + n0;
-    const float* Ct = s.C.data() + t * N + n0;
-    Vec y = x.y[t];
-    for (int64_t j = 0; j < K; ++j) {
-      const Vec decay = exp2_vec(dt * a[j]);
-      h[j] = decay * h[j] + du * Bt[j];
-      y += h[j] * Ct[j];
-      if (keep) {
-        s.decays[t * kChunk + j] = decay;
-        s.states[(t + 1) * kChunk + j] = h[j];
-      }
+  for (int64_t t = 0; t < last; ++t) {
+    if (p.last_only) {
+      scan_step<kCount, keep, false>(p, t, n0, K, a, h, x, s);
+    } else {
+      scan_step<kCount, keep, true>(p, t, n0, K, a, h, x, s);
     }
-    x.y[t] = y;
   }
+  scan_step<kCount, keep, true>(p, last, n0, K, a, h, x, s);
 }
 
 KERNEL_TARGETS
@@ -389,37 +403,49 @@ struct Grads {
   Strided3 u, delta, B, C, z;
 };
 
-// Reverse time over the states n0 .. n0 + count, after scan_chunk<.., true> kept them:
-// G_t = C_t gy_t + exp(delta_{t+1} A) G_{t+1} is the gradient reaching h_t.
+// One step back in time: G_t = C_t gy_t + exp(delta_{t+1} A) G_{t+1} is the gradient reaching h_t
+// (kGy false: gy_t is zero, as before the last step with last_only, and C_t's gradient too).
+template <int kCount, bool kGy>
+ALWAYS_INLINE void grad_step(const Problem& p, int64_t t, int64_t n0, int64_t K, const Vec* a, Vec* G_next, Vec* gA_chunk,
+                             const Series& x, Scratch& s) {
+  const Vec dt = x.dt[t], gy = x.g[t], du = dt * x.u[t];
+  const float* Bt = s.B.data() + t * p.n + n0;
+  const float* Ct = s.C.data() + t * p.n + n0;
+  Vec* gBt = s.gB.data() + t * kChunk;
+  Vec* gCt = s.gC.data() + t * kChunk;
+  const Vec* prev = s.states.data() + t * kChunk;
+  const Vec* next = prev + kChunk;
+  const Vec* decay = s.decays.data() + t * kChunk;
+  Vec sum_GB{}, sum_decay{};
+  for (int64_t j = 0; j < K; ++j) {
+    const Vec G = kGy ? G_next[j] + gy * Ct[j] : G_next[j];
+    if (kGy) gCt[j] += gy * next[j];
+    gBt[j] += G * du;
+    sum_GB += G * Bt[j];
+    const Vec decay_G = decay[j] * G;
+    const Vec w = decay_G * prev[j];  // through exp(delta_t A) h_{t-1}
+    sum_decay += w * a[j];
+    gA_chunk[j] += w * dt;
+    G_next[j] = decay_G;
+  }
+  x.sum_GB[t] += sum_GB;
+  x.sum_decay[t] += sum_decay;
+}
+
+// Reverse time over the states n0 .. n0 + count, after scan_chunk<.., true> kept them.
 template <int kCount>
 ALWAYS_INLINE void grad_chunk(const Problem& p, const Vec* A2, Vec* gA, int64_t n0, int64_t count, const Series& x,
                               Scratch& s) {
-  const int64_t K = kCount ? kCount : count, N = p.n;
+  const int64_t K = kCount ? kCount : count, last = p.length - 1;
   Vec G_next[kChunk] = {}, gA_chunk[kChunk] = {}, a[kChunk];  // G_next: exp(delta_{t+1} A) G_{t+1}
   for (int64_t j = 0; j < K; ++j) a[j] = A2[n0 + j];
-  for (int64_t t = p.length - 1; t >= 0; --t) {
-    const Vec dt = x.dt[t], gy = x.g[t], du = dt * x.u[t];
-    const float* Bt = s.B.data() + t * N + n0;
-    const float* Ct = s.C.data() + t * N + n0;
-    Vec* gBt = s.gB.data() + t * kChunk;
-    Vec* gCt = s.gC.data() + t * kChunk;
-    const Vec* prev = s.states.data() + t * kChunk;
-    const Vec* next = prev + kChunk;
-    const Vec* decay = s.decays.data() + t * kChunk;
-    Vec sum_GB{}, sum_decay{};
-    for (int64_t j = 0; j < K; ++j) {
-      const Vec G = G_next[j] + gy * Ct[j];
-      gCt[j] += gy * next[j];
-      gBt[j] += G * du;
-      sum_GB += G * Bt[j];
-      const Vec decay_G = decay[j] * G;
-      const Vec w = decay_G * prev[j];  // through exp(delta_t A) h_{t-1}
-      sum_decay += w * a[j];
-      gA_chunk[j] += w * dt;
-      G_next[j] = decay_G;
+  grad_step<kCount, true>(p, last, n0, K, a, G_next, gA_chunk, x, s);
+  for (int64_t t = last - 1; t >= 0; --t) {
+    if (p.last_only) {
+      grad_step<kCount, false>(p, t, n0, K, a, G_next, gA_chunk, x, s);
+    } else {
+      grad_step<kCount, true>(p, t, n0, K, a, G_next, gA_chunk, x, s);
     }
-    x.sum_GB[t] += sum_GB;
-    x.sum_decay[t] += sum_decay;
   }
   for (int64_t j = 0; j < K; ++j) gA[n0 + j] += gA_chunk[j];
 }
