@@ -21,7 +21,7 @@ setup(
     ext_modules=[
         CppExtension(
             kernels.PREBUILT,
-            [str(kernels.SOURCE.relative_to(Path(__file__).resolve().parent))],
+            [str(source.relative_to(Path(__file__).resolve().parent)) for source in kernels.SOURCES],
             extra_compile_args=kernels.CFLAGS,
             extra_link_args=kernels.LDFLAGS,
         ),

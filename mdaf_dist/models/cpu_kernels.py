@@ -1,9 +1,10 @@
-"""Builds and loads the Mamba block's fused CPU kernels (``csrc/mamba_cpu.cpp``): the selective
-scan and the causal convolution + SiLU before it.
+"""Builds and loads the fused CPU kernels: the Mamba block's (``csrc/mamba_cpu.cpp``: the selective
+scan and the causal convolution + SiLU before it) and the hash dropout (``csrc/dropout_cpu.cpp``,
+used by ``models.dropout``).
 
 They are one C++ torch extension. ``pip install`` (setup.py) builds it ahead of time into the
 package (``mdaf_dist/models/_mamba_cpu*.so``); where that build is missing or older than the
-source, it is compiled on first use with torch's own ``cpp_extension`` (g++ and ninja), once per
+sources, it is compiled on first use with torch's own ``cpp_extension`` (g++ and ninja), once per
 machine: that build lands in torch's extension cache (``TORCH_EXTENSIONS_DIR``, default
 ``~/.cache/torch_extensions``) and later processes load it from there; torch rebuilds it when the
 source or the flags change. ``MDAF_VERBOSE_BUILD=1`` shows the compiler's output.
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-SOURCE = Path(__file__).with_name("csrc") / "mamba_cpu.cpp"
+SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("mamba_cpu.cpp", "dropout_cpu.cpp"))
 NAME = "mdaf_dist_mamba_cpu"
 # the ahead-of-time build's module (setup.py); it registers the ops, it has no Python interface
 PREBUILT = "mdaf_dist.models._mamba_cpu"
@@ -62,7 +63,7 @@ def prebuilt_library() -> Path | None:
     if spec is None or spec.origin is None:
         return None
     library = Path(spec.origin)
-    return library if library.stat().st_mtime >= SOURCE.stat().st_mtime else None
+    return library if library.stat().st_mtime >= max(source.stat().st_mtime for source in SOURCES) else None
 
 
 def _build() -> None:
@@ -74,7 +75,7 @@ def _build() -> None:
         with _quiet(logging.getLogger(cpp_extension.__name__)):  # its compiler-check warnings would add lines
             cpp_extension.load(
                 name=NAME,
-                sources=[str(SOURCE)],
+                sources=[str(source) for source in SOURCES],
                 extra_cflags=CFLAGS,
                 extra_ldflags=LDFLAGS,
                 is_python_module=False,  # the ops register themselves with torch; no Python headers needed
