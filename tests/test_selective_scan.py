@@ -77,9 +77,13 @@ def test_fused_backend_matches_reference(shape, optional, delta_softplus):
 
 def masked_reference(inputs, mask, delta_softplus, last_only):
     """The reference loop on step sizes formed here: softplus(delta + bias) (softplus optional)
-    times the mask, and the last step's output alone with last_only."""
+    times the mask, delta from its low-rank factor where inputs have delta_proj, and the last
+    step's output alone with last_only."""
     inputs = dict(inputs)
-    dt = inputs.pop("delta") + inputs.pop("delta_bias")[:, None]
+    delta = inputs.pop("delta")
+    if "delta_proj" in inputs:
+        delta = torch.einsum("dr,brl->bdl", inputs.pop("delta_proj"), delta)
+    dt = delta + inputs.pop("delta_bias")[:, None]
     dt = (F.softplus(dt) if delta_softplus else dt) * mask[:, None, :]
     y = scan_module.selective_scan_reference(delta=dt, **inputs)
     return y[..., -1] if last_only else y
@@ -89,13 +93,19 @@ def masked_reference(inputs, mask, delta_softplus, last_only):
 @pytest.mark.parametrize("last_only", [True, False], ids=["last_only", "all_steps"])
 @pytest.mark.parametrize("delta_softplus", [True, False])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_fused_backend_applies_mask_and_last_only(shape, last_only, delta_softplus, threads):
-    """mask and last_only inside the kernel: output and every gradient against the reference loop
-    on masked step sizes, with right-aligned masks (empty and full sequences among them) and,
-    under the softplus, delta + bias beyond its threshold 20 and far below 0."""
+@pytest.mark.parametrize("rank", [0, 3], ids=["full_delta", "low_rank_delta"])
+def test_fused_backend_applies_mask_last_only_and_delta_proj(shape, last_only, delta_softplus, threads, rank):
+    """mask, last_only and a low-rank delta inside the kernel: output and every gradient against
+    the reference loop on step sizes formed outside it, with right-aligned masks (empty and full
+    sequences among them) and, under the softplus, delta + bias beyond its threshold 20 and far
+    below 0."""
     require_fused_kernel()
     batch, d_inner, length, d_state, _ = shape
     inputs = random_inputs(batch, d_inner, length, d_state, 0, seed=sum(shape) + 7)
+    if rank:
+        g = torch.Generator().manual_seed(rank)
+        inputs["delta_proj"] = torch.randn(d_inner, rank, generator=g) / rank**0.5
+        inputs["delta"] = torch.randn(batch, rank, length, generator=g).abs()
     if delta_softplus:  # without it, negative steps would make the states grow
         inputs["delta"] = inputs["delta"] * 4 - 2
         inputs["delta"][0, 0, :] = torch.linspace(-40.0, 40.0, length)
@@ -122,8 +132,9 @@ def test_fused_backend_applies_mask_and_last_only(shape, last_only, delta_softpl
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
-def test_other_backends_apply_mask_and_last_only_around_the_scan(backend):
+def test_other_backends_apply_mask_last_only_and_delta_proj_around_the_scan(backend):
     inputs = random_inputs(batch=4, d_inner=5, length=6, d_state=3, padded_steps=0, seed=21)
+    inputs["delta_proj"], inputs["delta"] = torch.randn(5, 2), torch.randn(4, 2, 6)
     mask = torch.arange(6) >= torch.tensor([6, 4, 1, 0])[:, None]
     y = selective_scan(**inputs, delta_softplus=True, backend=backend, mask=mask, last_only=True)
     torch.testing.assert_close(y, masked_reference(inputs, mask, True, True), rtol=1e-5, atol=1e-6)

@@ -54,6 +54,7 @@ def selective_scan(
     backend: str = "auto",
     mask: Optional[Tensor] = None,
     last_only: bool = False,
+    delta_proj: Optional[Tensor] = None,
 ) -> Tensor:
     """y [batch, d_inner, L] from u, delta [batch, d_inner, L], A [d_inner, N], B, C [batch, N, L].
 
@@ -61,13 +62,16 @@ def selective_scan(
     added to delta before the optional softplus. The result has u's dtype; the scan runs in fp32.
     Beyond ``mamba_ssm``'s arguments: mask [batch, L] (True on real steps) sets the step size of
     the other steps to 0 after the softplus, so that they carry the state over; last_only returns
-    the last step's output alone, [batch, d_inner]. The fused CPU kernel does both inside the scan;
-    the other backends apply them around it.
+    the last step's output alone, [batch, d_inner]; delta_proj [d_inner, R] takes delta as its
+    low-rank factor [batch, R, L], the full delta being delta_proj @ delta (Mamba's dt_proj). The
+    fused CPU kernel does all three inside the scan; the other backends apply them around it.
     """
     name = resolve_backend(backend, u.device)
     if name == "fused_cpu":
         mask_values = None if mask is None else mask.float()
-        return _FusedScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, mask_values, last_only)
+        return _FusedScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_proj, delta_softplus, mask_values, last_only)
+    if delta_proj is not None:
+        delta = torch.matmul(delta_proj, delta)
     if mask is not None:
         delta = _delta_steps(delta, delta_bias, delta_softplus)[1] * mask.unsqueeze(1)
         delta_bias, delta_softplus = None, False
@@ -147,16 +151,16 @@ def _delta_steps(delta, delta_bias, delta_softplus):
 
 
 class _FusedScan(torch.autograd.Function):
-    """The fused C++ kernel's forward and backward (``csrc/mamba_cpu.cpp``), delta_bias, softplus,
-    mask and last_only included; nothing is saved but the inputs. The kernel's full output is
+    """The fused C++ kernel's forward and backward (``csrc/mamba_cpu.cpp``), delta_bias, delta_proj,
+    softplus, mask and last_only included; nothing is saved but the inputs. The kernel's full output is
     stored as [batch, L, d_inner] (a transposed view is returned), which is the layout out_proj
     reads."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, mask, last_only):
-        ctx.dtypes = [None if x is None else x.dtype for x in (u, delta, A, B, C, D, z, delta_bias)]
-        A, D, delta_bias = (None if x is None else x.float().contiguous() for x in (A, D, delta_bias))
-        inputs = (u.float(), delta.float(), A, B.float(), C.float(), D, None if z is None else z.float(), delta_bias)
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_proj, delta_softplus, mask, last_only):
+        ctx.dtypes = [None if x is None else x.dtype for x in (u, delta, A, B, C, D, z, delta_bias, delta_proj)]
+        A, D, delta_bias, delta_proj = (None if x is None else x.float().contiguous() for x in (A, D, delta_bias, delta_proj))
+        inputs = (u.float(), delta.float(), A, B.float(), C.float(), D, None if z is None else z.float(), delta_bias, delta_proj)
         out = cpu_kernels.load().selective_scan_fwd(*inputs, delta_softplus, mask, last_only)
         ctx.save_for_backward(*inputs, mask)
         ctx.flags = delta_softplus, last_only

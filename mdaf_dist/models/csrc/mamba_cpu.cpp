@@ -14,6 +14,9 @@
 // softplus included, plus a mask over steps (a padded step gets the step size 0, which carries the
 // state over unchanged):
 //   dt_t = softplus(delta_t + delta_bias) mask_t    (bias, softplus and mask each optional)
+// where delta may come as its low-rank factor, delta = delta_proj @ delta_low (Mamba's dt_proj:
+// delta_low [batch, R, L], delta_proj [d_inner, R]), so that [batch, d_inner, L] delta and its
+// gradient are never formed, nor the two thin products that would make them.
 //   h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t,   y_t = C_t . h_t + D u_t,   out_t = y_t silu(z_t)
 // u, delta, z: [batch, d_inner, L]; A: [d_inner, N] contiguous; B, C: [batch, N, L]; D, delta_bias:
 // [d_inner]; mask: [batch, L]. Any strides are read as they are, so callers pass transposed views
@@ -214,8 +217,10 @@ struct Problem {
   Rows A2;                             // A log2(e), [blocks, N], a channel per lane
   Rows D;                              // [blocks], zero without D
   Rows delta_bias;                     // [blocks], zero without delta_bias
+  int64_t rank;                        // R of a low-rank delta, 0 for a full one
+  Rows delta_proj;                     // [blocks, R]
   bool softplus, last_only;
-  Strided3 u, delta, B, C, z;
+  Strided3 u, delta, B, C, z;          // delta: [batch, d_inner, L], or [batch, R, L] with rank > 0
   Strided2 mask;                       // [batch, L], or not defined()
   int64_t width(int64_t block) const { return std::min(kLanes, d_inner - block * kLanes); }
 };
@@ -253,10 +258,20 @@ ALWAYS_INLINE void store_channels(Vec v, int64_t b, int64_t c0, int64_t width, c
   for (int64_t j = 0; j < width; ++j) x(b, c0 + j) = v[j];
 }
 
-// The step sizes dt of a block, in place over its raw delta, and with `slope` their derivative
-// d dt / d delta (sigmoid(delta + bias) mask under the softplus, mask without).
-ALWAYS_INLINE void to_steps(const Problem& p, int64_t b, int64_t block, Vec* dt, Vec* slope) {
+// The step sizes dt of a block over time, and with `slope` their derivative d dt / d delta
+// (sigmoid(delta + bias) mask under the softplus, mask without).
+ALWAYS_INLINE void load_steps(const Problem& p, int64_t b, int64_t block, Vec* dt, Vec* slope) {
   const Vec bias = p.delta_bias[block];
+  if (p.rank == 0) {
+    load_block(p.delta, b, block * kLanes, p.width(block), p.length, dt);
+  } else {
+    const Vec* proj = p.delta_proj.data() + block * p.rank;
+    for (int64_t t = 0; t < p.length; ++t) {
+      Vec raw{};
+      for (int64_t r = 0; r < p.rank; ++r) raw += proj[r] * p.delta(b, r, t);
+      dt[t] = raw;
+    }
+  }
   for (int64_t t = 0; t < p.length; ++t) {
     const float m = p.mask.defined() ? p.mask(b, t) : 1.0f;
     const Vec x = dt[t] + bias;
@@ -293,6 +308,8 @@ struct Scratch {
   Rows states, decays;  // backward: [L + 1, kChunk] states of one chunk (row 0: zero), [L, kChunk] exp(delta_t A)
   Rows gB, gC;          // backward: [L, kChunk] per-lane parts of a chunk's grad B, grad C
   Rows gA, gD, gbias;   // backward: [blocks, N], [blocks], [blocks]: this thread's parts of grad A, D, delta_bias
+  Rows gproj;           // backward: [blocks, R]: this thread's part of grad delta_proj
+  Rows glow;            // backward: [L, R] one sample's grad delta_low, per lane (summed over blocks)
   Scratch(const Problem& p, bool backward)
       : B(p.length * p.n), C(p.length * p.n), dt(series(p, backward)), u(series(p, backward)),
         y(series(p, backward)), z(series(p, backward)), g(series(p, backward)),
@@ -300,7 +317,8 @@ struct Scratch {
         sum_GB(backward ? series(p, true) : 0), sum_decay(backward ? series(p, true) : 0),
         states(backward ? (p.length + 1) * kChunk : 0), decays(backward ? p.length * kChunk : 0),
         gB(backward ? p.length * kChunk : 0), gC(backward ? p.length * kChunk : 0),
-        gA(backward ? p.blocks * p.n : 0), gD(backward ? p.blocks : 0), gbias(backward ? p.blocks : 0) {}
+        gA(backward ? p.blocks * p.n : 0), gD(backward ? p.blocks : 0), gbias(backward ? p.blocks : 0),
+        gproj(backward ? p.blocks * p.rank : 0), glow(backward ? p.length * p.rank : 0) {}
 
   static int64_t series(const Problem& p, bool backward) { return (backward ? p.blocks : 1) * p.length; }
 
@@ -369,8 +387,7 @@ void forward_item(const Problem& p, int64_t b, int64_t block, const Strided3& ou
   const Vec D = p.D[block];
   const Series x = s.of(p, 0);
   s.load_sample(p, b);
-  load_block(p.delta, b, c0, width, L, x.dt);
-  to_steps(p, b, block, x.dt, nullptr);
+  load_steps(p, b, block, x.dt, nullptr);
   load_block(p.u, b, c0, width, L, x.u);
   for (int64_t t = 0; t < L; ++t) x.y[t] = D * x.u[t];
   // whole chunks unrolled, the rest generic (no lambdas: they would miss this function's target clones)
@@ -479,8 +496,7 @@ void backward_sample(const Problem& p, int64_t b, const Strided3& grad_out, cons
     const int64_t c0 = block * kLanes, width = p.width(block);
     const Vec D = p.D[block];
     const Series x = s.of(p, block);
-    load_block(p.delta, b, c0, width, L, x.dt);
-    to_steps(p, b, block, x.dt, x.slope);
+    load_steps(p, b, block, x.dt, x.slope);
     load_block(p.u, b, c0, width, L, x.u);
     load_grad(p, grad_out, grad_last, b, c0, width, x.g);
     if (p.z.defined()) {
@@ -496,6 +512,7 @@ void backward_sample(const Problem& p, int64_t b, const Strided3& grad_out, cons
   int64_t n0 = 0;
   for (; n0 + kChunk <= p.n; n0 += kChunk) backward_chunk<kChunk>(p, b, n0, kChunk, g, s);
   if (n0 < p.n) backward_chunk<0>(p, b, n0, p.n - n0, g, s);
+  std::fill(s.glow.data(), s.glow.data() + s.glow.size(), Vec{});
   for (int64_t block = 0; block < p.blocks; ++block) {
     const int64_t c0 = block * kLanes, width = p.width(block);
     const Vec D = p.D[block];
@@ -512,7 +529,17 @@ void backward_sample(const Problem& p, int64_t b, const Strided3& grad_out, cons
     s.gD[block] += gD;
     s.gbias[block] += gbias;
     store_block(x.u, b, c0, width, L, g.u);
-    store_block(x.dt, b, c0, width, L, g.delta);
+    if (p.rank == 0) {
+      store_block(x.dt, b, c0, width, L, g.delta);
+    } else {  // through delta = delta_proj @ delta_low
+      const Vec* proj = p.delta_proj.data() + block * p.rank;
+      Vec* gproj = s.gproj.data() + block * p.rank;
+      for (int64_t t = 0; t < L; ++t)
+        for (int64_t r = 0; r < p.rank; ++r) {
+          s.glow[t * p.rank + r] += x.dt[t] * proj[r];
+          gproj[r] += x.dt[t] * p.delta(b, r, t);
+        }
+    }
     if (p.z.defined()) {
       load_grad(p, grad_out, grad_last, b, c0, width, x.g);
       for (int64_t t = 0; t < L; ++t) {
@@ -522,12 +549,14 @@ void backward_sample(const Problem& p, int64_t b, const Strided3& grad_out, cons
       store_block(x.z, b, c0, width, L, g.z);
     }
   }
+  for (int64_t t = 0; t < p.length; ++t)
+    for (int64_t r = 0; r < p.rank; ++r) g.delta(b, r, t) = sum_lanes(s.glow[t * p.rank + r]);
 }
 
 // The scan's inputs as the ops take them; the optional ones may be absent.
 struct ScanInputs {
   const at::Tensor &u, &delta, &A, &B, &C;
-  const std::optional<at::Tensor>&D, &z, &delta_bias;
+  const std::optional<at::Tensor>&D, &z, &delta_bias, &delta_proj;
   bool delta_softplus;
   const std::optional<at::Tensor>& mask;
   bool last_only;
@@ -538,7 +567,17 @@ void check_inputs(const ScanInputs& in) {
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat, "fused CPU scan: float32 CPU tensors only");
   }
   const at::Tensor& u = in.u;
-  TORCH_CHECK(u.dim() == 3 && in.delta.sizes() == u.sizes(), "fused CPU scan: u and delta must be [batch, d_inner, L]");
+  TORCH_CHECK(u.dim() == 3, "fused CPU scan: u must be [batch, d_inner, L]");
+  if (in.delta_proj) {
+    const at::Tensor& proj = *in.delta_proj;
+    TORCH_CHECK(proj.dim() == 2 && proj.size(0) == u.size(1) && proj.is_contiguous() && proj.scalar_type() == at::kFloat,
+                "fused CPU scan: delta_proj must be contiguous float32 [d_inner, R]");
+    TORCH_CHECK(in.delta.dim() == 3 && in.delta.size(0) == u.size(0) && in.delta.size(1) == proj.size(1) &&
+                    in.delta.size(2) == u.size(2),
+                "fused CPU scan: a low-rank delta must be [batch, R, L]");
+  } else {
+    TORCH_CHECK(in.delta.sizes() == u.sizes(), "fused CPU scan: delta must be [batch, d_inner, L] like u");
+  }
   TORCH_CHECK(u.size(2) > 0, "fused CPU scan: sequences of length 0");
   TORCH_CHECK(in.A.dim() == 2 && in.A.size(0) == u.size(1) && in.A.is_contiguous(),
               "fused CPU scan: A must be contiguous [d_inner, N]");
@@ -563,14 +602,16 @@ void check_inputs(const ScanInputs& in) {
 Problem make_problem(const ScanInputs& in) {
   const at::Tensor& u = in.u;
   const int64_t d_inner = u.size(1), n = in.A.size(1), blocks = (d_inner + kLanes - 1) / kLanes;
-  Problem p{d_inner, u.size(2), n, blocks, Rows(blocks * n), Rows(blocks), Rows(blocks), in.delta_softplus,
-            in.last_only, Strided3(u), Strided3(in.delta), Strided3(in.B), Strided3(in.C),
+  const int64_t rank = in.delta_proj ? in.delta_proj->size(1) : 0;
+  Problem p{d_inner, u.size(2), n, blocks, Rows(blocks * n), Rows(blocks), Rows(blocks), rank, Rows(blocks * rank),
+            in.delta_softplus, in.last_only, Strided3(u), Strided3(in.delta), Strided3(in.B), Strided3(in.C),
             Strided3(in.z ? *in.z : at::Tensor()), Strided2(in.mask ? *in.mask : at::Tensor())};
   const float* a = in.A.data_ptr<float>();
   for (int64_t d = 0; d < d_inner; ++d) {
     for (int64_t k = 0; k < n; ++k) p.A2[d / kLanes * n + k][d % kLanes] = a[d * n + k] * kLog2e;
     if (in.D) p.D[d / kLanes][d % kLanes] = in.D->data_ptr<float>()[d];
     if (in.delta_bias) p.delta_bias[d / kLanes][d % kLanes] = in.delta_bias->data_ptr<float>()[d];
+    for (int64_t r = 0; r < rank; ++r) p.delta_proj[d / kLanes * rank + r][d % kLanes] = in.delta_proj->data_ptr<float>()[d * rank + r];
   }
   return p;
 }
@@ -592,8 +633,9 @@ void add_lanes(const Rows& part, int64_t d_inner, int64_t count, at::Tensor& out
 at::Tensor selective_scan_fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                               const at::Tensor& C, const std::optional<at::Tensor>& D,
                               const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& delta_bias,
-                              bool delta_softplus, const std::optional<at::Tensor>& mask, bool last_only) {
-  const ScanInputs in{u, delta, A, B, C, D, z, delta_bias, delta_softplus, mask, last_only};
+                              const std::optional<at::Tensor>& delta_proj, bool delta_softplus,
+                              const std::optional<at::Tensor>& mask, bool last_only) {
+  const ScanInputs in{u, delta, A, B, C, D, z, delta_bias, delta_proj, delta_softplus, mask, last_only};
   check_inputs(in);
   const Problem p = make_problem(in);
   at::Tensor out = last_only ? at::empty({u.size(0), u.size(1)}, u.options()) : empty_channels_last(u);
@@ -608,23 +650,26 @@ at::Tensor selective_scan_fwd(const at::Tensor& u, const at::Tensor& delta, cons
   return out;
 }
 
-// grad_u, grad_delta, grad_A, grad_B, grad_C, grad_D, grad_z (size 0 without z), grad_delta_bias.
+// grad_u, grad_delta, grad_A, grad_B, grad_C, grad_D, grad_z (size 0 without z), grad_delta_bias,
+// grad_delta_proj (size 0 without delta_proj).
 std::vector<at::Tensor> selective_scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                                            const at::Tensor& B, const at::Tensor& C,
                                            const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
-                                           const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
+                                           const std::optional<at::Tensor>& delta_bias,
+                                           const std::optional<at::Tensor>& delta_proj, bool delta_softplus,
                                            const std::optional<at::Tensor>& mask, bool last_only,
                                            const at::Tensor& grad_out) {
-  const ScanInputs in{u, delta, A, B, C, D, z, delta_bias, delta_softplus, mask, last_only};
+  const ScanInputs in{u, delta, A, B, C, D, z, delta_bias, delta_proj, delta_softplus, mask, last_only};
   check_inputs(in);
   const auto out_sizes = last_only ? at::IntArrayRef(u.sizes().data(), 2) : u.sizes();
   TORCH_CHECK(grad_out.sizes() == out_sizes && grad_out.scalar_type() == at::kFloat, "fused CPU scan: bad grad_out");
   const Problem p = make_problem(in);
-  at::Tensor grad_u = empty_channels_last(u), grad_delta = empty_channels_last(u);
+  at::Tensor grad_u = empty_channels_last(u), grad_delta = empty_channels_last(delta);
   at::Tensor grad_B = at::empty_like(B), grad_C = at::empty_like(C);
   at::Tensor grad_z = z ? empty_channels_last(u) : at::empty({0}, u.options());
   at::Tensor grad_A = at::zeros_like(A), grad_D = at::zeros({p.d_inner}, u.options());
   at::Tensor grad_bias = at::zeros({p.d_inner}, u.options());
+  at::Tensor grad_proj = at::zeros({p.d_inner, p.rank}, u.options());
   const Grads g{Strided3(grad_u), Strided3(grad_delta), Strided3(grad_B), Strided3(grad_C), Strided3(grad_z)};
   const Strided3 grad_out_view(last_only ? at::Tensor() : grad_out);
   const Strided2 grad_last(last_only ? grad_out : at::Tensor());
@@ -637,8 +682,9 @@ std::vector<at::Tensor> selective_scan_bwd(const at::Tensor& u, const at::Tensor
     add_lanes(scratch.gA, p.d_inner, p.n, grad_A);
     add_lanes(scratch.gD, p.d_inner, 1, grad_D);
     add_lanes(scratch.gbias, p.d_inner, 1, grad_bias);
+    add_lanes(scratch.gproj, p.d_inner, p.rank, grad_proj);
   });
-  return {grad_u, grad_delta, grad_A, grad_B, grad_C, grad_D, grad_z, grad_bias};
+  return {grad_u, grad_delta, grad_A, grad_B, grad_C, grad_D, grad_z, grad_bias, grad_proj};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -768,9 +814,10 @@ std::vector<at::Tensor> causal_conv_silu_bwd(const at::Tensor& x, const at::Tens
 
 TORCH_LIBRARY(mdaf_dist, m) {
   m.def("selective_scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
-        "Tensor? delta_bias, bool delta_softplus, Tensor? mask, bool last_only) -> Tensor");
+        "Tensor? delta_bias, Tensor? delta_proj, bool delta_softplus, Tensor? mask, bool last_only) -> Tensor");
   m.def("selective_scan_bwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
-        "Tensor? delta_bias, bool delta_softplus, Tensor? mask, bool last_only, Tensor grad_out) -> Tensor[]");
+        "Tensor? delta_bias, Tensor? delta_proj, bool delta_softplus, Tensor? mask, bool last_only, "
+        "Tensor grad_out) -> Tensor[]");
   m.def("causal_conv_silu_fwd(Tensor x, Tensor weight_t, Tensor bias) -> Tensor");
   m.def("causal_conv_silu_bwd(Tensor x, Tensor weight_t, Tensor bias, Tensor grad_out) -> Tensor[]");
 }
