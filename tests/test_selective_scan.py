@@ -195,10 +195,12 @@ def test_flop_counter_counts_the_fused_kernels():
     require_fused_kernel()
     inputs = random_inputs(batch=3, d_inner=5, length=7, d_state=4)
     x, weight_t, bias = torch.randn(3, 7, 5), torch.randn(4, 5), torch.randn(5)
+    low_rank = {**inputs, "delta": torch.rand(3, 2, 7), "delta_proj": torch.randn(5, 2)}
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         selective_scan(**inputs, backend="fused_cpu")
+        selective_scan(**low_rank, backend="fused_cpu")  # dt_proj's product counted too
         cpu_kernels.load().causal_conv_silu_fwd(x, weight_t, bias)
-    assert counter.get_total_flops() == 8 * 3 * 5 * 7 * 4 + 2 * 3 * 7 * 5 * 4
+    assert counter.get_total_flops() == 8 * 3 * 5 * 7 * 4 + (8 * 4 + 2 * 2) * 3 * 5 * 7 + 2 * 3 * 7 * 5 * 4
 
 
 def test_auto_picks_fused_backend_on_cpu():

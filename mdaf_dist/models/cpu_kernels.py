@@ -90,9 +90,11 @@ def _build() -> None:
 # h = exp(delta A) h + delta B u, y = C . h: delta A, its exponential, delta B u (2), the decayed
 # state's multiply-add (2) and C's multiply-add (2) make 8; the D skip and the z gate, per channel
 # and step only, are left out. The convolution: one multiply-add per tap and output.
-def _scan_flops(u, delta, A, *_, out_shape=None) -> int:
+def _scan_flops(u, delta, A, B, C, D, z, delta_bias, delta_proj, *_, out_shape=None) -> int:
     batch, channels, length = u
-    return 8 * batch * channels * length * A[1]
+    # a low-rank delta is dt_proj's product, formed inside the scan: 2 R FLOPs per channel and step
+    low_rank = 0 if delta_proj is None else 2 * delta_proj[1]
+    return (8 * A[1] + low_rank) * batch * channels * length
 
 
 def _conv_flops(x, weight_t, bias, out_shape=None) -> int:
