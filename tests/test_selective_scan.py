@@ -2,12 +2,15 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mdaf_dist.models import cpu_kernels
 from mdaf_dist.models import selective_scan as scan_module
 from mdaf_dist.models.selective_scan import BACKENDS, resolve_backend, selective_scan
 
 INPUT_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+# the intra-op threads the suite runs with, restored after a test that sets its own
+THREADS = torch.get_num_threads()
 
 
 def random_inputs(batch=5, d_inner=6, length=9, d_state=4, padded_steps=3, seed=0, device="cpu"):
@@ -72,6 +75,71 @@ def test_fused_backend_matches_reference(shape, optional, delta_softplus):
     assert_matches_reference("fused_cpu", inputs, delta_softplus)
 
 
+def masked_reference(inputs, mask, delta_softplus, last_only):
+    """The reference loop on step sizes formed here: softplus(delta + bias) (softplus optional)
+    times the mask, delta from its low-rank factor where inputs have delta_proj, and the last
+    step's output alone with last_only."""
+    inputs = dict(inputs)
+    delta = inputs.pop("delta")
+    if "delta_proj" in inputs:
+        delta = torch.einsum("dr,brl->bdl", inputs.pop("delta_proj"), delta)
+    dt = delta + inputs.pop("delta_bias")[:, None]
+    dt = (F.softplus(dt) if delta_softplus else dt) * mask[:, None, :]
+    y = scan_module.selective_scan_reference(delta=dt, **inputs)
+    return y[..., -1] if last_only else y
+
+
+@pytest.mark.parametrize("shape", FUSED_SHAPES[:5], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("last_only", [True, False], ids=["last_only", "all_steps"])
+@pytest.mark.parametrize("delta_softplus", [True, False])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("rank", [0, 3], ids=["full_delta", "low_rank_delta"])
+def test_fused_backend_applies_mask_last_only_and_delta_proj(shape, last_only, delta_softplus, threads, rank):
+    """mask, last_only and a low-rank delta inside the kernel: output and every gradient against
+    the reference loop on step sizes formed outside it, with right-aligned masks (empty and full
+    sequences among them) and, under the softplus, delta + bias beyond its threshold 20 and far
+    below 0."""
+    require_fused_kernel()
+    batch, d_inner, length, d_state, _ = shape
+    inputs = random_inputs(batch, d_inner, length, d_state, 0, seed=sum(shape) + 7)
+    if rank:
+        g = torch.Generator().manual_seed(rank)
+        inputs["delta_proj"] = torch.randn(d_inner, rank, generator=g) / rank**0.5
+        inputs["delta"] = torch.randn(batch, rank, length, generator=g).abs()
+    if delta_softplus:  # without it, negative steps would make the states grow
+        inputs["delta"] = inputs["delta"] * 4 - 2
+        inputs["delta"][0, 0, :] = torch.linspace(-40.0, 40.0, length)
+    lengths = torch.arange(batch) * length // max(batch - 1, 1)  # 0 .. length real steps
+    mask = torch.arange(length) >= (length - lengths)[:, None]
+    results = {}
+    for backend in ("reference", "fused_cpu"):
+        leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+        torch.set_num_threads(threads)
+        try:
+            if backend == "reference":
+                y = masked_reference(leaves, mask, delta_softplus, last_only)
+            else:
+                y = selective_scan(**leaves, delta_softplus=delta_softplus, backend=backend, mask=mask, last_only=last_only)
+        finally:
+            torch.set_num_threads(THREADS)
+        weight = torch.randn(y.shape, generator=torch.Generator().manual_seed(3))
+        (y * weight).sum().backward()
+        results[backend] = {"out": y.detach(), **{k: v.grad for k, v in leaves.items()}}
+    assert results["fused_cpu"]["out"].shape == ((batch, d_inner) if last_only else (batch, d_inner, length))
+    for name, want in results["reference"].items():
+        torch.testing.assert_close(results["fused_cpu"][name], want, rtol=1e-4, atol=1e-5,
+                                   msg=lambda message: f"{name}: {message}")
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_other_backends_apply_mask_last_only_and_delta_proj_around_the_scan(backend):
+    inputs = random_inputs(batch=4, d_inner=5, length=6, d_state=3, padded_steps=0, seed=21)
+    inputs["delta_proj"], inputs["delta"] = torch.randn(5, 2), torch.randn(4, 2, 6)
+    mask = torch.arange(6) >= torch.tensor([6, 4, 1, 0])[:, None]
+    y = selective_scan(**inputs, delta_softplus=True, backend=backend, mask=mask, last_only=True)
+    torch.testing.assert_close(y, masked_reference(inputs, mask, True, True), rtol=1e-5, atol=1e-6)
+
+
 def test_fused_backend_reads_strided_views():
     """The Mamba block passes [B, L, d] tensors as [B, d, L] views and B, C as slices: no copies."""
     require_fused_kernel()
@@ -127,10 +195,12 @@ def test_flop_counter_counts_the_fused_kernels():
     require_fused_kernel()
     inputs = random_inputs(batch=3, d_inner=5, length=7, d_state=4)
     x, weight_t, bias = torch.randn(3, 7, 5), torch.randn(4, 5), torch.randn(5)
+    low_rank = {**inputs, "delta": torch.rand(3, 2, 7), "delta_proj": torch.randn(5, 2)}
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         selective_scan(**inputs, backend="fused_cpu")
+        selective_scan(**low_rank, backend="fused_cpu")  # dt_proj's product counted too
         cpu_kernels.load().causal_conv_silu_fwd(x, weight_t, bias)
-    assert counter.get_total_flops() == 8 * 3 * 5 * 7 * 4 + 2 * 3 * 7 * 5 * 4
+    assert counter.get_total_flops() == 8 * 3 * 5 * 7 * 4 + (8 * 4 + 2 * 2) * 3 * 5 * 7 + 2 * 3 * 7 * 5 * 4
 
 
 def test_auto_picks_fused_backend_on_cpu():

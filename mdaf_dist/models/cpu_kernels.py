@@ -1,5 +1,6 @@
 """Builds and loads the fused CPU kernels: the Mamba block's (``csrc/mamba_cpu.cpp``: the selective
-scan and the causal convolution + SiLU before it) and the tables' backward with row-wise Adagrad
+scan and the causal convolution + SiLU before it), the hash dropout (``csrc/dropout_cpu.cpp``,
+used by ``models.dropout``) and the tables' backward with row-wise Adagrad
 (``csrc/embedding_backward_cpu.cpp``, installed by ``embedding_backward``).
 
 They are one C++ torch extension. ``pip install`` (setup.py) builds it ahead of time into the
@@ -29,7 +30,9 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("mamba_cpu.cpp", "embedding_backward_cpu.cpp"))
+SOURCES = tuple(
+    Path(__file__).with_name("csrc") / name for name in ("mamba_cpu.cpp", "dropout_cpu.cpp", "embedding_backward_cpu.cpp")
+)
 NAME = "mdaf_dist_mamba_cpu"
 # the ahead-of-time build's module (setup.py); it registers the ops, it has no Python interface
 PREBUILT = "mdaf_dist.models._mamba_cpu"
@@ -90,9 +93,11 @@ def _build() -> None:
 # h = exp(delta A) h + delta B u, y = C . h: delta A, its exponential, delta B u (2), the decayed
 # state's multiply-add (2) and C's multiply-add (2) make 8; the D skip and the z gate, per channel
 # and step only, are left out. The convolution: one multiply-add per tap and output.
-def _scan_flops(u, delta, A, B, C, D, z, out_shape=None) -> int:
+def _scan_flops(u, delta, A, B, C, D, z, delta_bias, delta_proj, *_, out_shape=None) -> int:
     batch, channels, length = u
-    return 8 * batch * channels * length * A[1]
+    # a low-rank delta is dt_proj's product, formed inside the scan: 2 R FLOPs per channel and step
+    low_rank = 0 if delta_proj is None else 2 * delta_proj[1]
+    return (8 * A[1] + low_rank) * batch * channels * length
 
 
 def _conv_flops(x, weight_t, bias, out_shape=None) -> int:

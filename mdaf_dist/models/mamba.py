@@ -86,18 +86,16 @@ class Mamba(nn.Module):
         h_x = self._conv_silu(h_x)  # [B, L, d_inner]
         # 3.-5. A <- -exp(A_log); B, C, dt <- Linear(H'_x); delta <- softplus(dt_proj(dt))
         dt, B, C = self.x_proj(h_x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        # dt_proj as dt @ W^T + b rather than F.linear: autograd then forms W's gradient as
-        # (dt^T grad)^T, which BLAS computes several times faster than grad^T dt for this thin shape
-        delta = F.softplus(torch.matmul(dt, self.dt_proj.weight.t()) + self.dt_proj.bias)
-        if mask is not None:
-            delta = delta * mask.unsqueeze(-1)  # delta = 0: exp(0 A) = 1 and no input, the state is carried over
         A = -torch.exp(self.A_log.float())
         # 6.-7. H_y <- SelectiveSSM(discretize(delta, A, B), C)(H'_x), gated by SiLU(H_z); the
-        #    [B, L, d_inner] tensors go in as [B, d_inner, L] views
-        u, delta, B, C, z = (t.transpose(1, 2) for t in (h_x, delta, B, C, h_z))
-        y = selective_scan(u, delta, A, B, C, self.D.float(), z=z, backend=self.scan_backend)
+        #    [B, L, d] tensors go in as [B, d, L] views. delta = softplus(dt_proj(dt)) is formed
+        #    inside the scan: dt_proj's weight and bias, the softplus and the mask (delta = 0 on
+        #    padded steps: exp(0 A) = 1 and no input, the state is carried over).
+        u, dt, B, C, z = (t.transpose(1, 2) for t in (h_x, dt, B, C, h_z))
+        y = selective_scan(u, dt, A, B, C, self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+                           backend=self.scan_backend, mask=mask, last_only=last_only, delta_proj=self.dt_proj.weight)
         # 8. H_o <- Linear(H_y * SiLU(H_z))
-        return self.out_proj(y[..., -1] if last_only else y.transpose(1, 2))
+        return self.out_proj(y if last_only else y.transpose(1, 2))
 
     def _conv_silu(self, h_x: Tensor) -> Tensor:
         """SiLU(causal depthwise conv1d) of [B, L, d_inner], in that layout. With the fused CPU scan

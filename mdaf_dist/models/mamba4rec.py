@@ -9,6 +9,7 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mdaf_dist.config import ModelConfig
+from mdaf_dist.models.dropout import HashDropout
 from mdaf_dist.models.embeddings import EmbeddedFeatures, embed
 from mdaf_dist.models.mamba import Mamba
 from mdaf_dist.models.output import ModelOutput, prediction_head
@@ -73,7 +74,7 @@ class SequenceBranch(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         dim = cfg.embedding_dim
-        self.input_dropout = nn.Dropout(cfg.dropout)
+        self.input_dropout = HashDropout(cfg.dropout)  # the one dropout over [B, L, D]: the cheaper mask
         self.input_norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         residual = cfg.single_layer_residual or cfg.mamba_layers > 1
         self.layers = nn.ModuleList(

@@ -52,13 +52,35 @@ def selective_scan(
     delta_bias: Optional[Tensor] = None,
     delta_softplus: bool = False,
     backend: str = "auto",
+    mask: Optional[Tensor] = None,
+    last_only: bool = False,
+    delta_proj: Optional[Tensor] = None,
 ) -> Tensor:
     """y [batch, d_inner, L] from u, delta [batch, d_inner, L], A [d_inner, N], B, C [batch, N, L].
 
     D [d_inner] is the skip connection, z [batch, d_inner, L] the gate, delta_bias [d_inner] is
     added to delta before the optional softplus. The result has u's dtype; the scan runs in fp32.
+    Beyond ``mamba_ssm``'s arguments: mask [batch, L] (True on real steps) sets the step size of
+    the other steps to 0 after the softplus, so that they carry the state over; last_only returns
+    the last step's output alone, [batch, d_inner]; delta_proj [d_inner, R] takes delta as its
+    low-rank factor [batch, R, L], the full delta being delta_proj @ delta (Mamba's dt_proj). The
+    fused CPU kernel does all three inside the scan; the other backends apply them around it.
     """
     name = resolve_backend(backend, u.device)
+    if name == "fused_cpu":
+        mask_values = None if mask is None else mask.float()
+        return _FusedScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_proj, delta_softplus, mask_values, last_only)
+    if delta_proj is not None:
+        delta = torch.matmul(delta_proj, delta)
+    if mask is not None:
+        delta = _delta_steps(delta, delta_bias, delta_softplus)[1] * mask.unsqueeze(1)
+        delta_bias, delta_softplus = None, False
+    y = _scan(name, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return y[..., -1] if last_only else y
+
+
+def _scan(name, u, delta, A, B, C, D, z, delta_bias, delta_softplus) -> Tensor:
+    """``selective_scan`` with mamba_ssm's arguments on the backends other than fused_cpu."""
     if name == "reference":
         return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     if name == "mamba_ssm":
@@ -68,8 +90,6 @@ def selective_scan(
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 
         return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    if name == "fused_cpu":
-        return _FusedScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     kernels = _EAGER_KERNELS if name == "cpu" else _compiled_kernels()
     return _ChunkedScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, kernels)
 
@@ -131,36 +151,29 @@ def _delta_steps(delta, delta_bias, delta_softplus):
 
 
 class _FusedScan(torch.autograd.Function):
-    """The fused C++ kernel's forward and backward (``csrc/mamba_cpu.cpp``).
-
-    delta_bias and softplus are applied here, once, and only delta's final value is saved: the
-    softplus' derivative sigmoid(x) is 1 - exp(-softplus(x)). The kernel's output is stored as
-    [batch, L, d_inner] (a transposed view is returned), which is the layout out_proj reads.
-    """
+    """The fused C++ kernel's forward and backward (``csrc/mamba_cpu.cpp``), delta_bias, delta_proj,
+    softplus, mask and last_only included; nothing is saved but the inputs. The kernel's full output is
+    stored as [batch, L, d_inner] (a transposed view is returned), which is the layout out_proj
+    reads."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-        ops = cpu_kernels.load()
-        dt = _delta_steps(delta, delta_bias, delta_softplus)[1]
-        inputs = (u.float(), dt, A.float().contiguous(), B.float(), C.float(),
-                  None if D is None else D.float().contiguous(), None if z is None else z.float())
-        out = ops.selective_scan_fwd(*inputs)
-        ctx.save_for_backward(*inputs)
-        ctx.dtypes = [None if x is None else x.dtype for x in (u, delta, A, B, C, D, z, delta_bias)]
-        ctx.delta_softplus = delta_softplus
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_proj, delta_softplus, mask, last_only):
+        ctx.dtypes = [None if x is None else x.dtype for x in (u, delta, A, B, C, D, z, delta_bias, delta_proj)]
+        A, D, delta_bias, delta_proj = (None if x is None else x.float().contiguous() for x in (A, D, delta_bias, delta_proj))
+        inputs = (u.float(), delta.float(), A, B.float(), C.float(), D, None if z is None else z.float(), delta_bias, delta_proj)
+        out = cpu_kernels.load().selective_scan_fwd(*inputs, delta_softplus, mask, last_only)
+        ctx.save_for_backward(*inputs, mask)
+        ctx.flags = delta_softplus, last_only
         return out.to(u.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        u, dt, A, B, C, D, z = ctx.saved_tensors
-        grad_u, grad_dt, grad_A, grad_B, grad_C, grad_D, grad_z = cpu_kernels.load().selective_scan_bwd(
-            u, dt, A, B, C, D, z, grad_out.float())
-        if ctx.delta_softplus:
-            grad_dt = grad_dt * -torch.expm1(-dt)  # sigmoid(x) = 1 - exp(-softplus(x))
-        grad_bias = None if ctx.dtypes[7] is None else grad_dt.sum(dim=(0, 2))
-        grads = (grad_u, grad_dt, grad_A, grad_B, grad_C, None if D is None else grad_D,
-                 None if z is None else grad_z, grad_bias)
-        return (*(None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)), None)
+        *inputs, mask = ctx.saved_tensors
+        delta_softplus, last_only = ctx.flags
+        grads = cpu_kernels.load().selective_scan_bwd(*inputs, delta_softplus, mask, last_only, grad_out.float())
+        # the kernel returns every gradient; those of absent inputs are dropped
+        grads = [None if dtype is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
+        return (*grads, None, None, None)
 
 
 # --------------------------------------------------------------------------------------------

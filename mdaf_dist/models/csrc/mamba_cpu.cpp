@@ -10,11 +10,20 @@
 // Forward work is split over (batch, channel block) pairs on torch's intra-op threads
 // (at::parallel_for); the backward over samples, whose channel blocks add into the same grad B, C.
 //
-// Semantics and layouts are those of mamba_ssm's selective_scan_fn with real A, after the optional
-// delta_bias and softplus (applied by the caller):
-//   h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t,   y_t = C_t . h_t + D u_t,   out_t = y_t silu(z_t)
-// u, delta, z: [batch, d_inner, L]; A: [d_inner, N] contiguous; B, C: [batch, N, L]; D: [d_inner].
-// Any strides are read as they are, so callers pass transposed views without copying them.
+// Semantics and layouts are those of mamba_ssm's selective_scan_fn with real A, delta_bias and the
+// softplus included, plus a mask over steps (a padded step gets the step size 0, which carries the
+// state over unchanged):
+//   dt_t = softplus(delta_t + delta_bias) mask_t    (bias, softplus and mask each optional)
+// where delta may come as its low-rank factor, delta = delta_proj @ delta_low (Mamba's dt_proj:
+// delta_low [batch, R, L], delta_proj [d_inner, R]), so that [batch, d_inner, L] delta and its
+// gradient are never formed, nor the two thin products that would make them.
+//   h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t,   y_t = C_t . h_t + D u_t,   out_t = y_t silu(z_t)
+// u, delta, z: [batch, d_inner, L]; A: [d_inner, N] contiguous; B, C: [batch, N, L]; D, delta_bias:
+// [d_inner]; mask: [batch, L]. Any strides are read as they are, so callers pass transposed views
+// without copying them. Computing dt here spares the block its [batch, L, d_inner] tensors of
+// delta + bias, its softplus and the masked product, forward and backward.
+// With last_only the output is out_{L-1} alone, [batch, d_inner], what a reader of right-aligned
+// sequences takes; its gradient then reaches the last step only.
 //
 // Nothing is saved between forward and backward but the inputs: the backward recomputes the states
 // of one (batch, channel block, chunk of 8 states) over the whole sequence into a per-thread
@@ -84,6 +93,40 @@ ALWAYS_INLINE Vec exp2_vec(Vec y) {
 
 ALWAYS_INLINE Vec sigmoid_vec(Vec x) { return 1.0f / (1.0f + exp2_vec(x * -kLog2e)); }
 
+// ln(x) for x >= 1: Cephes' logf (x = m 2^e with m in [sqrt(1/2), sqrt(2)), ln(m) by a degree-9
+// polynomial; Cephes documents a relative error below 1e-7 on the range).
+ALWAYS_INLINE Vec log_vec(Vec x) {
+  const IVec bits = reinterpret_cast<const IVec&>(x);
+  Vec e = __builtin_convertvector(((bits >> 23) & 0xff) - 126, Vec);
+  const IVec mantissa_bits = (bits & 0x007fffff) | 0x3f000000;  // m in [1/2, 1)
+  Vec m = reinterpret_cast<const Vec&>(mantissa_bits);
+  const auto small = m < 0.707106781186547524f;
+  e = small ? e - 1.0f : e;
+  m = small ? m + m - 1.0f : m - 1.0f;
+  const Vec z = m * m;
+  Vec p = m * 7.0376836292e-2f - 1.1514610310e-1f;
+  p = p * m + 1.1676998740e-1f;
+  p = p * m - 1.2420140846e-1f;
+  p = p * m + 1.4249322787e-1f;
+  p = p * m - 1.6668057665e-1f;
+  p = p * m + 2.0000714765e-1f;
+  p = p * m - 2.4999993993e-1f;
+  p = p * m + 3.3333331174e-1f;
+  Vec y = m * z * p + e * -2.12194440e-4f - 0.5f * z;
+  return m + y + e * 0.693359375f;
+}
+
+// softplus(x) = max(x, 0) + ln(1 + exp(-|x|)), its logarithm as log1p (ln(w) y / (w - 1) with
+// w = 1 + y keeps the relative precision of a tiny y). Above x = 20 it equals x in float32, as
+// torch's softplus (threshold 20) returns.
+ALWAYS_INLINE Vec softplus_vec(Vec x) {
+  const Vec y = exp2_vec((x < 0.0f ? x : -x) * kLog2e);
+  const Vec w = 1.0f + y;
+  const Vec d = w - 1.0f;
+  const Vec log1p = d == 0.0f ? y : log_vec(w) * y / (d == 0.0f ? Vec{} + 1.0f : d);  // no 0 / 0 in any lane
+  return (x > 0.0f ? x : Vec{}) + log1p;
+}
+
 typedef float Half __attribute__((vector_size(kLanes / 2 * sizeof(float))));
 typedef float Quarter __attribute__((vector_size(kLanes / 4 * sizeof(float))));
 
@@ -133,6 +176,20 @@ struct Strided3 {
   bool defined() const { return data != nullptr; }
 };
 
+// A [batch, L] (or [batch, d]) tensor read through its strides; an absent one is not defined().
+struct Strided2 {
+  float* data;
+  int64_t s0, s1;
+  explicit Strided2(const at::Tensor& t) : data(nullptr), s0(0), s1(0) {
+    if (t.defined() && t.numel() > 0) {
+      data = t.data_ptr<float>();
+      s0 = t.stride(0), s1 = t.stride(1);
+    }
+  }
+  float& operator()(int64_t i, int64_t j) const { return data[i * s0 + j * s1]; }
+  bool defined() const { return data != nullptr; }
+};
+
 // Zeroed storage of whole vectors, 64-byte aligned for the AVX-512 clone: alignof(Vec) is
 // capped by the baseline target (16 bytes with SSE2), so std::vector<Vec> is not enough.
 class Rows {
@@ -159,7 +216,12 @@ struct Problem {
   int64_t d_inner, length, n, blocks;  // blocks: channel blocks of kLanes
   Rows A2;                             // A log2(e), [blocks, N], a channel per lane
   Rows D;                              // [blocks], zero without D
-  Strided3 u, delta, B, C, z;
+  Rows delta_bias;                     // [blocks], zero without delta_bias
+  int64_t rank;                        // R of a low-rank delta, 0 for a full one
+  Rows delta_proj;                     // [blocks, R]
+  bool softplus, last_only;
+  Strided3 u, delta, B, C, z;          // delta: [batch, d_inner, L], or [batch, R, L] with rank > 0
+  Strided2 mask;                       // [batch, L], or not defined()
   int64_t width(int64_t block) const { return std::min(kLanes, d_inner - block * kLanes); }
 };
 
@@ -185,6 +247,39 @@ ALWAYS_INLINE void store_block(const Vec* in, int64_t b, int64_t c0, int64_t wid
     for (int64_t j = 0; j < width; ++j) x(b, c0 + j, t) = in[t][j];
 }
 
+// x[b, block's channels] of a [batch, d] tensor, and back.
+ALWAYS_INLINE Vec load_channels(const Strided2& x, int64_t b, int64_t c0, int64_t width) {
+  Vec v{};
+  for (int64_t j = 0; j < width; ++j) v[j] = x(b, c0 + j);
+  return v;
+}
+
+ALWAYS_INLINE void store_channels(Vec v, int64_t b, int64_t c0, int64_t width, const Strided2& x) {
+  for (int64_t j = 0; j < width; ++j) x(b, c0 + j) = v[j];
+}
+
+// The step sizes dt of a block over time, and with `slope` their derivative d dt / d delta
+// (sigmoid(delta + bias) mask under the softplus, mask without).
+ALWAYS_INLINE void load_steps(const Problem& p, int64_t b, int64_t block, Vec* dt, Vec* slope) {
+  const Vec bias = p.delta_bias[block];
+  if (p.rank == 0) {
+    load_block(p.delta, b, block * kLanes, p.width(block), p.length, dt);
+  } else {
+    const Vec* proj = p.delta_proj.data() + block * p.rank;
+    for (int64_t t = 0; t < p.length; ++t) {
+      Vec raw{};
+      for (int64_t r = 0; r < p.rank; ++r) raw += proj[r] * p.delta(b, r, t);
+      dt[t] = raw;
+    }
+  }
+  for (int64_t t = 0; t < p.length; ++t) {
+    const float m = p.mask.defined() ? p.mask(b, t) : 1.0f;
+    const Vec x = dt[t] + bias;
+    dt[t] = (p.softplus ? softplus_vec(x) : x) * m;
+    if (slope != nullptr) slope[t] = p.softplus ? sigmoid_vec(x) * m : Vec{} + m;
+  }
+}
+
 // x[b] ([N, L] through strides) as L rows of N floats.
 void load_rows(const Strided3& x, int64_t b, int64_t length, int64_t n, float* out) {
   for (int64_t t = 0; t < length; ++t)
@@ -199,7 +294,7 @@ constexpr int64_t kChunk = 4;
 
 // One channel block's series over time ([L] vectors each); the sums over states are the backward's.
 struct Series {
-  Vec *dt, *u, *y, *z, *g, *sum_GB, *sum_decay;
+  Vec *dt, *u, *y, *z, *g, *slope, *sum_GB, *sum_decay;
 };
 
 // Per-thread buffers: B and C rows of one sample, series over time (one channel block's in the
@@ -208,17 +303,22 @@ struct Scratch {
   std::vector<float> B, C;
   int64_t sample = -1;  // whose B and C rows are loaded
   Rows dt, u, y, z, g;  // [blocks or 1, L] vectors
+  Rows slope;  // backward: [blocks, L] d dt / d delta
   Rows sum_GB, sum_decay;  // backward: [blocks, L] sums over the states of G B_n and w A_n
   Rows states, decays;  // backward: [L + 1, kChunk] states of one chunk (row 0: zero), [L, kChunk] exp(delta_t A)
   Rows gB, gC;          // backward: [L, kChunk] per-lane parts of a chunk's grad B, grad C
-  Rows gA, gD;          // backward: [blocks, N], [blocks]: this thread's parts of grad A, grad D
+  Rows gA, gD, gbias;   // backward: [blocks, N], [blocks], [blocks]: this thread's parts of grad A, D, delta_bias
+  Rows gproj;           // backward: [blocks, R]: this thread's part of grad delta_proj
+  Rows glow;            // backward: [L, R] one sample's grad delta_low, per lane (summed over blocks)
   Scratch(const Problem& p, bool backward)
       : B(p.length * p.n), C(p.length * p.n), dt(series(p, backward)), u(series(p, backward)),
         y(series(p, backward)), z(series(p, backward)), g(series(p, backward)),
+        slope(backward ? series(p, true) : 0),
         sum_GB(backward ? series(p, true) : 0), sum_decay(backward ? series(p, true) : 0),
         states(backward ? (p.length + 1) * kChunk : 0), decays(backward ? p.length * kChunk : 0),
         gB(backward ? p.length * kChunk : 0), gC(backward ? p.length * kChunk : 0),
-        gA(backward ? p.blocks * p.n : 0), gD(backward ? p.blocks : 0) {}
+        gA(backward ? p.blocks * p.n : 0), gD(backward ? p.blocks : 0), gbias(backward ? p.blocks : 0),
+        gproj(backward ? p.blocks * p.rank : 0), glow(backward ? p.length * p.rank : 0) {}
 
   static int64_t series(const Problem& p, bool backward) { return (backward ? p.blocks : 1) * p.length; }
 
@@ -226,7 +326,8 @@ struct Scratch {
     const int64_t at = block * p.length;
     Vec* none = nullptr;
     return {dt.data() + at, u.data() + at, y.data() + at, z.data() + at, g.data() + at,
-            sum_GB.size() ? sum_GB.data() + at : none, sum_decay.size() ? sum_decay.data() + at : none};
+            slope.size() ? slope.data() + at : none, sum_GB.size() ? sum_GB.data() + at : none,
+            sum_decay.size() ? sum_decay.data() + at : none};
   }
 
   void load_sample(const Problem& p, int64_t b) {
@@ -237,41 +338,56 @@ struct Scratch {
   }
 };
 
-// The states n0 .. n0 + count of a channel block over time, adding C_t . h_t into x.y; with
-// `keep`, the states and decays also go to s.states and s.decays for the backward.
+// One step t of the states n0 .. n0 + K of a channel block: h <- exp(dt A) h + dt B u, and with kY
+// y_t += C_t . h_t.
+template <int kCount, bool keep, bool kY>
+ALWAYS_INLINE void scan_step(const Problem& p, int64_t t, int64_t n0, int64_t K, const Vec* a, Vec* h, const Series& x,
+                             Scratch& s) {
+  const Vec dt = x.dt[t], du = dt * x.u[t];
+  const float* Bt = s.B.data() + t * p.n + n0;
+  const float* Ct = s.C.data() + t * p.n + n0;
+  Vec y = kY ? x.y[t] : Vec{};
+  for (int64_t j = 0; j < K; ++j) {
+    const Vec decay = exp2_vec(dt * a[j]);
+    h[j] = decay * h[j] + du * Bt[j];
+    if (kY) y += h[j] * Ct[j];
+    if (keep) {
+      s.decays[t * kChunk + j] = decay;
+      s.states[(t + 1) * kChunk + j] = h[j];
+    }
+  }
+  if (kY) x.y[t] = y;
+}
+
+// The states n0 .. n0 + count of a channel block over time, adding C_t . h_t into x.y (at the
+// last step only with last_only: no other y is read); with `keep`, the states and decays also go
+// to s.states and s.decays for the backward.
 // kCount: count at compile time (kChunk: the state loop unrolls into registers) or 0 (count < kChunk).
 template <int kCount, bool keep>
 ALWAYS_INLINE void scan_chunk(const Problem& p, const Vec* A2, int64_t n0, int64_t count, const Series& x, Scratch& s) {
-  const int64_t K = kCount ? kCount : count, N = p.n;
+  const int64_t K = kCount ? kCount : count, last = p.length - 1;
   Vec h[kChunk] = {}, a[kChunk];
   for (int64_t j = 0; j < K; ++j) a[j] = A2[n0 + j];
   if (keep) std::fill(s.states.data(), s.states.data() + kChunk, Vec{});
-  for (int64_t t = 0; t < p.length; ++t) {
-    const Vec dt = x.dt[t], du = dt * x.u[t];
-    const float* Bt = s.B.data() + t * N + n0;
-    const float* Ct = s.C.data() + t * N + n0;
-    Vec y = x.y[t];
-    for (int64_t j = 0; j < K; ++j) {
-      const Vec decay = exp2_vec(dt * a[j]);
-      h[j] = decay * h[j] + du * Bt[j];
-      y += h[j] * Ct[j];
-      if (keep) {
-        s.decays[t * kChunk + j] = decay;
-        s.states[(t + 1) * kChunk + j] = h[j];
-      }
+  for (int64_t t = 0; t < last; ++t) {
+    if (p.last_only) {
+      scan_step<kCount, keep, false>(p, t, n0, K, a, h, x, s);
+    } else {
+      scan_step<kCount, keep, true>(p, t, n0, K, a, h, x, s);
     }
-    x.y[t] = y;
   }
+  scan_step<kCount, keep, true>(p, last, n0, K, a, h, x, s);
 }
 
 KERNEL_TARGETS
-void forward_item(const Problem& p, int64_t b, int64_t block, const Strided3& out, Scratch& s) {
+void forward_item(const Problem& p, int64_t b, int64_t block, const Strided3& out, const Strided2& out_last,
+                  Scratch& s) {
   const int64_t L = p.length, c0 = block * kLanes, width = p.width(block);
   const Vec* A2 = p.A2.data() + block * p.n;
   const Vec D = p.D[block];
   const Series x = s.of(p, 0);
   s.load_sample(p, b);
-  load_block(p.delta, b, c0, width, L, x.dt);
+  load_steps(p, b, block, x.dt, nullptr);
   load_block(p.u, b, c0, width, L, x.u);
   for (int64_t t = 0; t < L; ++t) x.y[t] = D * x.u[t];
   // whole chunks unrolled, the rest generic (no lambdas: they would miss this function's target clones)
@@ -280,46 +396,73 @@ void forward_item(const Problem& p, int64_t b, int64_t block, const Strided3& ou
   if (n0 < p.n) scan_chunk<0, false>(p, A2, n0, p.n - n0, x, s);
   if (p.z.defined()) {
     load_block(p.z, b, c0, width, L, x.z);
-    for (int64_t t = 0; t < L; ++t) x.y[t] *= x.z[t] * sigmoid_vec(x.z[t]);  // silu(z)
+    for (int64_t t = p.last_only ? L - 1 : 0; t < L; ++t) x.y[t] *= x.z[t] * sigmoid_vec(x.z[t]);  // silu(z)
   }
-  store_block(x.y, b, c0, width, L, out);
+  if (p.last_only) {
+    store_channels(x.y[L - 1], b, c0, width, out_last);
+  } else {
+    store_block(x.y, b, c0, width, L, out);
+  }
+}
+
+// The output's gradient of a block as L vectors: zero before the last step with last_only.
+ALWAYS_INLINE void load_grad(const Problem& p, const Strided3& grad_out, const Strided2& grad_last, int64_t b,
+                             int64_t c0, int64_t width, Vec* g) {
+  if (!p.last_only) {
+    load_block(grad_out, b, c0, width, p.length, g);
+    return;
+  }
+  std::fill(g, g + p.length - 1, Vec{});
+  g[p.length - 1] = load_channels(grad_last, b, c0, width);
 }
 
 struct Grads {
   Strided3 u, delta, B, C, z;
 };
 
-// Reverse time over the states n0 .. n0 + count, after scan_chunk<.., true> kept them:
-// G_t = C_t gy_t + exp(delta_{t+1} A) G_{t+1} is the gradient reaching h_t.
+// One step back in time: G_t = C_t gy_t + exp(delta_{t+1} A) G_{t+1} is the gradient reaching h_t
+// (kGy false: gy_t is zero, as before the last step with last_only, and C_t's gradient too).
+template <int kCount, bool kGy>
+ALWAYS_INLINE void grad_step(const Problem& p, int64_t t, int64_t n0, int64_t K, const Vec* a, Vec* G_next, Vec* gA_chunk,
+                             const Series& x, Scratch& s) {
+  const Vec dt = x.dt[t], gy = x.g[t], du = dt * x.u[t];
+  const float* Bt = s.B.data() + t * p.n + n0;
+  const float* Ct = s.C.data() + t * p.n + n0;
+  Vec* gBt = s.gB.data() + t * kChunk;
+  Vec* gCt = s.gC.data() + t * kChunk;
+  const Vec* prev = s.states.data() + t * kChunk;
+  const Vec* next = prev + kChunk;
+  const Vec* decay = s.decays.data() + t * kChunk;
+  Vec sum_GB{}, sum_decay{};
+  for (int64_t j = 0; j < K; ++j) {
+    const Vec G = kGy ? G_next[j] + gy * Ct[j] : G_next[j];
+    if (kGy) gCt[j] += gy * next[j];
+    gBt[j] += G * du;
+    sum_GB += G * Bt[j];
+    const Vec decay_G = decay[j] * G;
+    const Vec w = decay_G * prev[j];  // through exp(delta_t A) h_{t-1}
+    sum_decay += w * a[j];
+    gA_chunk[j] += w * dt;
+    G_next[j] = decay_G;
+  }
+  x.sum_GB[t] += sum_GB;
+  x.sum_decay[t] += sum_decay;
+}
+
+// Reverse time over the states n0 .. n0 + count, after scan_chunk<.., true> kept them.
 template <int kCount>
 ALWAYS_INLINE void grad_chunk(const Problem& p, const Vec* A2, Vec* gA, int64_t n0, int64_t count, const Series& x,
                               Scratch& s) {
-  const int64_t K = kCount ? kCount : count, N = p.n;
+  const int64_t K = kCount ? kCount : count, last = p.length - 1;
   Vec G_next[kChunk] = {}, gA_chunk[kChunk] = {}, a[kChunk];  // G_next: exp(delta_{t+1} A) G_{t+1}
   for (int64_t j = 0; j < K; ++j) a[j] = A2[n0 + j];
-  for (int64_t t = p.length - 1; t >= 0; --t) {
-    const Vec dt = x.dt[t], gy = x.g[t], du = dt * x.u[t];
-    const float* Bt = s.B.data() + t * N + n0;
-    const float* Ct = s.C.data() + t * N + n0;
-    Vec* gBt = s.gB.data() + t * kChunk;
-    Vec* gCt = s.gC.data() + t * kChunk;
-    const Vec* prev = s.states.data() + t * kChunk;
-    const Vec* next = prev + kChunk;
-    const Vec* decay = s.decays.data() + t * kChunk;
-    Vec sum_GB{}, sum_decay{};
-    for (int64_t j = 0; j < K; ++j) {
-      const Vec G = G_next[j] + gy * Ct[j];
-      gCt[j] += gy * next[j];
-      gBt[j] += G * du;
-      sum_GB += G * Bt[j];
-      const Vec decay_G = decay[j] * G;
-      const Vec w = decay_G * prev[j];  // through exp(delta_t A) h_{t-1}
-      sum_decay += w * a[j];
-      gA_chunk[j] += w * dt;
-      G_next[j] = decay_G;
+  grad_step<kCount, true>(p, last, n0, K, a, G_next, gA_chunk, x, s);
+  for (int64_t t = last - 1; t >= 0; --t) {
+    if (p.last_only) {
+      grad_step<kCount, false>(p, t, n0, K, a, G_next, gA_chunk, x, s);
+    } else {
+      grad_step<kCount, true>(p, t, n0, K, a, G_next, gA_chunk, x, s);
     }
-    x.sum_GB[t] += sum_GB;
-    x.sum_decay[t] += sum_decay;
   }
   for (int64_t j = 0; j < K; ++j) gA[n0 + j] += gA_chunk[j];
 }
@@ -344,7 +487,8 @@ ALWAYS_INLINE void backward_chunk(const Problem& p, int64_t b, int64_t n0, int64
 }
 
 KERNEL_TARGETS
-void backward_sample(const Problem& p, int64_t b, const Strided3& grad_out, const Grads& g, Scratch& s) {
+void backward_sample(const Problem& p, int64_t b, const Strided3& grad_out, const Strided2& grad_last, const Grads& g,
+                     Scratch& s) {
   const int64_t L = p.length;
   s.load_sample(p, b);
   // Every block's inputs, and the gradient of y before the gate (which needs only z).
@@ -352,9 +496,9 @@ void backward_sample(const Problem& p, int64_t b, const Strided3& grad_out, cons
     const int64_t c0 = block * kLanes, width = p.width(block);
     const Vec D = p.D[block];
     const Series x = s.of(p, block);
-    load_block(p.delta, b, c0, width, L, x.dt);
+    load_steps(p, b, block, x.dt, x.slope);
     load_block(p.u, b, c0, width, L, x.u);
-    load_block(grad_out, b, c0, width, L, x.g);
+    load_grad(p, grad_out, grad_last, b, c0, width, x.g);
     if (p.z.defined()) {
       load_block(p.z, b, c0, width, L, x.z);
       for (int64_t t = 0; t < L; ++t) x.g[t] *= x.z[t] * sigmoid_vec(x.z[t]);
@@ -368,22 +512,36 @@ void backward_sample(const Problem& p, int64_t b, const Strided3& grad_out, cons
   int64_t n0 = 0;
   for (; n0 + kChunk <= p.n; n0 += kChunk) backward_chunk<kChunk>(p, b, n0, kChunk, g, s);
   if (n0 < p.n) backward_chunk<0>(p, b, n0, p.n - n0, g, s);
+  std::fill(s.glow.data(), s.glow.data() + s.glow.size(), Vec{});
   for (int64_t block = 0; block < p.blocks; ++block) {
     const int64_t c0 = block * kLanes, width = p.width(block);
     const Vec D = p.D[block];
     const Series x = s.of(p, block);
-    Vec gD{};
+    Vec gD{}, gbias{};
     for (int64_t t = 0; t < L; ++t) {
       const Vec dt = x.dt[t], u = x.u[t], gy = x.g[t];
       gD += gy * u;
-      x.dt[t] = u * x.sum_GB[t] + x.sum_decay[t] * kLn2;  // grad delta (A = A2 ln 2), in delta's buffer
-      x.u[t] = dt * x.sum_GB[t] + D * gy;                  // grad u, in u's buffer
+      // grad delta (A = A2 ln 2) through dt's slope, in delta's buffer
+      x.dt[t] = (u * x.sum_GB[t] + x.sum_decay[t] * kLn2) * x.slope[t];
+      gbias += x.dt[t];
+      x.u[t] = dt * x.sum_GB[t] + D * gy;  // grad u, in u's buffer
     }
     s.gD[block] += gD;
+    s.gbias[block] += gbias;
     store_block(x.u, b, c0, width, L, g.u);
-    store_block(x.dt, b, c0, width, L, g.delta);
+    if (p.rank == 0) {
+      store_block(x.dt, b, c0, width, L, g.delta);
+    } else {  // through delta = delta_proj @ delta_low
+      const Vec* proj = p.delta_proj.data() + block * p.rank;
+      Vec* gproj = s.gproj.data() + block * p.rank;
+      for (int64_t t = 0; t < L; ++t)
+        for (int64_t r = 0; r < p.rank; ++r) {
+          s.glow[t * p.rank + r] += x.dt[t] * proj[r];
+          gproj[r] += x.dt[t] * p.delta(b, r, t);
+        }
+    }
     if (p.z.defined()) {
-      load_block(grad_out, b, c0, width, L, x.g);
+      load_grad(p, grad_out, grad_last, b, c0, width, x.g);
       for (int64_t t = 0; t < L; ++t) {
         const Vec z = x.z[t], sz = sigmoid_vec(z);
         x.z[t] = x.g[t] * x.y[t] * sz * (1.0f + z * (1.0f - sz));  // grad z, in z's buffer
@@ -391,32 +549,69 @@ void backward_sample(const Problem& p, int64_t b, const Strided3& grad_out, cons
       store_block(x.z, b, c0, width, L, g.z);
     }
   }
+  for (int64_t t = 0; t < p.length; ++t)
+    for (int64_t r = 0; r < p.rank; ++r) g.delta(b, r, t) = sum_lanes(s.glow[t * p.rank + r]);
 }
 
-void check_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
-                  const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z) {
-  for (const at::Tensor* t : {&u, &delta, &A, &B, &C}) {
+// The scan's inputs as the ops take them; the optional ones may be absent.
+struct ScanInputs {
+  const at::Tensor &u, &delta, &A, &B, &C;
+  const std::optional<at::Tensor>&D, &z, &delta_bias, &delta_proj;
+  bool delta_softplus;
+  const std::optional<at::Tensor>& mask;
+  bool last_only;
+};
+
+void check_inputs(const ScanInputs& in) {
+  for (const at::Tensor* t : {&in.u, &in.delta, &in.A, &in.B, &in.C}) {
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat, "fused CPU scan: float32 CPU tensors only");
   }
-  TORCH_CHECK(u.dim() == 3 && delta.sizes() == u.sizes(), "fused CPU scan: u and delta must be [batch, d_inner, L]");
-  TORCH_CHECK(A.dim() == 2 && A.size(0) == u.size(1) && A.is_contiguous(), "fused CPU scan: A must be contiguous [d_inner, N]");
-  for (const at::Tensor* t : {&B, &C}) {
-    TORCH_CHECK(t->dim() == 3 && t->size(0) == u.size(0) && t->size(1) == A.size(1) && t->size(2) == u.size(2),
+  const at::Tensor& u = in.u;
+  TORCH_CHECK(u.dim() == 3, "fused CPU scan: u must be [batch, d_inner, L]");
+  if (in.delta_proj) {
+    const at::Tensor& proj = *in.delta_proj;
+    TORCH_CHECK(proj.dim() == 2 && proj.size(0) == u.size(1) && proj.is_contiguous() && proj.scalar_type() == at::kFloat,
+                "fused CPU scan: delta_proj must be contiguous float32 [d_inner, R]");
+    TORCH_CHECK(in.delta.dim() == 3 && in.delta.size(0) == u.size(0) && in.delta.size(1) == proj.size(1) &&
+                    in.delta.size(2) == u.size(2),
+                "fused CPU scan: a low-rank delta must be [batch, R, L]");
+  } else {
+    TORCH_CHECK(in.delta.sizes() == u.sizes(), "fused CPU scan: delta must be [batch, d_inner, L] like u");
+  }
+  TORCH_CHECK(u.size(2) > 0, "fused CPU scan: sequences of length 0");
+  TORCH_CHECK(in.A.dim() == 2 && in.A.size(0) == u.size(1) && in.A.is_contiguous(),
+              "fused CPU scan: A must be contiguous [d_inner, N]");
+  for (const at::Tensor* t : {&in.B, &in.C}) {
+    TORCH_CHECK(t->dim() == 3 && t->size(0) == u.size(0) && t->size(1) == in.A.size(1) && t->size(2) == u.size(2),
                 "fused CPU scan: B and C must be [batch, N, L]");
   }
-  if (D) TORCH_CHECK(D->is_contiguous() && D->numel() == u.size(1) && D->scalar_type() == at::kFloat, "fused CPU scan: bad D");
-  if (z) TORCH_CHECK(z->sizes() == u.sizes() && z->scalar_type() == at::kFloat, "fused CPU scan: bad z");
+  for (const auto* v : {&in.D, &in.delta_bias}) {
+    if (*v) {
+      TORCH_CHECK((*v)->is_contiguous() && (*v)->numel() == u.size(1) && (*v)->scalar_type() == at::kFloat,
+                  "fused CPU scan: D and delta_bias must be contiguous float32 [d_inner]");
+    }
+  }
+  if (in.z) TORCH_CHECK(in.z->sizes() == u.sizes() && in.z->scalar_type() == at::kFloat, "fused CPU scan: bad z");
+  if (in.mask) {
+    TORCH_CHECK(in.mask->dim() == 2 && in.mask->size(0) == u.size(0) && in.mask->size(1) == u.size(2) &&
+                    in.mask->scalar_type() == at::kFloat,
+                "fused CPU scan: mask must be float32 [batch, L]");
+  }
 }
 
-Problem make_problem(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
-                     const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z) {
-  const int64_t d_inner = u.size(1), n = A.size(1), blocks = (d_inner + kLanes - 1) / kLanes;
-  Problem p{d_inner, u.size(2), n, blocks, Rows(blocks * n), Rows(blocks),
-            Strided3(u), Strided3(delta), Strided3(B), Strided3(C), Strided3(z ? *z : at::Tensor())};
-  const float* a = A.data_ptr<float>();
+Problem make_problem(const ScanInputs& in) {
+  const at::Tensor& u = in.u;
+  const int64_t d_inner = u.size(1), n = in.A.size(1), blocks = (d_inner + kLanes - 1) / kLanes;
+  const int64_t rank = in.delta_proj ? in.delta_proj->size(1) : 0;
+  Problem p{d_inner, u.size(2), n, blocks, Rows(blocks * n), Rows(blocks), Rows(blocks), rank, Rows(blocks * rank),
+            in.delta_softplus, in.last_only, Strided3(u), Strided3(in.delta), Strided3(in.B), Strided3(in.C),
+            Strided3(in.z ? *in.z : at::Tensor()), Strided2(in.mask ? *in.mask : at::Tensor())};
+  const float* a = in.A.data_ptr<float>();
   for (int64_t d = 0; d < d_inner; ++d) {
     for (int64_t k = 0; k < n; ++k) p.A2[d / kLanes * n + k][d % kLanes] = a[d * n + k] * kLog2e;
-    if (D) p.D[d / kLanes][d % kLanes] = D->data_ptr<float>()[d];
+    if (in.D) p.D[d / kLanes][d % kLanes] = in.D->data_ptr<float>()[d];
+    if (in.delta_bias) p.delta_bias[d / kLanes][d % kLanes] = in.delta_bias->data_ptr<float>()[d];
+    for (int64_t r = 0; r < rank; ++r) p.delta_proj[d / kLanes * rank + r][d % kLanes] = in.delta_proj->data_ptr<float>()[d * rank + r];
   }
   return p;
 }
@@ -426,50 +621,70 @@ at::Tensor empty_channels_last(const at::Tensor& u) {
   return at::empty({u.size(0), u.size(2), u.size(1)}, u.options()).transpose(1, 2);
 }
 
+// Sums the threads' parts of a gradient shared by the batch, [blocks, count] vectors, into
+// out [d_inner, count].
+void add_lanes(const Rows& part, int64_t d_inner, int64_t count, at::Tensor& out) {
+  float* o = out.data_ptr<float>();
+  for (int64_t d = 0; d < d_inner; ++d)
+    for (int64_t k = 0; k < count; ++k) o[d * count + k] += part[d / kLanes * count + k][d % kLanes];
+}
+
+// out [batch, d_inner, L] (a view of [batch, L, d_inner] storage), or [batch, d_inner] with last_only.
 at::Tensor selective_scan_fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                               const at::Tensor& C, const std::optional<at::Tensor>& D,
-                              const std::optional<at::Tensor>& z) {
-  check_inputs(u, delta, A, B, C, D, z);
-  const Problem p = make_problem(u, delta, A, B, C, D, z);
-  at::Tensor out = empty_channels_last(u);
-  const Strided3 out_view(out);
+                              const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& delta_bias,
+                              const std::optional<at::Tensor>& delta_proj, bool delta_softplus,
+                              const std::optional<at::Tensor>& mask, bool last_only) {
+  const ScanInputs in{u, delta, A, B, C, D, z, delta_bias, delta_proj, delta_softplus, mask, last_only};
+  check_inputs(in);
+  const Problem p = make_problem(in);
+  at::Tensor out = last_only ? at::empty({u.size(0), u.size(1)}, u.options()) : empty_channels_last(u);
+  const Strided3 out_view(last_only ? at::Tensor() : out);
+  const Strided2 out_last(last_only ? out : at::Tensor());
   // items b * blocks + block: a thread's consecutive items share a sample's B and C rows
   at::parallel_for(0, u.size(0) * p.blocks, 1, [&](int64_t begin, int64_t end) {
     const FlushDenormals flush;
     Scratch scratch(p, /*backward=*/false);
-    for (int64_t i = begin; i < end; ++i) forward_item(p, i / p.blocks, i % p.blocks, out_view, scratch);
+    for (int64_t i = begin; i < end; ++i) forward_item(p, i / p.blocks, i % p.blocks, out_view, out_last, scratch);
   });
   return out;
 }
 
-// grad_u, grad_delta, grad_A, grad_B, grad_C, grad_D, grad_z (size 0 without z).
+// grad_u, grad_delta, grad_A, grad_B, grad_C, grad_D, grad_z (size 0 without z), grad_delta_bias,
+// grad_delta_proj (size 0 without delta_proj).
 std::vector<at::Tensor> selective_scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                                            const at::Tensor& B, const at::Tensor& C,
                                            const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+                                           const std::optional<at::Tensor>& delta_bias,
+                                           const std::optional<at::Tensor>& delta_proj, bool delta_softplus,
+                                           const std::optional<at::Tensor>& mask, bool last_only,
                                            const at::Tensor& grad_out) {
-  check_inputs(u, delta, A, B, C, D, z);
-  TORCH_CHECK(grad_out.sizes() == u.sizes() && grad_out.scalar_type() == at::kFloat, "fused CPU scan: bad grad_out");
-  const Problem p = make_problem(u, delta, A, B, C, D, z);
-  at::Tensor grad_u = empty_channels_last(u), grad_delta = empty_channels_last(u);
+  const ScanInputs in{u, delta, A, B, C, D, z, delta_bias, delta_proj, delta_softplus, mask, last_only};
+  check_inputs(in);
+  const auto out_sizes = last_only ? at::IntArrayRef(u.sizes().data(), 2) : u.sizes();
+  TORCH_CHECK(grad_out.sizes() == out_sizes && grad_out.scalar_type() == at::kFloat, "fused CPU scan: bad grad_out");
+  const Problem p = make_problem(in);
+  at::Tensor grad_u = empty_channels_last(u), grad_delta = empty_channels_last(delta);
   at::Tensor grad_B = at::empty_like(B), grad_C = at::empty_like(C);
   at::Tensor grad_z = z ? empty_channels_last(u) : at::empty({0}, u.options());
   at::Tensor grad_A = at::zeros_like(A), grad_D = at::zeros({p.d_inner}, u.options());
+  at::Tensor grad_bias = at::zeros({p.d_inner}, u.options());
+  at::Tensor grad_proj = at::zeros({p.d_inner, p.rank}, u.options());
   const Grads g{Strided3(grad_u), Strided3(grad_delta), Strided3(grad_B), Strided3(grad_C), Strided3(grad_z)};
-  const Strided3 grad_out_view(grad_out);
+  const Strided3 grad_out_view(last_only ? at::Tensor() : grad_out);
+  const Strided2 grad_last(last_only ? grad_out : at::Tensor());
   std::mutex reduce;
   at::parallel_for(0, u.size(0), 1, [&](int64_t begin, int64_t end) {
     const FlushDenormals flush;
     Scratch scratch(p, /*backward=*/true);
-    for (int64_t b = begin; b < end; ++b) backward_sample(p, b, grad_out_view, g, scratch);
-    std::lock_guard<std::mutex> lock(reduce);  // A and D are shared by the batch: sum the threads' parts
-    float* gA = grad_A.data_ptr<float>();
-    float* gD = grad_D.data_ptr<float>();
-    for (int64_t d = 0; d < p.d_inner; ++d) {
-      for (int64_t k = 0; k < p.n; ++k) gA[d * p.n + k] += scratch.gA[d / kLanes * p.n + k][d % kLanes];
-      gD[d] += scratch.gD[d / kLanes][d % kLanes];
-    }
+    for (int64_t b = begin; b < end; ++b) backward_sample(p, b, grad_out_view, grad_last, g, scratch);
+    std::lock_guard<std::mutex> lock(reduce);  // A, D and delta_bias are shared by the batch: sum the threads' parts
+    add_lanes(scratch.gA, p.d_inner, p.n, grad_A);
+    add_lanes(scratch.gD, p.d_inner, 1, grad_D);
+    add_lanes(scratch.gbias, p.d_inner, 1, grad_bias);
+    add_lanes(scratch.gproj, p.d_inner, p.rank, grad_proj);
   });
-  return {grad_u, grad_delta, grad_A, grad_B, grad_C, grad_D, grad_z};
+  return {grad_u, grad_delta, grad_A, grad_B, grad_C, grad_D, grad_z, grad_bias, grad_proj};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -598,8 +813,10 @@ std::vector<at::Tensor> causal_conv_silu_bwd(const at::Tensor& x, const at::Tens
 }  // namespace
 
 TORCH_LIBRARY(mdaf_dist, m) {
-  m.def("selective_scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z) -> Tensor");
+  m.def("selective_scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
+        "Tensor? delta_bias, Tensor? delta_proj, bool delta_softplus, Tensor? mask, bool last_only) -> Tensor");
   m.def("selective_scan_bwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
+        "Tensor? delta_bias, Tensor? delta_proj, bool delta_softplus, Tensor? mask, bool last_only, "
         "Tensor grad_out) -> Tensor[]");
   m.def("causal_conv_silu_fwd(Tensor x, Tensor weight_t, Tensor bias) -> Tensor");
   m.def("causal_conv_silu_bwd(Tensor x, Tensor weight_t, Tensor bias, Tensor grad_out) -> Tensor[]");
