@@ -294,9 +294,10 @@ class TrainConfig:
     resume: str = ""
     # "auto": CUDA when available, else CPU; or "cpu" / "cuda"
     device: Device = "auto"
-    # the TorchRec train pipeline the loop runs (train/pipeline.py): "auto" = sparse_dist on CUDA
-    # (the input all-to-all of the next batch overlaps this batch's compute), base on CPU (reads
-    # one batch ahead); "none" draws each batch right before its step. The losses are the same
+    # the loop's TorchRec train pipeline: auto (sparse_dist on CUDA, base on CPU), base, sparse_dist,
+    # none; sparse_dist overlaps the next batch's input all-to-all with this one's compute, base
+    # reads one batch ahead, none draws each batch right before its step; the losses are the same
+    # (train/pipeline.py)
     pipeline: TrainPipeline = "auto"
     # exact AUC over each epoch's training samples (results.json "evaluations", TensorBoard
     # train/auc). Memory grows with the epoch's samples: every rank keeps 5 bytes (logit, label)
