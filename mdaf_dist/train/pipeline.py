@@ -1,9 +1,9 @@
 """The training loop's steps through a TorchRec train pipeline (`train.pipeline`).
 
 A pipeline reads ahead of the step it trains: `TrainPipelineSparseDist` (auto on CUDA) starts the
-input all-to-all of batch i+1 and the host-to-device copy of batch i+2 while batch i computes;
-`TrainPipelineBase` (auto on CPU) reads one batch ahead; "none" draws each batch right before its
-step. The step is the same whichever runs it (the losses are equal), because the pieces a
+input all-to-all of batch i+1 on its own stream while batch i computes (on CPU it runs too, with
+nothing to overlap); `TrainPipelineBase` (auto on CPU) reads one batch ahead; "none" draws each
+batch right before its step. The step is the same whichever runs it (the losses are equal), because the pieces a
 pipeline calls itself carry the loop's semantics:
 
 - `model(batch) -> (loss, output)`: `StepLoss`, a thin module around the model whose forward
@@ -16,6 +16,8 @@ pipeline calls itself carry the loop's semantics:
   position after it) waits in a queue that StepLoss pops: pipelines run forwards in draw order.
 - uneven data: batches are drawn by `Scorer.next_or_padding` (the has-a-batch all-reduce and the
   padding batch), ahead of their step but in the same order on every rank, so collectives match.
+  It also copies the batch to the device (non-blocking, from pinned memory, on the current
+  stream), so the pipelines' own host-to-device copy has nothing left to do.
 - checkpoints: each step's result carries the loader's position right after its batch was drawn,
   which is what a loop without read-ahead saves; when the loop leaves an epoch early (max_steps),
   the loader goes back to the position after the last trained batch, so that the batches read
