@@ -295,9 +295,9 @@ class TrainConfig:
     # "auto": CUDA when available, else CPU; or "cpu" / "cuda"
     device: Device = "auto"
     # the loop's TorchRec train pipeline: auto (sparse_dist on CUDA, base on CPU), base, sparse_dist,
-    # none; sparse_dist overlaps the next batch's input all-to-all with this one's compute, base
-    # reads one batch ahead, none draws each batch right before its step; the losses are the same
-    # (train/pipeline.py)
+    # none; sparse_dist overlaps the next batch's input all-to-all with this one's compute (it needs
+    # the sharded tables: auto is base with `--embedding-backend plain`), base reads one batch
+    # ahead, none draws each batch right before its step; the losses are the same (train/pipeline.py)
     pipeline: TrainPipeline = "auto"
     # exact AUC over each epoch's training samples (results.json "evaluations", TensorBoard
     # train/auc). Memory grows with the epoch's samples: every rank keeps 5 bytes (logit, label)

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from mdaf_dist import cli
 from mdaf_dist.distributed import checkpoint as ckpt
 from mdaf_dist.distributed.env import distributed
 from mdaf_dist.train.pipeline import resolve_pipeline
@@ -32,10 +33,20 @@ def _local_tensors(model):
     return {name: value.detach().clone() for name, value in state.items() if isinstance(value, torch.Tensor)}
 
 
-def test_auto_is_sparse_dist_on_cuda_and_base_on_cpu():
-    assert resolve_pipeline("auto", torch.device("cuda")) == "sparse_dist"
-    assert resolve_pipeline("auto", torch.device("cpu")) == "base"
-    assert resolve_pipeline("none", torch.device("cuda")) == "none"
+def test_auto_is_sparse_dist_on_cuda_with_sharded_tables_and_base_otherwise():
+    assert resolve_pipeline("auto", torch.device("cuda"), sharded=True) == "sparse_dist"
+    assert resolve_pipeline("auto", torch.device("cuda"), sharded=False) == "base"
+    assert resolve_pipeline("auto", torch.device("cpu"), sharded=True) == "base"
+    assert resolve_pipeline("none", torch.device("cuda"), sharded=True) == "none"
+
+
+def test_sparse_dist_on_the_plain_embedding_backend_is_refused_in_one_line(tiny_data_dir, tmp_path, capsys):
+    argv = ["train", "--embedding-backend", "plain", f"data_dir={tiny_data_dir}", f"output_dir={tmp_path}", "model.history_length=8", "train.pipeline=sparse_dist"]
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err == (
+        "mdaf train: error: train.pipeline=sparse_dist pipelines the sharded tables, and the plain embedding backend has none: "
+        "use train.pipeline=base or none\n"
+    )
 
 
 def _fit_each_pipeline(data_dir, out_dir, device, *overrides):

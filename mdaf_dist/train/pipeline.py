@@ -39,14 +39,18 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mdaf_dist.data.batch import Batch
 from mdaf_dist.data.loader import StreamingLoader
+from mdaf_dist.errors import UserError
 from mdaf_dist.models.loss import smoothed_bce
 from mdaf_dist.train.score import Scorer
 
 
-def resolve_pipeline(name: str, device: torch.device) -> str:
-    """`train.pipeline` with "auto" resolved by device."""
+def resolve_pipeline(name: str, device: torch.device, sharded: bool) -> str:
+    """`train.pipeline` with "auto" resolved: sparse_dist on CUDA with sharded tables (whose input
+    all-to-all it pipelines; it traces the model, which only the sharded one allows), else base."""
     if name == "auto":
-        return "sparse_dist" if device.type == "cuda" else "base"
+        return "sparse_dist" if device.type == "cuda" and sharded else "base"
+    if name == "sparse_dist" and not sharded:
+        raise UserError("train.pipeline=sparse_dist pipelines the sharded tables, and the plain embedding backend has none: use train.pipeline=base or none")
     return name
 
 
@@ -134,8 +138,10 @@ def draw(scorer: Scorer, loader: StreamingLoader, queue: Deque[Drawn]) -> Iterat
 class TrainSteps:
     """Runs an epoch's steps through the pipeline `name` (see the module docstring)."""
 
-    def __init__(self, name: str, model: nn.Module, optimizer: StepOptimizer, scorer: Scorer, label_smoothing: float, device: torch.device) -> None:
-        self.name = resolve_pipeline(name, device)
+    def __init__(
+        self, name: str, model: nn.Module, optimizer: StepOptimizer, scorer: Scorer, label_smoothing: float, device: torch.device, sharded: bool
+    ) -> None:
+        self.name = resolve_pipeline(name, device, sharded)
         self.model, self.optimizer, self.scorer, self.device = model, optimizer, scorer, device
         self.loss = StepLoss(model, label_smoothing)
 

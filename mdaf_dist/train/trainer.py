@@ -122,7 +122,7 @@ class Trainer:
         self.step_losses: List[float] = []
         self.scorer = Scorer(self.model, cfg, env)
         step_optimizer = StepOptimizer(self.optimizer, self.scheduler, self.dense_params, cfg.train.grad_clip_norm)
-        self.steps = TrainSteps(cfg.train.pipeline, self.model, step_optimizer, self.scorer, cfg.model.label_smoothing, env.device)
+        self.steps = TrainSteps(cfg.train.pipeline, self.model, step_optimizer, self.scorer, cfg.model.label_smoothing, env.device, self.sharded)
         self._warned_undefined_auc = False
 
     # -- one step ---------------------------------------------------------------------------
