@@ -3,8 +3,8 @@
 A pipeline reads ahead of the step it trains: `TrainPipelineSparseDist` (auto on CUDA) starts the
 input all-to-all of batch i+1 on its own stream while batch i computes (on CPU it runs too, with
 nothing to overlap); `TrainPipelineBase` (auto on CPU) reads one batch ahead; "none" draws each
-batch right before its step. The step is the same whichever runs it (the losses are equal), because the pieces a
-pipeline calls itself carry the loop's semantics:
+batch right before its step. The step is the same whichever runs it (the losses are equal),
+because the pieces a pipeline calls itself carry the loop's semantics:
 
 - `model(batch) -> (loss, output)`: `StepLoss`, a thin module around the model whose forward
   computes the label-smoothed BCE mean times the step's weight (0 on a padding step).
@@ -22,6 +22,8 @@ pipeline calls itself carry the loop's semantics:
   which is what a loop without read-ahead saves; when the loop leaves an epoch early (max_steps),
   the loader goes back to the position after the last trained batch, so that the batches read
   ahead are read again by whatever comes next (a resume, or the next fit).
+- evaluation: each epoch gets its own pipeline, and TrainPipelineSparseDist, which swaps the sharded
+  tables' forwards for pipelined ones, gives them back at the epoch's end.
 """
 
 from __future__ import annotations
