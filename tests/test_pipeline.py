@@ -3,8 +3,9 @@ the step they train, and their per-step losses, train AUC and final weights equa
 without read-ahead (none) exactly, at 1 rank and at 2 ranks with uneven data (the padding step
 included). A checkpoint taken mid-epoch by a pipelined loop records the loader's position after
 the last trained batch, not after those read ahead, and resumes bit for bit; a max_steps stop
-puts the loader back there too. On CUDA (skipped without one) sparse_dist overlaps the input
-all-to-all with compute and its losses equal none's."""
+puts the loader back there too. auto is sparse_dist on CUDA with sharded tables, base otherwise;
+sparse_dist on the plain embedding backend is refused in one line. On CUDA (skipped without one),
+with its streams, sparse_dist's losses match none's up to the order of CUDA's reductions."""
 
 from __future__ import annotations
 
