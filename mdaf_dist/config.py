@@ -41,6 +41,7 @@ CrossAttentionDirection = Literal["seq_to_static", "static_to_seq", "both"]
 OptFusionStage = Literal["search", "retrain", "search_retrain"]
 EmbeddingOptimizer = Literal["auto", "adam", "rowwise_adagrad", "adagrad", "sgd"]
 Device = Literal["auto", "cpu", "cuda"]
+TrainPipeline = Literal["auto", "base", "sparse_dist", "none"]
 ShardingType = Literal["table_wise", "row_wise", "column_wise", "data_parallel"]
 # keys that moved: an old config naming one gets one line naming the new key
 MOVED_KEYS = {"prepare.history_length": "model.history_length", "loader.history_length": "model.history_length"}
@@ -293,6 +294,11 @@ class TrainConfig:
     resume: str = ""
     # "auto": CUDA when available, else CPU; or "cpu" / "cuda"
     device: Device = "auto"
+    # the loop's TorchRec train pipeline: auto (sparse_dist on CUDA, base on CPU), base, sparse_dist,
+    # none; sparse_dist overlaps the next batch's input all-to-all with this one's compute (it needs
+    # the sharded tables: auto is base with `--embedding-backend plain`), base reads one batch
+    # ahead, none draws each batch right before its step; the losses are the same (train/pipeline.py)
+    pipeline: TrainPipeline = "auto"
     # exact AUC over each epoch's training samples (results.json "evaluations", TensorBoard
     # train/auc). Memory grows with the epoch's samples: every rank keeps 5 bytes (logit, label)
     # per sample it trains on, in its checkpoint files too, and rank 0 gathers and sorts all of

@@ -175,7 +175,7 @@ def test_checkpoint_of_other_settings_is_refused_naming_them(tiny_data_dir, tmp_
     path = ckpt.resolve("auto", out / "checkpoints")
     capsys.readouterr()
     # a longer run, elsewhere, on other cores: all of that may change
-    assert main([*base[:-3], "train.max_steps=2", f"output_dir={tmp_path / 'other'}", f"train.resume={path}", "train.device=cpu", "loader.num_workers=0"]) == 0
+    assert main([*base[:-3], "train.max_steps=2", f"output_dir={tmp_path / 'other'}", f"train.resume={path}", "train.device=cpu", "loader.num_workers=0", "train.pipeline=none"]) == 0
     capsys.readouterr()
 
     assert main([*base, "train.resume=auto", "model.embedding_dim=32", "train.lr=0.1"]) == 2

@@ -77,7 +77,7 @@ def test_the_choice_settings_are_typed():
     assert {key for key, _ in LITERAL_KEYS} == {
         "prepare.neg_sampling", "prepare.neg_category", "prepare.dedup_clicks", "prepare.history_cutoff",
         "prepare.category_filter", "prepare.split", "model.name", "model.static_branch", "model.sequence_branch",
-        "model.scan_backend", "model.fusion", "model.cross_attention_direction", "model.optfusion_stage", "train.embedding_optimizer", "train.device", "sharding.default",
+        "model.scan_backend", "model.fusion", "model.cross_attention_direction", "model.optfusion_stage", "train.embedding_optimizer", "train.device", "train.pipeline", "sharding.default",
         "sharding.tables.some_table",
     }  # fmt: skip
 

@@ -3,12 +3,14 @@ and 2 gloo ranks on the same prepared data, and the loader's share of a step. Pr
 
     python tools/bench_train.py                              # synthetic data, configs/smoke.yaml
     python tools/bench_train.py --data-dir DIR --ranks 1 2 4 --steps 200 --batch-size 1024
+    python tools/bench_train.py --pipelines auto none         # the train pipeline against none
 
 Throughput comes from the run's own TensorBoard events: the wall time between the first and the
 last `train/loss` report, so process start, sharding and the final evaluation are left out.
 The trainer does not time its loader, so the loader's share is measured here: rank 0's loader
 alone, over the same batches, divided by the step time. Both run on the same cores, so on a
-busy machine the share is a lower bound.
+busy machine the share is a lower bound. With several --pipelines, each `train.pipeline` runs at
+every world size, and `vs_first_pipeline` gives each one's samples/s over the first's.
 """
 
 from __future__ import annotations
@@ -23,12 +25,12 @@ import tempfile
 import time
 from itertools import islice
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, get_args
 
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from mdaf_dist.config import Config, load_config
+from mdaf_dist.config import Config, TrainPipeline, load_config
 from mdaf_dist.data.loader import make_loader, num_samples
 from mdaf_dist.data.prepare import prepare
 from mdaf_dist.data.synth import generate
@@ -71,9 +73,9 @@ def loader_seconds_per_batch(cfg: Config, data_dir: Path, world_size: int, first
     return (time.perf_counter() - start) / count
 
 
-def measure(cfg: Config, config: str, data_dir: Path, out: Path, world_size: int, threads: int, steps: int, log_every: int) -> Dict[str, float]:
+def measure(cfg: Config, config: str, data_dir: Path, out: Path, world_size: int, pipeline: str, threads: int, steps: int, log_every: int) -> Dict[str, float]:
     overrides = [
-        f"data_dir={data_dir}", f"output_dir={out}", f"loader.batch_size={cfg.loader.batch_size}",
+        f"data_dir={data_dir}", f"output_dir={out}", f"loader.batch_size={cfg.loader.batch_size}", f"train.pipeline={pipeline}",
         f"train.max_steps={steps}", "train.patience=0", "checkpoint.every_steps=0",
         f"logging.log_every={log_every}", "logging.progress_bar=false", "logging.tensorboard=true",
     ]  # fmt: skip
@@ -88,6 +90,7 @@ def measure(cfg: Config, config: str, data_dir: Path, out: Path, world_size: int
     loader_s = loader_seconds_per_batch(cfg, data_dir, world_size, first.step, last.step)
     return {
         "world_size": world_size,
+        "pipeline": pipeline,
         "threads_per_rank": threads,
         "samples_per_s": round(samples_per_step / step_s, 1),
         "step_ms": round(step_s * 1e3, 2),
@@ -104,6 +107,7 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, help="a prepared directory (default: synthesise and prepare --rows rows)")
     parser.add_argument("--rows", type=int, default=100_000, help="synthetic UserBehavior rows")
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2], help="world sizes to run")
+    parser.add_argument("--pipelines", nargs="+", default=["auto"], choices=get_args(TrainPipeline), help="train.pipeline values to run, each at every world size")
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
     parser.add_argument("--log-every", type=int, default=5, help="steps between timing reports")
     parser.add_argument("--batch-size", type=int, help="per-rank batch size (default: the config's)")
@@ -125,7 +129,11 @@ def main() -> None:
             # an epoch boundary inside the timed steps would time a validation pass too
             if -(-train_samples // (cfg.loader.batch_size * world_size)) < args.steps:
                 sys.exit(f"{train_samples} training samples make fewer than {args.steps} steps with {world_size} ranks: use more --rows or fewer --steps")
-        runs = [measure(cfg, args.config, data_dir, Path(scratch) / f"run-{w}", w, args.threads_per_rank, args.steps, args.log_every) for w in args.ranks]
+        runs = [
+            measure(cfg, args.config, data_dir, Path(scratch) / f"run-{p}-{w}", w, p, args.threads_per_rank, args.steps, args.log_every)
+            for w in args.ranks
+            for p in args.pipelines
+        ]
     result = {
         "config": args.config,
         "data_dir": str(args.data_dir or f"synthetic ({args.rows} rows)"),
@@ -134,8 +142,14 @@ def main() -> None:
         "cpu_count": os.cpu_count(),
         "runs": runs,
     }
-    if len(runs) > 1:
-        result["speedup_vs_first"] = {str(r["world_size"]): round(r["samples_per_s"] / runs[0]["samples_per_s"], 3) for r in runs[1:]}
+    first = [r for r in runs if r["pipeline"] == args.pipelines[0]]
+    if len(first) > 1:
+        result["speedup_vs_first"] = {str(r["world_size"]): round(r["samples_per_s"] / first[0]["samples_per_s"], 3) for r in first[1:]}
+    # samples/s of each further pipeline over the first's, per world size
+    for pipeline in args.pipelines[1:]:
+        result.setdefault("vs_first_pipeline", {})[pipeline] = {
+            str(r["world_size"]): round(r["samples_per_s"] / f["samples_per_s"], 3) for r, f in zip((r for r in runs if r["pipeline"] == pipeline), first)
+        }
     result["gemm_gflops_one_core"] = gemm_gflops()
     print(json.dumps(result, indent=2))
 

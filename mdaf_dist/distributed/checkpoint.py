@@ -184,11 +184,11 @@ def newest_intact(root: Path) -> Optional[Path]:
 
 
 # settings a run may change against its checkpoint: where it reads and writes, how long it runs,
-# what it reports, how it logs, checkpoints and places the tables (DCP reshards); every other
-# setting must match
+# what it reports, how it logs, checkpoints, places the tables (DCP reshards) and pipelines its
+# steps (the same losses); every other setting must match
 CHANGEABLE_SETTINGS = (
     "output_dir", "data_dir", "prepare.", "train.max_epochs", "train.max_steps", "train.patience", "train.resume",
-    "train.device", "train.train_auc", "loader.num_workers", "loader.eval_batch_size", "logging.", "checkpoint.", "sharding.",
+    "train.device", "train.train_auc", "train.pipeline", "loader.num_workers", "loader.eval_batch_size", "logging.", "checkpoint.", "sharding.",
 )  # fmt: skip
 
 

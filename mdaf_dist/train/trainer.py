@@ -1,5 +1,6 @@
 """The training loop: optimizers, epochs, evaluation, early stopping, checkpoints. The model
-comes from build.py (the same one scoring builds), every evaluation runs score.py's loop.
+comes from build.py (the same one scoring builds), every evaluation runs score.py's loop, every
+training step runs through a TorchRec train pipeline (pipeline.py, `train.pipeline`).
 
 Uneven data across ranks. The loader gives every rank a contiguous slice of the samples (ranks
 differ by at most one sample), so one rank may have one batch more than another. Every step
@@ -25,6 +26,7 @@ one included) and results.json carry those test metrics; early stopping looks at
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -35,7 +37,6 @@ from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from mdaf_dist.config import Config, to_yaml
 from mdaf_dist.data.batch import Batch
@@ -46,7 +47,6 @@ from mdaf_dist.distributed.env import DistEnv, all_reduce, all_reduce_max
 from mdaf_dist.distributed.sharding import PLAN_JSON, PLAN_TEXT, describe_plan
 from mdaf_dist.errors import UserError
 from mdaf_dist.files import read_json, write_json
-from mdaf_dist.models.loss import smoothed_bce
 from mdaf_dist.models.optfusion import ARCHITECTURE_FILE, describe_architecture, searched_architecture
 from mdaf_dist.train.build import build_distributed_model, data_vocab
 from mdaf_dist.train.logging import RunLogger
@@ -58,6 +58,7 @@ from mdaf_dist.train.optim import (
     resolve_embedding_optimizer,
     warmup_steps,
 )
+from mdaf_dist.train.pipeline import StepOptimizer, TrainSteps
 from mdaf_dist.train.score import Scorer
 
 RESULTS_FILE = "results.json"
@@ -120,27 +121,16 @@ class Trainer:
         # global mean training loss of every step this process ran
         self.step_losses: List[float] = []
         self.scorer = Scorer(self.model, cfg, env)
+        step_optimizer = StepOptimizer(self.optimizer, self.scheduler, self.dense_params, cfg.train.grad_clip_norm)
+        self.steps = TrainSteps(cfg.train.pipeline, self.model, step_optimizer, self.scorer, cfg.model.label_smoothing, env.device, self.sharded)
         self._warned_undefined_auc = False
 
     # -- one step ---------------------------------------------------------------------------
-    def train_step(self, batch: Batch, weight: float = 1.0) -> torch.Tensor:
-        """Forward, backward (the tables update inside it), dense clip + AdamW step, warmup.
-        Returns the sum of this rank's per-sample losses in float64, where summing float32 values
-        is exact: the global mean the loop logs is then the same however the global batch is
-        split over ranks."""
-        self.model.train()
-        # also hands the scheduled lr to the fused tables' kernels before their in-backward update
-        self.optimizer.zero_grad(set_to_none=True)
-        out = self.model(batch.features)
-        losses = smoothed_bce(out.logits, batch.labels, self.cfg.model.label_smoothing, reduction="none")
-        if weight and self.train_evaluator is not None:
-            self.train_evaluator.update(out.logits, batch.labels)
-        (losses.mean() * weight).backward()
-        if self.cfg.train.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.dense_params, self.cfg.train.grad_clip_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        return losses.detach().double().sum()
+    def train_step(self, batch: Batch) -> torch.Tensor:
+        """One step on `batch` outside the loop (pipeline.py has the step): forward, backward (the
+        tables update inside it), dense clip + AdamW step, warmup. Returns the sum of this rank's
+        per-sample losses in float64."""
+        return self.steps.step(batch).loss_sum
 
     # -- evaluation -------------------------------------------------------------------------
     def evaluate(self, split: str = "valid") -> Dict[str, Any]:
@@ -164,26 +154,27 @@ class Trainer:
         return 0 < self.cfg.train.max_steps <= self.state.step
 
     def _train_epoch(self, logger: RunLogger) -> None:
-        batches = iter(self.train_loader)
         log_every = max(1, self.cfg.logging.log_every)
         every = self.cfg.checkpoint.every_steps
-        while not self._reached_max_steps():
-            batch = self.scorer.next_or_padding(batches)
-            if batch is None:
-                self.state.epoch_samples = 0
-                return
-            real = batch is not self.scorer.padding
-            loss = self.train_step(batch, weight=1.0 if real else 0.0)
-            n = batch.batch_size if real else 0
-            loss_sum, count = all_reduce([float(loss) if real else 0.0, n], dist.ReduceOp.SUM)
-            self.state.step += 1
-            self.state.samples_trained += int(count)
-            self.state.epoch_samples += int(count)
-            self.step_losses.append(loss_sum / count)
-            if self.state.step % log_every == 0:
-                logger.step(self.state.step, {"loss": loss_sum / count, "lr": self.scheduler.get_last_lr()[0]})
-            if every > 0 and self.state.step % every == 0:
-                self.save_checkpoint(None)
+        with contextlib.closing(self.steps.run(self.train_loader)) as steps:
+            for result in steps:
+                real, batch = result.drawn.real, result.drawn.batch
+                if real and self.train_evaluator is not None:
+                    self.train_evaluator.update(result.logits, batch.labels)
+                n = batch.batch_size if real else 0
+                loss_sum, count = all_reduce([float(result.loss_sum) if real else 0.0, n], dist.ReduceOp.SUM)
+                self.state.step += 1
+                self.state.samples_trained += int(count)
+                self.state.epoch_samples += int(count)
+                self.step_losses.append(loss_sum / count)
+                if self.state.step % log_every == 0:
+                    logger.step(self.state.step, {"loss": loss_sum / count, "lr": self.scheduler.get_last_lr()[0]})
+                if every > 0 and self.state.step % every == 0:
+                    # the loader's position after this step's batch, not after those read ahead
+                    self.save_checkpoint(None, loader_state=result.drawn.loader_state)
+                if self._reached_max_steps():
+                    return
+        self.state.epoch_samples = 0
 
     def _record(self, metrics: Dict[str, Any], train_auc: Optional[float], logger: RunLogger) -> bool:
         """Early stopping bookkeeping; True when patience has run out."""
@@ -316,7 +307,10 @@ class Trainer:
         }
 
     # -- checkpoints ------------------------------------------------------------------------
-    def save_checkpoint(self, metrics: Optional[Dict[str, Any]], test: Optional[Dict[str, Any]] = None) -> Path:
+    def save_checkpoint(
+        self, metrics: Optional[Dict[str, Any]], test: Optional[Dict[str, Any]] = None, loader_state: Optional[Dict[str, int]] = None
+    ) -> Path:
+        """`loader_state`: the train loader's position to resume from (default: where it is)."""
         trainer = {
             **asdict(self.state),
             "epoch": self.train_loader.epoch,
@@ -333,7 +327,7 @@ class Trainer:
         if self.sharded:
             files[PLAN_JSON] = json.dumps(describe_plan(self.model.plan), indent=2)
             files[PLAN_TEXT] = str(self.model.plan) + "\n"
-        local = {"loader": self.train_loader.state_dict(), "rng": ckpt.rng_state()}
+        local = {"loader": self.train_loader.state_dict() if loader_state is None else loader_state, "rng": ckpt.rng_state()}
         if self.train_evaluator is not None:
             local[TRAIN_AUC_ROWS] = self.train_evaluator.state_dict()
         snapshot = ckpt.Snapshot(trainer=json.loads(json.dumps(trainer, default=float)), local=local, files=files)
