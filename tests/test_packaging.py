@@ -11,10 +11,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_the_prebuilt_kernels_are_used_unless_older_than_their_source(monkeypatch, tmp_path):
-    source, library = tmp_path / "mamba_cpu.cpp", tmp_path / "_mamba_cpu.so"
+    (tmp_path / "csrc").mkdir()
+    source, library = tmp_path / "csrc" / "mamba_cpu.cpp", tmp_path / "_mamba_cpu.so"
     source.write_text("// kernels\n")
     library.write_bytes(b"")
-    monkeypatch.setattr(cpu_kernels, "SOURCES", (source,))
+    monkeypatch.setattr(cpu_kernels, "CSRC", tmp_path / "csrc")
     found = {cpu_kernels.PREBUILT: importlib.machinery.ModuleSpec(cpu_kernels.PREBUILT, None, origin=str(library))}
     monkeypatch.setattr(cpu_kernels.importlib.util, "find_spec", found.get)
     os.utime(source, (1000, 1000))

@@ -242,6 +242,7 @@ def test_a_failed_build_reports_the_compiler_error(monkeypatch, tmp_path):
     """The one line names the compiler's error, not the build tool's last words."""
     broken = tmp_path / "broken.cpp"
     broken.write_text("#error the kernel source is broken\n")
+    monkeypatch.setattr(cpu_kernels, "CSRC", tmp_path)  # newer than the build: no prebuilt library
     monkeypatch.setattr(cpu_kernels, "SOURCES", (broken,))
     monkeypatch.setattr(cpu_kernels, "NAME", "mdaf_dist_broken_kernel")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "build"))

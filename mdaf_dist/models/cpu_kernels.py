@@ -30,9 +30,8 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-SOURCES = tuple(
-    Path(__file__).with_name("csrc") / name for name in ("mamba_cpu.cpp", "dropout_cpu.cpp", "embedding_backward_cpu.cpp")
-)
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = tuple(CSRC / name for name in ("mamba_cpu.cpp", "dropout_cpu.cpp", "embedding_backward_cpu.cpp"))
 NAME = "mdaf_dist_mamba_cpu"
 # the ahead-of-time build's module (setup.py); it registers the ops, it has no Python interface
 PREBUILT = "mdaf_dist.models._mamba_cpu"
@@ -66,7 +65,8 @@ def prebuilt_library() -> Path | None:
     if spec is None or spec.origin is None:
         return None
     library = Path(spec.origin)
-    return library if library.stat().st_mtime >= max(source.stat().st_mtime for source in SOURCES) else None
+    newest = max(path.stat().st_mtime for path in CSRC.iterdir())  # the sources and their header
+    return library if library.stat().st_mtime >= newest else None
 
 
 def _build() -> None:

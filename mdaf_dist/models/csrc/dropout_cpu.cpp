@@ -15,13 +15,9 @@
 #include <cmath>
 #include <cstdint>
 
-namespace {
+#include "kernel_targets.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define KERNEL_TARGETS __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define KERNEL_TARGETS
-#endif
+namespace {
 
 // SplitMix64 (Steele, Lea and Flood 2014): the state advances by the golden-ratio increment and
 // each output is the mixed state; element i reads output i of the stream that starts at `seed`.

@@ -46,18 +46,13 @@
 #include <mutex>
 #include <vector>
 
+#include "kernel_targets.h"
+
 // No NaNs or infinities reach the kernels' arithmetic (exp2_vec clamps its argument), so the
 // clamps compile to one min or max instruction each instead of a compare and a blend.
 #pragma GCC optimize("finite-math-only", "no-signed-zeros")
 
 namespace {
-
-// Compiled once per instruction set; the loader picks the best one for the running CPU.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define KERNEL_TARGETS __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define KERNEL_TARGETS
-#endif
 
 // GCC vector-extension vectors of 16 floats; the compiler lowers each vector op to one AVX-512,
 // two AVX2 or four SSE instructions, whichever clone runs. Channels past d_inner in the last block
