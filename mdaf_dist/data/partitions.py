@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 
 from mdaf_dist.config import PrepareConfig
 from mdaf_dist.data import samples as S
+from mdaf_dist.data.heap import reused_heap
 from mdaf_dist.data.ingest import BEHAVIORS, IngestReport, IngestStream, RawEvents
 from mdaf_dist.data.layout import REJECTS_FILE, SAMPLE_SCHEMA, SAMPLES_DIR, SPLITS, Events, write_events
 from mdaf_dist.data.vocab import PADDING_RAW_ID, VOCAB_DIR, dense_of, load_vocab, save_vocab
@@ -153,6 +154,7 @@ def _pool(keys: np.ndarray, ends: Optional[np.ndarray], scan: Dict[str, Any], vo
     return S.NegativePool(keys, ends, scan["first_window"], scan["num_windows"], len(vocab["category"]), len(vocab["item"]))
 
 
+@reused_heap()
 def scan(cfg: PrepareConfig, rejects_path: Path, spill: Path, buckets: int, keep: Optional[int] = None, progress: bool = True) -> Shared:
     """Read the input once: the ledger's counts and the shared tables, and each click row spilled
     to `spill/bucket-B.bin` by `user_buckets` (only bucket `keep`, when given)."""
@@ -347,6 +349,7 @@ def _filter_and_write(
     return {split: writer.close() for split, writer in writers.items()}, tallies
 
 
+@reused_heap()
 def prepare_partition(cfg: PrepareConfig, history_length: int, shared: Shared, spills: Iterable[Path], bounds: Tuple[int, Optional[int]], out: Path) -> Dict[str, Any]:
     """Every per-user stage for the click rows spilled to `spills`; samples and events written
     into `out`; returns its counts (also in out/summary.json)."""
