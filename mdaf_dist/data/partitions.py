@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 from mdaf_dist.config import PrepareConfig
 from mdaf_dist.data import samples as S
 from mdaf_dist.data.heap import reused_heap
-from mdaf_dist.data.ingest import BEHAVIORS, IngestReport, IngestStream, RawEvents
+from mdaf_dist.data.ingest import BEHAVIORS, IngestReport, IngestStream, RawEvents, prefetched
 from mdaf_dist.data.layout import REJECTS_FILE, SAMPLE_SCHEMA, SAMPLES_DIR, SPLITS, Events, write_events
 from mdaf_dist.data.vocab import PADDING_RAW_ID, VOCAB_DIR, dense_of, load_vocab, save_vocab
 from mdaf_dist.errors import UserError
@@ -165,7 +165,7 @@ def scan(cfg: PrepareConfig, rejects_path: Path, spill: Path, buckets: int, keep
     spill.mkdir(parents=True, exist_ok=True)
     files: Dict[int, Any] = {}
     try:
-        for block, _ in stream:
+        for block, _ in prefetched(stream):
             if cfg.user_fraction < 1.0:
                 block = block.select(S.keep_users(block.user, cfg.user_fraction, cfg.seed))
             events += len(block)
