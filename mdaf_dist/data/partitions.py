@@ -64,8 +64,9 @@ MIN_PARTITION_CLICKS = 1 << 20
 _ID_BITS, _WINDOW_BITS = 25, 12
 _WINDOW_OFFSET = 1 << (_WINDOW_BITS - 1)
 _ID_MASK = (1 << _ID_BITS) - 1
-# the spilled click rows: raw ids and timestamp, in file order per bucket
-SPILL = np.dtype([("user", "<i8"), ("item", "<i8"), ("category", "<i8"), ("ts", "<i8")])
+# the spilled click rows: raw ids and timestamp, in file order per bucket (item and category
+# below 2**25 and timestamps in the int32 range, as the scan checks first)
+SPILL = np.dtype([("user", "<i8"), ("item", "<i4"), ("category", "<i4"), ("ts", "<i4")])
 # a partition's events for the merge: dense user, item, category and ts in (user, ts) order
 PART_EVENTS = np.dtype([("user", "<i4"), ("item", "<i4"), ("category", "<i4"), ("ts", "<i4")])
 PART_EVENTS_FILE = "events.npy"
