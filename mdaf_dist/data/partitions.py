@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -165,6 +165,9 @@ def scan(cfg: PrepareConfig, rejects_path: Path, spill: Path, buckets: int, keep
     first_ts, last_ts = _INT32.max, _INT32.min
     spill.mkdir(parents=True, exist_ok=True)
     files: Dict[int, Any] = {}
+    # the distinct keys sorted in a thread while this one spills the block (numpy releases the
+    # GIL), one block at a time
+    tables, added = ThreadPoolExecutor(1), []
     try:
         for block, _ in prefetched(stream):
             if cfg.user_fraction < 1.0:
@@ -184,10 +187,15 @@ def scan(cfg: PrepareConfig, rejects_path: Path, spill: Path, buckets: int, keep
                     f"2**{_ID_BITS} and timestamps within {_WINDOW_OFFSET} windows of prepare.neg_window_seconds from "
                     "prepare.window_start (keep prepare.check_window=true)"
                 )
-            pool.add((window << (2 * _ID_BITS)) | (block.category << _ID_BITS) | block.item)
-            users.add(block.user)
+            for done in added:
+                done.result()
+            added = [tables.submit(pool.add, (window << (2 * _ID_BITS)) | (block.category << _ID_BITS) | block.item),
+                     tables.submit(users.add, block.user)]
             _spill(block, spill, files, buckets, keep)
+        for done in added:
+            done.result()
     finally:
+        tables.shutdown()
         for f in files.values():
             f.close()
     pa.default_memory_pool().release_unused()  # the parsed blocks' memory, for the workers
