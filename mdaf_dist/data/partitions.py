@@ -15,8 +15,9 @@ each prepared on its own, then merged.
 
 So the output does not depend on the partitioning: events, offsets and vocabularies are the same
 bytes, the samples the same rows (each partition writes its own part files, a positive followed
-by its negatives, grouped by user). Memory: the scan holds one input block and the shared tables
-(the pool is 16 bytes per distinct (window, category, item)); a partition about
+by its negatives, grouped by user). Memory: the scan holds two input blocks (the next one is
+parsed while this one is spilled) and the shared tables (the pool is 16 bytes per distinct
+(window, category, item)); a partition about
 `BYTES_PER_CLICK` per click; the merge the events, 12 bytes per click. `prepare.memory_gb`
 sets the number of partitions so that `prepare.workers` of them at a time fit
 (`plan_partitions`); on a cluster, `mdaf prepare --partition I/N` runs the scan and partition I
