@@ -28,6 +28,7 @@ def _libc():
 
 @contextmanager
 def reused_heap() -> Iterator[None]:
+    """Every allocation from the heap, freed memory kept for the next, inside; all of it handed back after."""
     libc = _libc()
     if libc is None:
         yield
