@@ -352,7 +352,11 @@ def _filter_and_write(
         tallies[1] += S.split_counts(chunk.label, split)
         keep = S.has_history(chunk) if cfg.drop_empty_history else np.ones(len(chunk), dtype=bool)
         tallies[2] += S.split_counts(chunk.label[keep], split[keep])
-        keep &= S.category_filter(history, chunk, cfg.category_filter, history_length, cfg.category_last_k)
+        # the filter looks at the samples still kept but for negatives with a history drawn from
+        # the categories it looks at (`samples.draw_negatives`): those pass by construction
+        lookup = keep & (positive | ~S.has_history(chunk)) if cfg.neg_category == "filter" else keep
+        rows = np.flatnonzero(lookup)
+        keep[rows] = S.category_filter(history, chunk.select(rows), cfg.category_filter, history_length, cfg.category_last_k)
         tallies[3] += S.split_counts(chunk.label[keep], split[keep])
         for code, writer in enumerate(writers.values()):
             writer.write(chunk.select(keep & (split == code)))
