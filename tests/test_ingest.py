@@ -19,7 +19,7 @@ import pytest
 
 from mdaf_dist.cli import main
 from mdaf_dist.config import SECONDS_PER_DAY, TAOBAO_START_TS, PrepareConfig
-from mdaf_dist.data.ingest import BEHAVIORS, RawEvents, ingest
+from mdaf_dist.data.ingest import BEHAVIORS, RawEvents, ingest, prefetched
 from mdaf_dist.data.layout import read_meta, sample_files
 from mdaf_dist.data.synth import generate
 from mdaf_dist.errors import UserError
@@ -404,3 +404,27 @@ def test_real_slice_ingests_as_it_is(tmp_path):
     assert np.bincount(events.behavior, minlength=4).tolist() == [85773, 2144, 5292, 2959]
     small_blocks, _ = ingest(str(SLICE), PrepareConfig(block_size_bytes=1 << 17), tmp_path / "r", progress=False)
     assert_events_equal(small_blocks, events)
+
+
+def test_prefetched_yields_every_item_in_order_raises_the_sources_error_and_closes_a_source_left_early():
+    assert list(prefetched(range(5))) == [0, 1, 2, 3, 4]
+    assert list(prefetched([])) == []
+
+    def failing():
+        yield 1
+        raise UserError("bad block")
+
+    with pytest.raises(UserError, match="^bad block$"):
+        list(prefetched(failing()))
+    closed = []
+
+    def source():
+        try:
+            yield from range(10)
+        finally:
+            closed.append(True)
+
+    for item in prefetched(source()):
+        if item == 2:
+            break
+    assert closed == [True]

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mdaf_dist.cli import main
-from mdaf_dist.config import TAOBAO_START_TS, PrepareConfig
+from mdaf_dist.config import TAOBAO_START_TS, ModelConfig, PrepareConfig
 from mdaf_dist.data.layout import open_events, read_meta, sample_files
 from mdaf_dist.data import paper_counts
 from mdaf_dist.data.prepare import prepare
@@ -93,6 +93,20 @@ def test_samples_point_at_their_positive_click_in_the_events(prepared):
     assert (pos > 0).all() and (pos < np.diff(events.user_offsets)[user]).all()
     raw_items = load_vocab(out, "item")
     assert len(raw_items) == meta["vocab"]["item"] and raw_items[0] == -1
+
+
+def test_every_written_sample_has_its_category_among_the_last_history_clicks(prepared):
+    # negatives drawn to pass the category filter (the default) are kept without a look-up: the
+    # filter, recomputed here from the events, must hold for every written sample all the same
+    out, meta = prepared
+    events = open_events(out)
+    length = ModelConfig.history_length
+    for split in ("train", "valid"):
+        data = read_split(out, split)
+        assert set(data["label"]) == {0, 1}
+        for user, pos, category in zip(data["user"], data["pos"], data["category"]):
+            start = events.user_offsets[user]
+            assert category in events.category[start + max(0, pos - length) : start + pos]
 
 
 def test_same_seed_same_output(prepared, synthetic_csv, tmp_path):

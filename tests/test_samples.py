@@ -228,6 +228,20 @@ def test_filter_consistent_negatives_match_brute_force(sampling, mode):
     assert S.category_filter(S.CategoryHistory(clicks), samples, mode, history_length=20, last_k=3)[negative].all()
 
 
+@pytest.mark.parametrize("sampling", S.NEG_SAMPLING)
+def test_the_pools_group_table_and_search_draw_the_same_negatives(sampling, monkeypatch):
+    # 200 categories over 3 days and 1500 clicks: many (window, category) groups have no item
+    clicks = random_clicks(seed=11, n=1500, users=12, items=400, categories=200)
+    counts = S.negative_counts(S.click_hashes(clicks, 11), 2.0)
+    assert window_pool(clicks, sampling).groups is None
+    table = draw(clicks, counts, seed=11, sampling=sampling, category_span=20)
+    monkeypatch.setattr(S, "DENSE_GROUPS", -(1 << 40))
+    assert window_pool(clicks, sampling).groups is not None
+    search = draw(clicks, counts, seed=11, sampling=sampling, category_span=20)
+    assert table.unavailable > 0 and (table.owner.tolist(), table.item.tolist(), table.category.tolist(), table.unavailable) == (
+        search.owner.tolist(), search.item.tolist(), search.category.tolist(), search.unavailable)
+
+
 def test_filter_consistent_negatives_fall_back_to_the_window_without_history():
     # user 1's first click has no history; its negative can only be user 2's item of day 0
     clicks = clicks_from_raw([1, 2, 1], [5, 6, 7], [1, 2, 3], [START, START + 1, START + 2])

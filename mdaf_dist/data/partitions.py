@@ -15,8 +15,9 @@ each prepared on its own, then merged.
 
 So the output does not depend on the partitioning: events, offsets and vocabularies are the same
 bytes, the samples the same rows (each partition writes its own part files, a positive followed
-by its negatives, grouped by user). Memory: the scan holds one input block and the shared tables
-(the pool is 16 bytes per distinct (window, category, item)); a partition about
+by its negatives, grouped by user). Memory: the scan holds two input blocks (the next one is
+parsed while this one is spilled) and the shared tables (the pool is 16 bytes per distinct
+(window, category, item)); a partition about
 `BYTES_PER_CLICK` per click; the merge the events, 12 bytes per click. `prepare.memory_gb`
 sets the number of partitions so that `prepare.workers` of them at a time fit
 (`plan_partitions`); on a cluster, `mdaf prepare --partition I/N` runs the scan and partition I
@@ -28,7 +29,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -40,7 +41,8 @@ import pyarrow.parquet as pq
 
 from mdaf_dist.config import PrepareConfig
 from mdaf_dist.data import samples as S
-from mdaf_dist.data.ingest import BEHAVIORS, IngestReport, IngestStream, RawEvents
+from mdaf_dist.data.heap import reused_heap
+from mdaf_dist.data.ingest import BEHAVIORS, IngestReport, IngestStream, RawEvents, prefetched
 from mdaf_dist.data.layout import REJECTS_FILE, SAMPLE_SCHEMA, SAMPLES_DIR, SPLITS, Events, write_events
 from mdaf_dist.data.vocab import PADDING_RAW_ID, VOCAB_DIR, dense_of, load_vocab, save_vocab
 from mdaf_dist.errors import UserError
@@ -63,8 +65,9 @@ MIN_PARTITION_CLICKS = 1 << 20
 _ID_BITS, _WINDOW_BITS = 25, 12
 _WINDOW_OFFSET = 1 << (_WINDOW_BITS - 1)
 _ID_MASK = (1 << _ID_BITS) - 1
-# the spilled click rows: raw ids and timestamp, in file order per bucket
-SPILL = np.dtype([("user", "<i8"), ("item", "<i8"), ("category", "<i8"), ("ts", "<i8")])
+# the spilled click rows: raw ids and timestamp, in file order per bucket (item and category
+# below 2**25 and timestamps in the int32 range, as the scan checks first)
+SPILL = np.dtype([("user", "<i8"), ("item", "<i4"), ("category", "<i4"), ("ts", "<i4")])
 # a partition's events for the merge: dense user, item, category and ts in (user, ts) order
 PART_EVENTS = np.dtype([("user", "<i4"), ("item", "<i4"), ("category", "<i4"), ("ts", "<i4")])
 PART_EVENTS_FILE = "events.npy"
@@ -153,6 +156,7 @@ def _pool(keys: np.ndarray, ends: Optional[np.ndarray], scan: Dict[str, Any], vo
     return S.NegativePool(keys, ends, scan["first_window"], scan["num_windows"], len(vocab["category"]), len(vocab["item"]))
 
 
+@reused_heap()
 def scan(cfg: PrepareConfig, rejects_path: Path, spill: Path, buckets: int, keep: Optional[int] = None, progress: bool = True) -> Shared:
     """Read the input once: the ledger's counts and the shared tables, and each click row spilled
     to `spill/bucket-B.bin` by `user_buckets` (only bucket `keep`, when given)."""
@@ -162,8 +166,11 @@ def scan(cfg: PrepareConfig, rejects_path: Path, spill: Path, buckets: int, keep
     first_ts, last_ts = _INT32.max, _INT32.min
     spill.mkdir(parents=True, exist_ok=True)
     files: Dict[int, Any] = {}
+    # the distinct keys sorted in a thread while this one spills the block (numpy releases the
+    # GIL), one block at a time
+    tables, added = ThreadPoolExecutor(1), []
     try:
-        for block, _ in stream:
+        for block, _ in prefetched(stream):
             if cfg.user_fraction < 1.0:
                 block = block.select(S.keep_users(block.user, cfg.user_fraction, cfg.seed))
             events += len(block)
@@ -181,10 +188,15 @@ def scan(cfg: PrepareConfig, rejects_path: Path, spill: Path, buckets: int, keep
                     f"2**{_ID_BITS} and timestamps within {_WINDOW_OFFSET} windows of prepare.neg_window_seconds from "
                     "prepare.window_start (keep prepare.check_window=true)"
                 )
-            pool.add((window << (2 * _ID_BITS)) | (block.category << _ID_BITS) | block.item)
-            users.add(block.user)
+            for done in added:
+                done.result()
+            added = [tables.submit(pool.add, (window << (2 * _ID_BITS)) | (block.category << _ID_BITS) | block.item),
+                     tables.submit(users.add, block.user)]
             _spill(block, spill, files, buckets, keep)
+        for done in added:
+            done.result()
     finally:
+        tables.shutdown()
         for f in files.values():
             f.close()
     pa.default_memory_pool().release_unused()  # the parsed blocks' memory, for the workers
@@ -340,13 +352,18 @@ def _filter_and_write(
         tallies[1] += S.split_counts(chunk.label, split)
         keep = S.has_history(chunk) if cfg.drop_empty_history else np.ones(len(chunk), dtype=bool)
         tallies[2] += S.split_counts(chunk.label[keep], split[keep])
-        keep &= S.category_filter(history, chunk, cfg.category_filter, history_length, cfg.category_last_k)
+        # the filter looks at the samples still kept but for negatives with a history drawn from
+        # the categories it looks at (`samples.draw_negatives`): those pass by construction
+        lookup = keep & (positive | ~S.has_history(chunk)) if cfg.neg_category == "filter" else keep
+        rows = np.flatnonzero(lookup)
+        keep[rows] = S.category_filter(history, chunk.select(rows), cfg.category_filter, history_length, cfg.category_last_k)
         tallies[3] += S.split_counts(chunk.label[keep], split[keep])
         for code, writer in enumerate(writers.values()):
             writer.write(chunk.select(keep & (split == code)))
     return {split: writer.close() for split, writer in writers.items()}, tallies
 
 
+@reused_heap()
 def prepare_partition(cfg: PrepareConfig, history_length: int, shared: Shared, spills: Iterable[Path], bounds: Tuple[int, Optional[int]], out: Path) -> Dict[str, Any]:
     """Every per-user stage for the click rows spilled to `spills`; samples and events written
     into `out`; returns its counts (also in out/summary.json)."""

@@ -34,6 +34,9 @@ HISTORY_CUTOFFS = get_args(HistoryCutoff)
 DEDUP_CLICKS = get_args(DedupClicks)
 # rows per slice in the passes that build large int64 temporaries
 CHUNK = 1 << 23
+# `NegativePool` looks up every (window, category) in a table when there are at most this many
+# more of them than distinct (window, category, item) keys, else searches the ones present
+DENSE_GROUPS = 1 << 22
 
 
 @dataclass
@@ -311,7 +314,14 @@ class NegativePool:
 
     def __post_init__(self) -> None:
         _check_key_space("(window, category, item)", self.num_windows, self.num_categories, self.num_items)
-        first = []  # the first key of each (window, category), found chunk by chunk: no temporary the size of the pool
+        num_groups = self.num_windows * self.num_categories
+        self.window_bounds = self._draw_start(np.searchsorted(self.keys, np.arange(self.num_windows + 1, dtype=np.int64) * self.num_categories * self.num_items))
+        if num_groups <= len(self.keys) + DENSE_GROUPS:
+            # every (window, category)'s first draw, empty ones included: one lookup per draw
+            self.group_starts = self._draw_start(np.searchsorted(self.keys, np.arange(num_groups + 1, dtype=np.int64) * self.num_items))
+            self.groups = None
+            return
+        first = []  # the first key of each (window, category) present, found chunk by chunk: no temporary the size of the pool
         previous = -1
         for start in _chunks(len(self.keys)):
             group = self.keys[start : start + CHUNK] // self.num_items
@@ -319,8 +329,16 @@ class NegativePool:
             previous = group[-1]
         first = np.concatenate([np.zeros(0, np.int64), *first])
         self.groups = self.keys[first] // self.num_items
-        self.group_bounds = self._draw_start(np.append(first, len(self.keys)))
-        self.window_bounds = self._draw_start(np.searchsorted(self.keys, np.arange(self.num_windows + 1, dtype=np.int64) * self.num_categories * self.num_items))
+        self.group_starts = self._draw_start(np.append(first, len(self.keys)))
+
+    def group_draws(self, group: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """[lo, hi) of the draws of each (window * num_categories + category); lo == hi where no
+        item of that category was clicked in that window."""
+        if self.groups is None:
+            return self.group_starts[group], self.group_starts[group + 1]
+        at = np.minimum(np.searchsorted(self.groups, group), len(self.groups) - 1)
+        present = self.groups[at] == group
+        return np.where(present, self.group_starts[at], 0), np.where(present, self.group_starts[at + 1], 0)
 
     def _draw_start(self, index: np.ndarray) -> np.ndarray:
         """The first draw of key `index` (the number of draws for index len(keys))."""
@@ -394,11 +412,7 @@ def draw_negatives(
         has = np.flatnonzero(span)
         known = owner[has]
         source = known - back[known] + history[known] - 1 - (uniform[has] * span[has]).astype(np.int64)
-        wanted = w[has] * num_categories + clicks.category[source]
-        at = np.minimum(np.searchsorted(pool.groups, wanted), len(pool.groups) - 1)
-        present = pool.groups[at] == wanted
-        lo[has] = np.where(present, pool.group_bounds[at], 0)
-        hi[has] = np.where(present, pool.group_bounds[at + 1], 0)
+        lo[has], hi[has] = pool.group_draws(w[has] * num_categories + clicks.category[source])
         return lo, hi
 
     def fill(owner: np.ndarray, negative_hash: np.ndarray, item: np.ndarray, category: np.ndarray) -> np.ndarray:
@@ -560,6 +574,6 @@ def assign_split(ts: np.ndarray, valid_start: int, test_start: int) -> np.ndarra
 
 def split_counts(labels: np.ndarray, split: np.ndarray) -> np.ndarray:
     """Rows per split, then positives per split (the order of SPLITS): int64 [6]."""
-    rows = np.bincount(split, minlength=len(SPLITS))
-    positives = np.bincount(split, weights=labels, minlength=len(SPLITS)).astype(np.int64)
-    return np.concatenate([rows, positives])
+    # one count per (split, label): bincount without float weights
+    by_label = np.bincount(split * np.int8(2) + labels, minlength=2 * len(SPLITS)).reshape(len(SPLITS), 2)
+    return np.concatenate([by_label.sum(axis=1), by_label[:, 1]])
