@@ -8,7 +8,7 @@
 #      this one's compute; on one GPU the all-to-all is a local copy) and =none (no read-ahead),
 #      and their ratio,
 #   4. `mdaf profile` of the paper config on the GPU (Tables 8 and C1).
-# Each part runs under its own time limit; one that fails or times out is recorded with its exit
+# Each part runs under its own time limit (570 s in all); one that fails or times out is recorded with its exit
 # status and the tail of its output, and the others still run.
 #
 #   tools/gpu_check.sh [OUT.json]        (default: outputs/gpu_check.json)
@@ -35,17 +35,17 @@ part() {
   echo $? > "$scratch/$name.rc"
 }
 
-part tests 120 "$python" -m pytest -q -rs tests/test_selective_scan.py tests/test_pipeline.py -k cuda
+part tests 90 "$python" -m pytest -q -rs tests/test_selective_scan.py tests/test_pipeline.py -k cuda
 
 backends=compiled
 if "$python" -c "import mamba_ssm" 2> /dev/null; then backends=compiled,mamba_ssm; fi
-part bench_mamba 150 "$python" tools/bench_mamba.py --device cuda --batch 2048 --iters 10 --backends "$backends"
+part bench_mamba 120 "$python" tools/bench_mamba.py --device cuda --batch 2048 --iters 10 --backends "$backends"
 
 # the paper's filters at user_fraction 1: 600,000 synthetic rows give some 390,000 training samples
 part data 60 bash -c "'$python' -m mdaf_dist.cli synth --out '$scratch/raw.csv' --rows 600000 --no-progress &&
   '$python' -m mdaf_dist.cli prepare --input '$scratch/raw.csv' --out '$scratch/data' --config configs/paper.yaml --quiet prepare.user_fraction=1"
-part bench_train 240 "$python" tools/bench_train.py --config configs/paper.yaml --data-dir "$scratch/data" --ranks 1 --steps 60 --log-every 10 --pipelines sparse_dist none
-part profile 120 "$python" -m mdaf_dist.cli profile --config configs/paper.yaml --out "$scratch/profile" data_dir="$scratch/data" train.device=cuda
+part bench_train 210 "$python" tools/bench_train.py --config configs/paper.yaml --data-dir "$scratch/data" --ranks 1 --steps 60 --log-every 10 --pipelines sparse_dist none
+part profile 90 "$python" -m mdaf_dist.cli profile --config configs/paper.yaml --out "$scratch/profile" data_dir="$scratch/data" train.device=cuda
 
 "$python" - "$scratch" "$out" "$backends" << 'EOF'
 """Collect the parts into one JSON file: each part's exit status, its JSON result or its output's tail."""
