@@ -350,11 +350,12 @@ def _filter_and_write(
         positive = chunk.label == 1
         tallies[0] += S.split_counts(chunk.label[positive], split[positive])
         tallies[1] += S.split_counts(chunk.label, split)
-        keep = S.has_history(chunk) if cfg.drop_empty_history else np.ones(len(chunk), dtype=bool)
+        with_history = S.has_history(chunk)
+        keep = with_history.copy() if cfg.drop_empty_history else np.ones(len(chunk), dtype=bool)
         tallies[2] += S.split_counts(chunk.label[keep], split[keep])
         # the filter looks at the samples still kept but for negatives with a history drawn from
         # the categories it looks at (`samples.draw_negatives`): those pass by construction
-        lookup = keep & (positive | ~S.has_history(chunk)) if cfg.neg_category == "filter" else keep
+        lookup = keep & (positive | ~with_history) if cfg.neg_category == "filter" else keep
         rows = np.flatnonzero(lookup)
         keep[rows] = S.category_filter(history, chunk.select(rows), cfg.category_filter, history_length, cfg.category_last_k)
         tallies[3] += S.split_counts(chunk.label[keep], split[keep])
