@@ -13,7 +13,6 @@ and every warning of the project's own, still shows.
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from importlib import metadata
 from typing import Dict, Optional
@@ -66,16 +65,3 @@ def mute_known_warnings() -> None:
     fx_logger = logging.getLogger(FX_TRACING[0])
     if _not_fx_tracing_notice not in fx_logger.filters:
         fx_logger.addFilter(_not_fx_tracing_notice)
-
-
-# torch's switch (c10's CPU allocator, read at the first allocation of 2 MB or more)
-HUGE_PAGES = "THP_MEM_ALLOC_ENABLE"
-
-
-def use_huge_pages() -> None:
-    """CPU tensors of 2 MB and more on transparent huge pages, unless the environment says
-    otherwise (THP_MEM_ALLOC_ENABLE=0). A training step allocates and frees dozens of
-    [batch, L, d] tensors of 25 to 50 MB; glibc maps each afresh, and on 4 KB pages each costs
-    thousands of page faults: a fresh elementwise product of [2048, 50, 128] took 28 ms that
-    way against 14 ms on huge pages (and 3 ms in place). Child processes inherit the setting."""
-    os.environ.setdefault(HUGE_PAGES, "1")

@@ -3,7 +3,7 @@ import os
 import numpy as np
 import pytest
 
-from mdaf_dist.data import heap
+from mdaf_dist import heap
 
 pytestmark = pytest.mark.skipif(heap._libc() is None or not os.path.exists("/proc/self/statm"), reason="glibc's mallopt, Linux's /proc")
 MB = 1 << 20

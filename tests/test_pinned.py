@@ -1,8 +1,7 @@
 """The pinned torch / fbgemm-gpu / torchrec stack: checked at import, in one line; its known
-harmless warnings muted, and only those; huge pages for large CPU tensors."""
+harmless warnings muted, and only those."""
 
 import logging
-import os
 import subprocess
 import sys
 import warnings
@@ -62,13 +61,3 @@ def test_the_known_warnings_are_muted_and_no_other(caplog):
         fx.warning("is_fx_tracing will return true for both fx.symbolic_trace and torch.export. Please use ...")
         fx.warning("another fx warning")
     assert [r.getMessage() for r in caplog.records] == ["another fx warning"]
-
-
-@pytest.mark.parametrize("setting,expected", [(None, "1"), ("0", "0")])
-def test_huge_pages_are_on_unless_the_environment_says_otherwise(setting, expected):
-    env = {k: v for k, v in os.environ.items() if k != pinned.HUGE_PAGES}
-    if setting is not None:
-        env[pinned.HUGE_PAGES] = setting
-    code = f"import os, mdaf_dist.models; print(os.environ[{pinned.HUGE_PAGES!r}])"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
-    assert done.stdout.strip() == expected, done.stderr

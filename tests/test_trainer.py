@@ -19,7 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torchx.tracker.api import AppRun
 from torchx.tracker.backend.fsspec import create as fsspec_tracker
 
-from mdaf_dist import cli
+from mdaf_dist import cli, heap
 from mdaf_dist.analysis.dynamics import table7
 from mdaf_dist.data.layout import sample_files
 from mdaf_dist.data.loader import num_samples
@@ -28,6 +28,7 @@ from mdaf_dist.errors import UserError
 from mdaf_dist.train.score import padding_batch
 from mdaf_dist.train.trainer import RESULTS_FILE, Trainer
 from tests.distributed import prepare_tiny_data, run_ranks, tiny_config
+from tests.test_heap import MB, kept_after_freeing_an_array
 
 
 def main(argv):
@@ -265,3 +266,18 @@ def test_single_class_run_writes_strict_json_warns_once_and_does_not_stop_early(
     assert results["epochs"] == written["epochs"] == 2  # patience 1 did not act on undefined AUCs
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning: AUC is undefined" in line]
     assert len(warnings) == 1 and "positive rate 1, one class or none" in warnings[0]
+
+
+@pytest.mark.skipif(heap._libc() is None, reason="glibc's mallopt")
+def test_epochs_keep_freed_memory_for_the_next_step_and_hand_it_back_after(tiny_data_dir, tmp_path, monkeypatch):
+    kept = []
+    train_epoch = Trainer._train_epoch
+
+    def recording(self, logger):
+        kept.append(kept_after_freeing_an_array())
+        return train_epoch(self, logger)
+
+    monkeypatch.setattr(Trainer, "_train_epoch", recording)
+    _fit(tiny_config(tiny_data_dir, tmp_path / "run", "train.max_epochs=1", "logging.progress_bar=false"))
+    assert len(kept) == 1 and kept[0] > 48 * MB  # a freed 64 MB array stays resident during the epoch
+    assert kept_after_freeing_an_array() < 16 * MB

@@ -19,6 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from mdaf_dist.config import load_config
 from mdaf_dist.distributed.env import distributed
+from mdaf_dist.heap import reused_heap
 from mdaf_dist.train.trainer import Trainer
 
 
@@ -38,7 +39,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data_dir=DIR output_dir=DIR")
     args = parser.parse_args()
     cfg = load_config(args.config, [*args.overrides, "train.patience=0", "checkpoint.every_steps=0", "logging.progress_bar=false"])
-    with distributed(cfg.train.device) as env:
+    with distributed(cfg.train.device) as env, reused_heap():  # the allocator as `Trainer.fit` runs it
         trainer = Trainer(cfg, env)
         cfg.train.max_steps = args.warmup
         trainer._train_epoch(_NoLog())

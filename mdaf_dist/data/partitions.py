@@ -41,12 +41,12 @@ import pyarrow.parquet as pq
 
 from mdaf_dist.config import PrepareConfig
 from mdaf_dist.data import samples as S
-from mdaf_dist.data.heap import reused_heap
 from mdaf_dist.data.ingest import BEHAVIORS, IngestReport, IngestStream, RawEvents, prefetched
 from mdaf_dist.data.layout import REJECTS_FILE, SAMPLE_SCHEMA, SAMPLES_DIR, SPLITS, Events, write_events
 from mdaf_dist.data.vocab import PADDING_RAW_ID, VOCAB_DIR, dense_of, load_vocab, save_vocab
 from mdaf_dist.errors import UserError
 from mdaf_dist.files import read_json, write_json
+from mdaf_dist.heap import reused_heap
 
 CLICK = BEHAVIORS.index("pv")
 _INT32 = np.iinfo(np.int32)

@@ -47,6 +47,7 @@ from mdaf_dist.distributed.env import DistEnv, all_reduce, all_reduce_max
 from mdaf_dist.distributed.sharding import PLAN_JSON, PLAN_TEXT, describe_plan
 from mdaf_dist.errors import UserError
 from mdaf_dist.files import read_json, write_json
+from mdaf_dist.heap import reused_heap
 from mdaf_dist.models.optfusion import ARCHITECTURE_FILE, describe_architecture, searched_architecture
 from mdaf_dist.train.build import build_distributed_model, data_vocab
 from mdaf_dist.train.logging import RunLogger
@@ -236,16 +237,17 @@ class Trainer:
         test: Optional[Dict[str, Any]] = None
         started, samples_before = time.perf_counter(), self.state.samples_trained
         try:
-            while self.train_loader.epoch < self.cfg.train.max_epochs and not self._reached_max_steps():
-                self._train_epoch(logger)
-                train_auc = self.train_auc()
-                metrics = self.evaluate()
-                stop = self._record(metrics, train_auc, logger)
-                test = self.evaluate("test") if self.has_test else None
-                self.save_checkpoint(metrics, test)
-                if stop:
-                    logger.info(f"early stopping: no better validation AUC for {self.cfg.train.patience} evaluations")
-                    break
+            with reused_heap():  # each step's freed tensors kept for the next ones (heap.py)
+                while self.train_loader.epoch < self.cfg.train.max_epochs and not self._reached_max_steps():
+                    self._train_epoch(logger)
+                    train_auc = self.train_auc()
+                    metrics = self.evaluate()
+                    stop = self._record(metrics, train_auc, logger)
+                    test = self.evaluate("test") if self.has_test else None
+                    self.save_checkpoint(metrics, test)
+                    if stop:
+                        logger.info(f"early stopping: no better validation AUC for {self.cfg.train.patience} evaluations")
+                        break
         finally:
             logger.close(self.state.step)
         wall_seconds = time.perf_counter() - started

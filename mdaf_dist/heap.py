@@ -1,12 +1,14 @@
-"""Freed arrays reused instead of handed back to the kernel, for passes that allocate many large
-temporaries (`mdaf prepare`).
+"""Freed arrays and tensors reused instead of handed back to the kernel, for passes that allocate
+many large temporaries: `mdaf prepare`'s scan and partitions, and training (`Trainer.fit`).
 
 glibc's malloc maps each allocation over 32 MB on its own and unmaps it when freed, so the next
 array of that size takes fresh pages that the kernel zeroes one by one: in `mdaf prepare`, whose
 chunks of `samples.CHUNK` rows make 64 MB temporaries, clearing pages took a quarter of the CPU
-time. Inside `reused_heap` every allocation comes from the heap and freed memory stays there for
-the next one; on exit the heap's free memory goes back to the kernel and malloc's defaults
-return. Elsewhere than glibc it changes nothing.
+time; a training step allocates and frees dozens of [batch, L, d] tensors of 25 to 50 MB (a
+fresh [2048, 50, 128] product took 31 ms that way, 11 ms inside, 3 ms in place). Inside
+`reused_heap` every allocation comes from the heap and freed memory stays there for the next one;
+on exit the heap's free memory goes back to the kernel and malloc's defaults return. Elsewhere
+than glibc it changes nothing.
 """
 
 from __future__ import annotations
