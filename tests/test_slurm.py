@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # a busy 2-core machine takes minutes to start a job's ranks
 TIMEOUT_S = 600
+FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
 # the eager selective scan: no kernel build inside jobs the tests cancel (torch's build lock stays
 # behind when a build is killed midway, and every later build waits for it)
 EAGER_SCAN = "model.scan_backend=cpu"
@@ -104,6 +105,13 @@ def _squeue(job_id: str) -> str:
     return queue.stdout.strip() if queue.returncode == 0 else ""
 
 
+def _accounted_state(job_id: str) -> str:
+    """The job's state in Slurm's accounting ("" before it is recorded): the record that stays after the queue forgets it."""
+    sacct = subprocess.run(["sacct", "--noheader", "--parsable2", "-X", "--jobs", job_id, "--format", "State"], capture_output=True, text=True)
+    words = sacct.stdout.split()
+    return words[0] if sacct.returncode == 0 and words else ""
+
+
 def _cancel_all(out: Path) -> None:
     """Whatever the study's jobs are doing, after a test: gone."""
     jobs = [record["app"].rpartition("/")[2] for record in _status(out).values() if record.get("app")]
@@ -135,13 +143,12 @@ def test_torchx_dist_ddp_on_slurm_writes_results_from_a_job_dir_without_the_envi
     assert submit.returncode == 0, submit.stderr
     job = submit.stdout.strip().rpartition("/")[2]
     deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while _squeue(job) and time.monotonic() < deadline:
+    try:  # accounting, not the queue: a busy controller's squeue can fail while the job still runs
+        while _accounted_state(job) not in FINISHED and time.monotonic() < deadline:
             time.sleep(0.5)
     finally:
         subprocess.run(["scancel", job])
-    sacct = subprocess.run(["sacct", "--noheader", "--parsable2", "-X", "--jobs", job, "--format", "State"], capture_output=True, text=True)
-    assert sacct.stdout.split() == ["COMPLETED"], (job_dir / f"slurm-{job}-train-0.err").read_text()
+    assert _accounted_state(job) == "COMPLETED", (job_dir / f"slurm-{job}-train-0.err").read_text()
     results = json.loads((output_dir / "results.json").read_text())
     assert results["world_size"] == 2 and results["steps"] == 2
     # the job ran a copy of the code and configs, without the environment, data, outputs (.torchxignore)
