@@ -43,6 +43,7 @@
 #include <cstdlib>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <mutex>
 #include <vector>
 
@@ -73,16 +74,16 @@ constexpr float kLog2e = 1.44269504088896341f, kLn2 = 0.693147180559945309f;
 ALWAYS_INLINE Vec exp2_vec(Vec y) {
   y = y < -125.0f ? Vec{} - 125.0f : y;
   y = y > 127.0f ? Vec{} + 127.0f : y;
-  const float round = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
-  const Vec k = (y + round) - round;
-  const Vec f = y - k;
+  // adding 1.5 * 2^23 rounds y to an integer k, which lands in the low bits: bits(r) = 0x4b400000 + k
+  const Vec r = y + 12582912.0f;
+  const Vec f = y - (r - 12582912.0f);
   Vec p = f * 1.535336188319500e-4f + 1.339887440266574e-3f;
   p = p * f + 9.618437357674640e-3f;
   p = p * f + 5.550332471162809e-2f;
   p = p * f + 2.402264791363012e-1f;
   p = p * f + 6.931472028550421e-1f;
   p = p * f + 1.0f;
-  const IVec bits = (__builtin_convertvector(k, IVec) + 127) << 23;  // 2^k
+  const IVec bits = (reinterpret_cast<const IVec&>(r) - (0x4b400000 - 127)) << 23;  // 2^k
   return p * reinterpret_cast<const Vec&>(bits);
 }
 
@@ -208,7 +209,7 @@ class Rows {
 };
 
 struct Problem {
-  int64_t d_inner, length, n, blocks;  // blocks: channel blocks of kLanes
+  int64_t batch, d_inner, length, n, blocks;  // blocks: channel blocks of kLanes
   Rows A2;                             // A log2(e), [blocks, N], a channel per lane
   Rows D;                              // [blocks], zero without D
   Rows delta_bias;                     // [blocks], zero without delta_bias
@@ -281,6 +282,55 @@ void load_rows(const Strided3& x, int64_t b, int64_t length, int64_t n, float* o
     for (int64_t k = 0; k < n; ++k) out[t * n + k] = x(b, k, t);
 }
 
+// x[b] of every channel block, [blocks, L] vectors, and back. With contiguous channels the loops run
+// step by step over the blocks: one sequential pass over the sample's [L, d_inner] rows, which the
+// prefetcher follows, where a pass per block strides across them (a cache miss each step).
+ALWAYS_INLINE bool whole_rows(const Problem& p, const Strided3& x) { return x.s1 == 1 && p.d_inner % kLanes == 0; }
+
+ALWAYS_INLINE void load_blocks(const Problem& p, const Strided3& x, int64_t b, Vec* out) {
+  const int64_t L = p.length;
+  if (whole_rows(p, x)) {
+    for (int64_t t = 0; t < L; ++t)
+      for (int64_t block = 0; block < p.blocks; ++block) out[block * L + t] = load_vec(&x(b, block * kLanes, t));
+    return;
+  }
+  for (int64_t block = 0; block < p.blocks; ++block) load_block(x, b, block * kLanes, p.width(block), L, out + block * L);
+}
+
+ALWAYS_INLINE void store_blocks(const Problem& p, const Vec* in, int64_t b, const Strided3& x) {
+  const int64_t L = p.length;
+  if (whole_rows(p, x)) {
+    for (int64_t t = 0; t < L; ++t)
+      for (int64_t block = 0; block < p.blocks; ++block) store_vec(&x(b, block * kLanes, t), in[block * L + t]);
+    return;
+  }
+  for (int64_t block = 0; block < p.blocks; ++block) store_block(in + block * L, b, block * kLanes, p.width(block), L, x);
+}
+
+// The rows of the next sample's [batch, L, channels] inputs, fetched into L2 a part at a time while
+// this sample computes, so that its loads find them there instead of waiting on memory.
+class NextRows {
+ public:
+  NextRows(const Problem& p, int64_t b, std::initializer_list<const Strided3*> inputs) {
+    if (b + 1 >= p.batch) return;
+    for (const Strided3* x : inputs) {
+      if (!x->defined() || !whole_rows(p, *x)) continue;
+      begin_[count_] = reinterpret_cast<const char*>(&(*x)(b + 1, 0, 0));
+      lines_[count_++] = ((p.length - 1) * x->s2 + p.d_inner) * int64_t(sizeof(float)) / 64;
+    }
+  }
+  void fetch(int64_t part, int64_t parts) const {
+    for (int i = 0; i < count_; ++i)
+      for (int64_t line = lines_[i] * part / parts; line < lines_[i] * (part + 1) / parts; ++line)
+        __builtin_prefetch(begin_[i] + line * 64, 0, 2);
+  }
+
+ private:
+  const char* begin_[3];
+  int64_t lines_[3];
+  int count_ = 0;
+};
+
 // The states of a channel block are visited kChunk at a time (register blocking): the chunk's
 // states, and in the backward their gradients and grad A, stay in registers over all L steps.
 // The backward runs every channel block of a sample through one chunk before the next chunk, so
@@ -292,12 +342,13 @@ struct Series {
   Vec *dt, *u, *y, *z, *g, *slope, *sum_GB, *sum_decay;
 };
 
-// Per-thread buffers: B and C rows of one sample, series over time (one channel block's in the
-// forward, every block's of a sample in the backward), and the backward's chunk buffers.
+// Per-thread buffers: B and C rows of one sample, series over time of every channel block of a
+// sample, and the backward's chunk buffers.
 struct Scratch {
   std::vector<float> B, C;
   int64_t sample = -1;  // whose B and C rows are loaded
-  Rows dt, u, y, z, g;  // [blocks or 1, L] vectors
+  Rows dt, u, y, z;  // [blocks, L] vectors
+  Rows g;  // backward: [blocks, L] the output's gradient, then y's
   Rows slope;  // backward: [blocks, L] d dt / d delta
   Rows sum_GB, sum_decay;  // backward: [blocks, L] sums over the states of G B_n and w A_n
   Rows states, decays;  // backward: [L + 1, kChunk] states of one chunk (row 0: zero), [L, kChunk] exp(delta_t A)
@@ -306,21 +357,20 @@ struct Scratch {
   Rows gproj;           // backward: [blocks, R]: this thread's part of grad delta_proj
   Rows glow;            // backward: [L, R] one sample's grad delta_low, per lane (summed over blocks)
   Scratch(const Problem& p, bool backward)
-      : B(p.length * p.n), C(p.length * p.n), dt(series(p, backward)), u(series(p, backward)),
-        y(series(p, backward)), z(series(p, backward)), g(series(p, backward)),
-        slope(backward ? series(p, true) : 0),
-        sum_GB(backward ? series(p, true) : 0), sum_decay(backward ? series(p, true) : 0),
+      : B(p.length * p.n), C(p.length * p.n), dt(series(p)), u(series(p)), y(series(p)), z(series(p)),
+        g(backward ? series(p) : 0), slope(backward ? series(p) : 0),
+        sum_GB(backward ? series(p) : 0), sum_decay(backward ? series(p) : 0),
         states(backward ? (p.length + 1) * kChunk : 0), decays(backward ? p.length * kChunk : 0),
         gB(backward ? p.length * kChunk : 0), gC(backward ? p.length * kChunk : 0),
         gA(backward ? p.blocks * p.n : 0), gD(backward ? p.blocks : 0), gbias(backward ? p.blocks : 0),
         gproj(backward ? p.blocks * p.rank : 0), glow(backward ? p.length * p.rank : 0) {}
 
-  static int64_t series(const Problem& p, bool backward) { return (backward ? p.blocks : 1) * p.length; }
+  static int64_t series(const Problem& p) { return p.blocks * p.length; }
 
   Series of(const Problem& p, int64_t block) {
     const int64_t at = block * p.length;
     Vec* none = nullptr;
-    return {dt.data() + at, u.data() + at, y.data() + at, z.data() + at, g.data() + at,
+    return {dt.data() + at, u.data() + at, y.data() + at, z.data() + at, g.size() ? g.data() + at : none,
             slope.size() ? slope.data() + at : none, sum_GB.size() ? sum_GB.data() + at : none,
             sum_decay.size() ? sum_decay.data() + at : none};
   }
@@ -375,40 +425,42 @@ ALWAYS_INLINE void scan_chunk(const Problem& p, const Vec* A2, int64_t n0, int64
 }
 
 KERNEL_TARGETS
-void forward_item(const Problem& p, int64_t b, int64_t block, const Strided3& out, const Strided2& out_last,
-                  Scratch& s) {
-  const int64_t L = p.length, c0 = block * kLanes, width = p.width(block);
-  const Vec* A2 = p.A2.data() + block * p.n;
-  const Vec D = p.D[block];
-  const Series x = s.of(p, 0);
+void forward_sample(const Problem& p, int64_t b, const Strided3& out, const Strided2& out_last, Scratch& s) {
+  const int64_t L = p.length;
   s.load_sample(p, b);
-  load_steps(p, b, block, x.dt, nullptr);
-  load_block(p.u, b, c0, width, L, x.u);
-  for (int64_t t = 0; t < L; ++t) x.y[t] = D * x.u[t];
-  // whole chunks unrolled, the rest generic (no lambdas: they would miss this function's target clones)
-  int64_t n0 = 0;
-  for (; n0 + kChunk <= p.n; n0 += kChunk) scan_chunk<kChunk, false>(p, A2, n0, kChunk, x, s);
-  if (n0 < p.n) scan_chunk<0, false>(p, A2, n0, p.n - n0, x, s);
-  if (p.z.defined()) {
-    load_block(p.z, b, c0, width, L, x.z);
-    for (int64_t t = p.last_only ? L - 1 : 0; t < L; ++t) x.y[t] *= x.z[t] * sigmoid_vec(x.z[t]);  // silu(z)
+  load_blocks(p, p.u, b, s.u.data());
+  if (p.z.defined()) load_blocks(p, p.z, b, s.z.data());
+  const NextRows next(p, b, {&p.u, &p.z});
+  for (int64_t block = 0; block < p.blocks; ++block) {
+    const Vec* A2 = p.A2.data() + block * p.n;
+    const Vec D = p.D[block];
+    const Series x = s.of(p, block);
+    next.fetch(block, p.blocks);
+    load_steps(p, b, block, x.dt, nullptr);
+    for (int64_t t = 0; t < L; ++t) x.y[t] = D * x.u[t];
+    // whole chunks unrolled, the rest generic (no lambdas: they would miss this function's target clones)
+    int64_t n0 = 0;
+    for (; n0 + kChunk <= p.n; n0 += kChunk) scan_chunk<kChunk, false>(p, A2, n0, kChunk, x, s);
+    if (n0 < p.n) scan_chunk<0, false>(p, A2, n0, p.n - n0, x, s);
+    if (p.z.defined()) {
+      for (int64_t t = p.last_only ? L - 1 : 0; t < L; ++t) x.y[t] *= x.z[t] * sigmoid_vec(x.z[t]);  // silu(z)
+    }
+    if (p.last_only) store_channels(x.y[L - 1], b, block * kLanes, p.width(block), out_last);
   }
-  if (p.last_only) {
-    store_channels(x.y[L - 1], b, c0, width, out_last);
-  } else {
-    store_block(x.y, b, c0, width, L, out);
-  }
+  if (!p.last_only) store_blocks(p, s.y.data(), b, out);
 }
 
-// The output's gradient of a block as L vectors: zero before the last step with last_only.
-ALWAYS_INLINE void load_grad(const Problem& p, const Strided3& grad_out, const Strided2& grad_last, int64_t b,
-                             int64_t c0, int64_t width, Vec* g) {
+// The output's gradient of every block, [blocks, L] vectors: zero before the last step with last_only.
+ALWAYS_INLINE void load_grads(const Problem& p, const Strided3& grad_out, const Strided2& grad_last, int64_t b, Vec* g) {
   if (!p.last_only) {
-    load_block(grad_out, b, c0, width, p.length, g);
+    load_blocks(p, grad_out, b, g);
     return;
   }
-  std::fill(g, g + p.length - 1, Vec{});
-  g[p.length - 1] = load_channels(grad_last, b, c0, width);
+  const int64_t L = p.length;
+  for (int64_t block = 0; block < p.blocks; ++block) {
+    std::fill(g + block * L, g + block * L + L - 1, Vec{});
+    g[block * L + L - 1] = load_channels(grad_last, b, block * kLanes, p.width(block));
+  }
 }
 
 struct Grads {
@@ -417,25 +469,26 @@ struct Grads {
 
 // One step back in time: G_t = C_t gy_t + exp(delta_{t+1} A) G_{t+1} is the gradient reaching h_t
 // (kGy false: gy_t is zero, as before the last step with last_only, and C_t's gradient too).
+// h: the states h_t on entry (carried over from the step after, in registers), h_{t-1} on return.
 template <int kCount, bool kGy>
 ALWAYS_INLINE void grad_step(const Problem& p, int64_t t, int64_t n0, int64_t K, const Vec* a, Vec* G_next, Vec* gA_chunk,
-                             const Series& x, Scratch& s) {
+                             Vec* h, const Series& x, Scratch& s) {
   const Vec dt = x.dt[t], gy = x.g[t], du = dt * x.u[t];
   const float* Bt = s.B.data() + t * p.n + n0;
   const float* Ct = s.C.data() + t * p.n + n0;
   Vec* gBt = s.gB.data() + t * kChunk;
   Vec* gCt = s.gC.data() + t * kChunk;
   const Vec* prev = s.states.data() + t * kChunk;
-  const Vec* next = prev + kChunk;
   const Vec* decay = s.decays.data() + t * kChunk;
   Vec sum_GB{}, sum_decay{};
   for (int64_t j = 0; j < K; ++j) {
     const Vec G = kGy ? G_next[j] + gy * Ct[j] : G_next[j];
-    if (kGy) gCt[j] += gy * next[j];
+    if (kGy) gCt[j] += gy * h[j];
     gBt[j] += G * du;
     sum_GB += G * Bt[j];
+    h[j] = prev[j];
     const Vec decay_G = decay[j] * G;
-    const Vec w = decay_G * prev[j];  // through exp(delta_t A) h_{t-1}
+    const Vec w = decay_G * h[j];  // through exp(delta_t A) h_{t-1}
     sum_decay += w * a[j];
     gA_chunk[j] += w * dt;
     G_next[j] = decay_G;
@@ -449,14 +502,14 @@ template <int kCount>
 ALWAYS_INLINE void grad_chunk(const Problem& p, const Vec* A2, Vec* gA, int64_t n0, int64_t count, const Series& x,
                               Scratch& s) {
   const int64_t K = kCount ? kCount : count, last = p.length - 1;
-  Vec G_next[kChunk] = {}, gA_chunk[kChunk] = {}, a[kChunk];  // G_next: exp(delta_{t+1} A) G_{t+1}
-  for (int64_t j = 0; j < K; ++j) a[j] = A2[n0 + j];
-  grad_step<kCount, true>(p, last, n0, K, a, G_next, gA_chunk, x, s);
+  Vec G_next[kChunk] = {}, gA_chunk[kChunk] = {}, a[kChunk], h[kChunk];  // G_next: exp(delta_{t+1} A) G_{t+1}
+  for (int64_t j = 0; j < K; ++j) a[j] = A2[n0 + j], h[j] = s.states[(last + 1) * kChunk + j];
+  grad_step<kCount, true>(p, last, n0, K, a, G_next, gA_chunk, h, x, s);
   for (int64_t t = last - 1; t >= 0; --t) {
     if (p.last_only) {
-      grad_step<kCount, false>(p, t, n0, K, a, G_next, gA_chunk, x, s);
+      grad_step<kCount, false>(p, t, n0, K, a, G_next, gA_chunk, h, x, s);
     } else {
-      grad_step<kCount, true>(p, t, n0, K, a, G_next, gA_chunk, x, s);
+      grad_step<kCount, true>(p, t, n0, K, a, G_next, gA_chunk, h, x, s);
     }
   }
   for (int64_t j = 0; j < K; ++j) gA[n0 + j] += gA_chunk[j];
@@ -464,10 +517,13 @@ ALWAYS_INLINE void grad_chunk(const Problem& p, const Vec* A2, Vec* gA, int64_t 
 
 // One chunk of states through every channel block of sample b, then its grad B and grad C.
 template <int kCount>
-ALWAYS_INLINE void backward_chunk(const Problem& p, int64_t b, int64_t n0, int64_t count, const Grads& g, Scratch& s) {
+ALWAYS_INLINE void backward_chunk(const Problem& p, int64_t b, int64_t n0, int64_t count, const Grads& g, Scratch& s,
+                                  const NextRows& next) {
   std::fill(s.gB.data(), s.gB.data() + s.gB.size(), Vec{});
   std::fill(s.gC.data(), s.gC.data() + s.gC.size(), Vec{});
+  const int64_t chunks = (p.n + kChunk - 1) / kChunk;
   for (int64_t block = 0; block < p.blocks; ++block) {
+    next.fetch(n0 / kChunk * p.blocks + block, chunks * p.blocks);
     const Vec* A2 = p.A2.data() + block * p.n;
     const Series x = s.of(p, block);
     scan_chunk<kCount, true>(p, A2, n0, count, x, s);
@@ -486,17 +542,21 @@ void backward_sample(const Problem& p, int64_t b, const Strided3& grad_out, cons
                      Scratch& s) {
   const int64_t L = p.length;
   s.load_sample(p, b);
-  // Every block's inputs, and the gradient of y before the gate (which needs only z).
+  load_blocks(p, p.u, b, s.u.data());
+  load_grads(p, grad_out, grad_last, b, s.g.data());
+  if (p.z.defined()) load_blocks(p, p.z, b, s.z.data());
+  // Every block's step sizes, and the gradient of y before the gate (which needs only z); z's
+  // buffer takes grad out silu'(z), which times y is grad z.
   for (int64_t block = 0; block < p.blocks; ++block) {
-    const int64_t c0 = block * kLanes, width = p.width(block);
     const Vec D = p.D[block];
     const Series x = s.of(p, block);
     load_steps(p, b, block, x.dt, x.slope);
-    load_block(p.u, b, c0, width, L, x.u);
-    load_grad(p, grad_out, grad_last, b, c0, width, x.g);
     if (p.z.defined()) {
-      load_block(p.z, b, c0, width, L, x.z);
-      for (int64_t t = 0; t < L; ++t) x.g[t] *= x.z[t] * sigmoid_vec(x.z[t]);
+      for (int64_t t = 0; t < L; ++t) {
+        const Vec z = x.z[t], sz = sigmoid_vec(z);
+        x.z[t] = x.g[t] * sz * (1.0f + z * (1.0f - sz));
+        x.g[t] *= z * sz;
+      }
     }
     for (int64_t t = 0; t < L; ++t) {
       x.y[t] = D * x.u[t];
@@ -504,12 +564,12 @@ void backward_sample(const Problem& p, int64_t b, const Strided3& grad_out, cons
     }
   }
   // Per chunk of states: recompute them (and y_t), then their gradients backwards in time.
+  const NextRows next(p, b, {&p.u, &grad_out, &p.z});
   int64_t n0 = 0;
-  for (; n0 + kChunk <= p.n; n0 += kChunk) backward_chunk<kChunk>(p, b, n0, kChunk, g, s);
-  if (n0 < p.n) backward_chunk<0>(p, b, n0, p.n - n0, g, s);
+  for (; n0 + kChunk <= p.n; n0 += kChunk) backward_chunk<kChunk>(p, b, n0, kChunk, g, s, next);
+  if (n0 < p.n) backward_chunk<0>(p, b, n0, p.n - n0, g, s, next);
   std::fill(s.glow.data(), s.glow.data() + s.glow.size(), Vec{});
   for (int64_t block = 0; block < p.blocks; ++block) {
-    const int64_t c0 = block * kLanes, width = p.width(block);
     const Vec D = p.D[block];
     const Series x = s.of(p, block);
     Vec gD{}, gbias{};
@@ -523,10 +583,7 @@ void backward_sample(const Problem& p, int64_t b, const Strided3& grad_out, cons
     }
     s.gD[block] += gD;
     s.gbias[block] += gbias;
-    store_block(x.u, b, c0, width, L, g.u);
-    if (p.rank == 0) {
-      store_block(x.dt, b, c0, width, L, g.delta);
-    } else {  // through delta = delta_proj @ delta_low
+    if (p.rank > 0) {  // through delta = delta_proj @ delta_low
       const Vec* proj = p.delta_proj.data() + block * p.rank;
       Vec* gproj = s.gproj.data() + block * p.rank;
       for (int64_t t = 0; t < L; ++t)
@@ -536,14 +593,12 @@ void backward_sample(const Problem& p, int64_t b, const Strided3& grad_out, cons
         }
     }
     if (p.z.defined()) {
-      load_grad(p, grad_out, grad_last, b, c0, width, x.g);
-      for (int64_t t = 0; t < L; ++t) {
-        const Vec z = x.z[t], sz = sigmoid_vec(z);
-        x.z[t] = x.g[t] * x.y[t] * sz * (1.0f + z * (1.0f - sz));  // grad z, in z's buffer
-      }
-      store_block(x.z, b, c0, width, L, g.z);
+      for (int64_t t = 0; t < L; ++t) x.z[t] *= x.y[t];  // grad z, in z's buffer
     }
   }
+  store_blocks(p, s.u.data(), b, g.u);
+  if (p.rank == 0) store_blocks(p, s.dt.data(), b, g.delta);
+  if (p.z.defined()) store_blocks(p, s.z.data(), b, g.z);
   for (int64_t t = 0; t < p.length; ++t)
     for (int64_t r = 0; r < p.rank; ++r) g.delta(b, r, t) = sum_lanes(s.glow[t * p.rank + r]);
 }
@@ -598,7 +653,7 @@ Problem make_problem(const ScanInputs& in) {
   const at::Tensor& u = in.u;
   const int64_t d_inner = u.size(1), n = in.A.size(1), blocks = (d_inner + kLanes - 1) / kLanes;
   const int64_t rank = in.delta_proj ? in.delta_proj->size(1) : 0;
-  Problem p{d_inner, u.size(2), n, blocks, Rows(blocks * n), Rows(blocks), Rows(blocks), rank, Rows(blocks * rank),
+  Problem p{u.size(0), d_inner, u.size(2), n, blocks, Rows(blocks * n), Rows(blocks), Rows(blocks), rank, Rows(blocks * rank),
             in.delta_softplus, in.last_only, Strided3(u), Strided3(in.delta), Strided3(in.B), Strided3(in.C),
             Strided3(in.z ? *in.z : at::Tensor()), Strided2(in.mask ? *in.mask : at::Tensor())};
   const float* a = in.A.data_ptr<float>();
@@ -636,11 +691,10 @@ at::Tensor selective_scan_fwd(const at::Tensor& u, const at::Tensor& delta, cons
   at::Tensor out = last_only ? at::empty({u.size(0), u.size(1)}, u.options()) : empty_channels_last(u);
   const Strided3 out_view(last_only ? at::Tensor() : out);
   const Strided2 out_last(last_only ? out : at::Tensor());
-  // items b * blocks + block: a thread's consecutive items share a sample's B and C rows
-  at::parallel_for(0, u.size(0) * p.blocks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, u.size(0), 1, [&](int64_t begin, int64_t end) {
     const FlushDenormals flush;
     Scratch scratch(p, /*backward=*/false);
-    for (int64_t i = begin; i < end; ++i) forward_item(p, i / p.blocks, i % p.blocks, out_view, out_last, scratch);
+    for (int64_t b = begin; b < end; ++b) forward_sample(p, b, out_view, out_last, scratch);
   });
   return out;
 }
