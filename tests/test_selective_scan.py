@@ -199,7 +199,7 @@ def test_flop_counter_counts_the_fused_kernels():
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         selective_scan(**inputs, backend="fused_cpu")
         selective_scan(**low_rank, backend="fused_cpu")  # dt_proj's product counted too
-        cpu_kernels.load().causal_conv_silu_fwd(x, weight_t, bias)
+        cpu_kernels.load().causal_conv_silu_fwd(x, weight_t, bias, None)
     assert counter.get_total_flops() == 8 * 3 * 5 * 7 * 4 + (8 * 4 + 2 * 2) * 3 * 5 * 7 + 2 * 3 * 7 * 5 * 4
 
 

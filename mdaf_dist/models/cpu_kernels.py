@@ -100,7 +100,7 @@ def _scan_flops(u, delta, A, B, C, D, z, delta_bias, delta_proj, *_, out_shape=N
     return (8 * A[1] + low_rank) * batch * channels * length
 
 
-def _conv_flops(x, weight_t, bias, out_shape=None) -> int:
+def _conv_flops(x, weight_t, bias, mask, out_shape=None) -> int:
     batch, length, channels = x
     return 2 * batch * length * channels * weight_t[0]
 

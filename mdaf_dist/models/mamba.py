@@ -5,10 +5,10 @@ dt_proj, A_log, D, out_proj), so a ``state_dict`` moves between this module and 
 The forward reads top to bottom next to Algorithm 1 (mamba-minimal style); the selective scan
 itself is ``selective_scan`` with a choice of backends.
 
-Padding: sequences are right-aligned (left-padded). On padded steps the block's input is zeroed
-and delta is set to 0, so the state stays exactly zero until the first real step and the
-outputs on real steps do not depend on how much padding precedes them. Outputs on padded steps
-carry no meaning.
+Padding: sequences are right-aligned (left-padded). On padded steps H_x is zeroed before the
+convolution and delta is set to 0, so the state stays exactly zero until the first real step and
+the outputs on real steps do not depend on how much padding precedes them. Outputs on padded
+steps carry no meaning.
 """
 
 from __future__ import annotations
@@ -74,16 +74,13 @@ class Mamba(nn.Module):
     def forward(self, x: Tensor, mask: Optional[Tensor] = None, last_only: bool = False) -> Tensor:
         """last_only: return only the last step's output [B, d_model], what a reader of right-aligned
         sequences takes; out_proj then runs on that step alone."""
-        if mask is not None:
-            # in_proj has no bias: zero input on padded steps makes H_x and H_z zero there too
-            x = x * mask.unsqueeze(-1).to(x.dtype)
-
         # 1. H_x, H_z <- Linear(H_seq), in_proj's two halves as two products: each result and its
         #    gradient is one contiguous [B, L, d_inner] tensor (no split of the output, no cat of the grads)
         w_x, w_z = self.in_proj.weight.chunk(2, dim=0)
         h_x, h_z = F.linear(x, w_x), F.linear(x, w_z)
-        # 2. H'_x <- SiLU(Conv1d(H_x)), causal
-        h_x = self._conv_silu(h_x)  # [B, L, d_inner]
+        # 2. H'_x <- SiLU(Conv1d(H_x)), causal, with H_x zero on padded steps: the steps a real
+        #    step's window reaches before it carry no input
+        h_x = self._conv_silu(h_x, mask)  # [B, L, d_inner]
         # 3.-5. A <- -exp(A_log); B, C, dt <- Linear(H'_x); delta <- softplus(dt_proj(dt))
         dt, B, C = self.x_proj(h_x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         A = -torch.exp(self.A_log.float())
@@ -97,28 +94,32 @@ class Mamba(nn.Module):
         # 8. H_o <- Linear(H_y * SiLU(H_z))
         return self.out_proj(y if last_only else y.transpose(1, 2))
 
-    def _conv_silu(self, h_x: Tensor) -> Tensor:
-        """SiLU(causal depthwise conv1d) of [B, L, d_inner], in that layout. With the fused CPU scan
-        the conv is fused too (no layout change); otherwise torch's conv1d with K - 1 zero steps on
-        the left only, so that it returns exactly L steps (conv1d's own two-sided padding is kept
-        for mamba_ssm's parameter layout only)."""
+    def _conv_silu(self, h_x: Tensor, mask: Optional[Tensor]) -> Tensor:
+        """SiLU(causal depthwise conv1d) of [B, L, d_inner] with the masked steps zero, in that
+        layout. With the fused CPU scan the conv is fused too (no layout change, the mask read in
+        place); otherwise torch's conv1d with K - 1 zero steps on the left only, so that it returns
+        exactly L steps (conv1d's own two-sided padding is kept for mamba_ssm's parameter layout only)."""
         if h_x.dtype == torch.float32 and resolve_backend(self.scan_backend, h_x.device) == "fused_cpu":
-            return _FusedCausalConvSiLU.apply(h_x, self.conv1d.weight, self.conv1d.bias)
+            mask_values = None if mask is None else mask.float().contiguous()
+            return _FusedCausalConvSiLU.apply(h_x, self.conv1d.weight, self.conv1d.bias, mask_values)
+        if mask is not None:
+            h_x = h_x * mask.unsqueeze(-1).to(h_x.dtype)
         x = F.pad(h_x.transpose(1, 2), (self.d_conv - 1, 0))
         return F.silu(F.conv1d(x, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)).transpose(1, 2)
 
 
 class _FusedCausalConvSiLU(torch.autograd.Function):
-    """The causal conv + SiLU kernel of ``csrc/mamba_cpu.cpp``; saves its input, not its output."""
+    """The causal conv + SiLU kernel of ``csrc/mamba_cpu.cpp`` (a mask [B, L] zeroes the input's
+    padded steps); saves its input, not its output."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias):
+    def forward(ctx, x, weight, bias, mask):
         x, weight_t = x.contiguous(), weight.squeeze(1).t().contiguous()  # weight [d, 1, K] -> [K, d]
-        ctx.save_for_backward(x, weight_t, bias)
-        return cpu_kernels.load().causal_conv_silu_fwd(x, weight_t, bias)
+        ctx.save_for_backward(x, weight_t, bias, mask)
+        return cpu_kernels.load().causal_conv_silu_fwd(x, weight_t, bias, mask)
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight_t, bias = ctx.saved_tensors
-        grad_x, grad_weight_t, grad_bias = cpu_kernels.load().causal_conv_silu_bwd(x, weight_t, bias, grad.contiguous())
-        return grad_x, grad_weight_t.t().unsqueeze(1), grad_bias
+        x, weight_t, bias, mask = ctx.saved_tensors
+        grad_x, grad_weight_t, grad_bias = cpu_kernels.load().causal_conv_silu_bwd(x, weight_t, bias, mask, grad.contiguous())
+        return grad_x, grad_weight_t.t().unsqueeze(1), grad_bias, None

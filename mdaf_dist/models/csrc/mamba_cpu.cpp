@@ -62,6 +62,9 @@ constexpr int64_t kLanes = 16;
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t IVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
+// Every helper a KERNEL_TARGETS function calls in its loops is ALWAYS_INLINE: one left out is
+// compiled once, for the baseline target, and each call from an AVX-512 clone spills the live
+// vector registers (a mask lookup left as a call made the convolution's backward 3x slower).
 #define ALWAYS_INLINE __attribute__((always_inline)) inline
 
 constexpr float kLog2e = 1.44269504088896341f, kLn2 = 0.693147180559945309f;
@@ -277,7 +280,7 @@ ALWAYS_INLINE void load_steps(const Problem& p, int64_t b, int64_t block, Vec* d
 }
 
 // x[b] ([N, L] through strides) as L rows of N floats.
-void load_rows(const Strided3& x, int64_t b, int64_t length, int64_t n, float* out) {
+ALWAYS_INLINE void load_rows(const Strided3& x, int64_t b, int64_t length, int64_t n, float* out) {
   for (int64_t t = 0; t < length; ++t)
     for (int64_t k = 0; k < n; ++k) out[t * n + k] = x(b, k, t);
 }
@@ -311,7 +314,7 @@ ALWAYS_INLINE void store_blocks(const Problem& p, const Vec* in, int64_t b, cons
 // this sample computes, so that its loads find them there instead of waiting on memory.
 class NextRows {
  public:
-  NextRows(const Problem& p, int64_t b, std::initializer_list<const Strided3*> inputs) {
+  ALWAYS_INLINE NextRows(const Problem& p, int64_t b, std::initializer_list<const Strided3*> inputs) {
     if (b + 1 >= p.batch) return;
     for (const Strided3* x : inputs) {
       if (!x->defined() || !whole_rows(p, *x)) continue;
@@ -319,7 +322,7 @@ class NextRows {
       lines_[count_++] = ((p.length - 1) * x->s2 + p.d_inner) * int64_t(sizeof(float)) / 64;
     }
   }
-  void fetch(int64_t part, int64_t parts) const {
+  ALWAYS_INLINE void fetch(int64_t part, int64_t parts) const {
     for (int i = 0; i < count_; ++i)
       for (int64_t line = lines_[i] * part / parts; line < lines_[i] * (part + 1) / parts; ++line)
         __builtin_prefetch(begin_[i] + line * 64, 0, 2);
@@ -367,7 +370,7 @@ struct Scratch {
 
   static int64_t series(const Problem& p) { return p.blocks * p.length; }
 
-  Series of(const Problem& p, int64_t block) {
+  ALWAYS_INLINE Series of(const Problem& p, int64_t block) {
     const int64_t at = block * p.length;
     Vec* none = nullptr;
     return {dt.data() + at, u.data() + at, y.data() + at, z.data() + at, g.size() ? g.data() + at : none,
@@ -375,7 +378,7 @@ struct Scratch {
             sum_decay.size() ? sum_decay.data() + at : none};
   }
 
-  void load_sample(const Problem& p, int64_t b) {
+  ALWAYS_INLINE void load_sample(const Problem& p, int64_t b) {
     if (sample == b) return;
     load_rows(p.B, b, p.length, p.n, B.data());
     load_rows(p.C, b, p.length, p.n, C.data());
@@ -739,7 +742,8 @@ std::vector<at::Tensor> selective_scan_bwd(const at::Tensor& u, const at::Tensor
 // ---------------------------------------------------------------------------------------------
 // 2. The causal depthwise convolution and its SiLU, read in the [batch, L, channels] layout in_proj
 // writes (torch's conv1d wants [batch, channels, L] and copies):
-//   out[b, t, d] = silu(bias[d] + sum_k weight[d, k] x[b, t - K + 1 + k, d]),  x = 0 before t = 0.
+//   out[b, t, d] = silu(bias[d] + sum_k weight[d, k] x[b, t - K + 1 + k, d]),  x = 0 before t = 0
+// and, with a mask [batch, L], on the steps it marks 0 (padding: the block's H_x is zero there).
 // The backward recomputes the pre-activation instead of saving it. Loops run over channels, which
 // are contiguous, 16 at a time; batches are split over torch's threads.
 
@@ -748,15 +752,19 @@ struct Conv {
   const float* x;  // [batch, L, channels], contiguous
   const float* weight_t;  // [width, channels]: weight transposed, one contiguous row per tap
   const float* bias;  // [channels]
+  const float* mask;  // [batch, L], or nullptr
+  // the input's step s of sample b counts (not before t = 0, not masked)
+  ALWAYS_INLINE bool counts(int64_t b, int64_t s) const { return s >= 0 && (mask == nullptr || mask[b * length + s] != 0.0f); }
 };
 
 // pre[d] = bias[d] + sum_k weight[d, k] x[b, t - K + 1 + k, d]
-inline void pre_activation(const Conv& c, const float* xb, int64_t t, float* __restrict pre) {
+ALWAYS_INLINE void pre_activation(const Conv& c, int64_t b, int64_t t, float* __restrict pre) {
   const int64_t D = c.channels;
+  const float* xb = c.x + b * c.length * D;
   for (int64_t d = 0; d < D; ++d) pre[d] = c.bias[d];
   for (int64_t k = 0; k < c.width; ++k) {
     const int64_t s = t - c.width + 1 + k;
-    if (s < 0) continue;
+    if (!c.counts(b, s)) continue;
     const float* __restrict w = c.weight_t + k * D;
     const float* __restrict xs = xb + s * D;
     for (int64_t d = 0; d < D; ++d) pre[d] += w[d] * xs[d];
@@ -766,10 +774,9 @@ inline void pre_activation(const Conv& c, const float* xb, int64_t t, float* __r
 KERNEL_TARGETS
 void conv_forward_sample(const Conv& c, int64_t b, float* out) {
   const int64_t D = c.channels;
-  const float* xb = c.x + b * c.length * D;
   for (int64_t t = 0; t < c.length; ++t) {
     float* __restrict o = out + (b * c.length + t) * D;
-    pre_activation(c, xb, t, o);
+    pre_activation(c, b, t, o);
     int64_t d = 0;
     for (; d + kLanes <= D; d += kLanes) {
       const Vec v = load_vec(o + d);
@@ -787,7 +794,7 @@ void conv_backward_sample(const Conv& c, int64_t b, const float* grad_out, float
   float* gxb = grad_x + b * c.length * D;
   std::fill(gxb, gxb + c.length * D, 0.0f);
   for (int64_t t = 0; t < c.length; ++t) {
-    pre_activation(c, xb, t, pre);
+    pre_activation(c, b, t, pre);
     const float* __restrict g = grad_out + (b * c.length + t) * D;
     // through silu: its derivative is s (1 + pre (1 - s)), s = sigmoid(pre); pre becomes its gradient
     int64_t d = 0;
@@ -803,7 +810,7 @@ void conv_backward_sample(const Conv& c, int64_t b, const float* grad_out, float
     }
     for (int64_t k = 0; k < c.width; ++k) {
       const int64_t s = t - c.width + 1 + k;
-      if (s < 0) continue;
+      if (!c.counts(b, s)) continue;  // a masked step's gradient stays 0
       const float* __restrict w = c.weight_t + k * D;
       const float* __restrict xs = xb + s * D;
       float* __restrict gw = grad_w_t + k * D;
@@ -816,7 +823,8 @@ void conv_backward_sample(const Conv& c, int64_t b, const float* grad_out, float
   }
 }
 
-Conv make_conv(const at::Tensor& x, const at::Tensor& weight_t, const at::Tensor& bias) {
+Conv make_conv(const at::Tensor& x, const at::Tensor& weight_t, const at::Tensor& bias,
+               const std::optional<at::Tensor>& mask) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 3 && x.is_contiguous(),
               "fused causal conv: x must be a contiguous float32 CPU [batch, L, channels] tensor");
   TORCH_CHECK(weight_t.dim() == 2 && weight_t.size(1) == x.size(2) && weight_t.is_contiguous() &&
@@ -824,12 +832,18 @@ Conv make_conv(const at::Tensor& x, const at::Tensor& weight_t, const at::Tensor
               "fused causal conv: weight must be contiguous float32 [width, channels]");
   TORCH_CHECK(bias.numel() == x.size(2) && bias.is_contiguous() && bias.scalar_type() == at::kFloat,
               "fused causal conv: bias must be contiguous float32 [channels]");
+  if (mask) {
+    TORCH_CHECK(mask->dim() == 2 && mask->size(0) == x.size(0) && mask->size(1) == x.size(1) && mask->is_contiguous() &&
+                    mask->scalar_type() == at::kFloat,
+                "fused causal conv: mask must be contiguous float32 [batch, L]");
+  }
   return Conv{x.size(1), x.size(2), weight_t.size(0), x.data_ptr<float>(), weight_t.data_ptr<float>(),
-              bias.data_ptr<float>()};
+              bias.data_ptr<float>(), mask ? mask->data_ptr<float>() : nullptr};
 }
 
-at::Tensor causal_conv_silu_fwd(const at::Tensor& x, const at::Tensor& weight_t, const at::Tensor& bias) {
-  const Conv c = make_conv(x, weight_t, bias);
+at::Tensor causal_conv_silu_fwd(const at::Tensor& x, const at::Tensor& weight_t, const at::Tensor& bias,
+                               const std::optional<at::Tensor>& mask) {
+  const Conv c = make_conv(x, weight_t, bias, mask);
   at::Tensor out = at::empty_like(x);
   float* o = out.data_ptr<float>();
   at::parallel_for(0, x.size(0), 1, [&](int64_t begin, int64_t end) {
@@ -840,8 +854,8 @@ at::Tensor causal_conv_silu_fwd(const at::Tensor& x, const at::Tensor& weight_t,
 
 // grad_x [batch, L, channels], grad_weight_t [width, channels], grad_bias [channels]
 std::vector<at::Tensor> causal_conv_silu_bwd(const at::Tensor& x, const at::Tensor& weight_t, const at::Tensor& bias,
-                                             const at::Tensor& grad_out) {
-  const Conv c = make_conv(x, weight_t, bias);
+                                             const std::optional<at::Tensor>& mask, const at::Tensor& grad_out) {
+  const Conv c = make_conv(x, weight_t, bias, mask);
   TORCH_CHECK(grad_out.sizes() == x.sizes() && grad_out.is_contiguous() && grad_out.scalar_type() == at::kFloat,
               "fused causal conv: grad_out must be contiguous float32 like x");
   at::Tensor grad_x = at::empty_like(x), grad_w_t = at::zeros_like(weight_t), grad_bias = at::zeros_like(bias);
@@ -867,8 +881,8 @@ TORCH_LIBRARY(mdaf_dist, m) {
   m.def("selective_scan_bwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
         "Tensor? delta_bias, Tensor? delta_proj, bool delta_softplus, Tensor? mask, bool last_only, "
         "Tensor grad_out) -> Tensor[]");
-  m.def("causal_conv_silu_fwd(Tensor x, Tensor weight_t, Tensor bias) -> Tensor");
-  m.def("causal_conv_silu_bwd(Tensor x, Tensor weight_t, Tensor bias, Tensor grad_out) -> Tensor[]");
+  m.def("causal_conv_silu_fwd(Tensor x, Tensor weight_t, Tensor bias, Tensor? mask) -> Tensor");
+  m.def("causal_conv_silu_bwd(Tensor x, Tensor weight_t, Tensor bias, Tensor? mask, Tensor grad_out) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(mdaf_dist, CPU, m) {
