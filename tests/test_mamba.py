@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mdaf_dist.models.mamba import Mamba
+from mdaf_dist.models.mamba import Mamba, _InProjection
 from mdaf_dist.models.mamba4rec import Mamba4RecLayer
 from tests.test_selective_scan import require_fused_kernel
 
@@ -98,6 +98,13 @@ def run_block_against_reference(backend, d_model):
         results[backend_name] = [out.detach(), x.grad.clone()] + [p.grad.clone() for p in block.parameters()]
     for got, want in zip(results[backend], results["reference"]):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_in_projection_gradients_match_finite_differences():
+    """in_proj's two halves, x's gradient added into one product by the other (addmm): gradcheck in fp64."""
+    x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_InProjection.apply, (x, weight))
 
 
 def test_unknown_scan_backend_is_rejected_at_construction():

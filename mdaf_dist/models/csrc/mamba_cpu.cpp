@@ -744,6 +744,8 @@ std::vector<at::Tensor> selective_scan_bwd(const at::Tensor& u, const at::Tensor
 // writes (torch's conv1d wants [batch, channels, L] and copies):
 //   out[b, t, d] = silu(bias[d] + sum_k weight[d, k] x[b, t - K + 1 + k, d]),  x = 0 before t = 0
 // and, with a mask [batch, L], on the steps it marks 0 (padding: the block's H_x is zero there).
+// The output's gradient may come in two parts (the block's two readers of the output, x_proj and
+// the scan), added here as they are read rather than by a pass of their own.
 // The backward recomputes the pre-activation instead of saving it. Loops run over channels, which
 // are contiguous, 16 at a time; batches are split over torch's threads.
 
@@ -787,8 +789,8 @@ void conv_forward_sample(const Conv& c, int64_t b, float* out) {
 }
 
 KERNEL_TARGETS
-void conv_backward_sample(const Conv& c, int64_t b, const float* grad_out, float* grad_x, float* grad_w_t, float* grad_bias,
-                     float* pre) {
+void conv_backward_sample(const Conv& c, int64_t b, const float* grad_out, const float* grad_other, float* grad_x,
+                          float* grad_w_t, float* grad_bias, float* pre) {
   const int64_t D = c.channels;
   const float* xb = c.x + b * c.length * D;
   float* gxb = grad_x + b * c.length * D;
@@ -796,16 +798,18 @@ void conv_backward_sample(const Conv& c, int64_t b, const float* grad_out, float
   for (int64_t t = 0; t < c.length; ++t) {
     pre_activation(c, b, t, pre);
     const float* __restrict g = grad_out + (b * c.length + t) * D;
+    const float* __restrict g2 = grad_other == nullptr ? nullptr : grad_other + (b * c.length + t) * D;
     // through silu: its derivative is s (1 + pre (1 - s)), s = sigmoid(pre); pre becomes its gradient
     int64_t d = 0;
     for (; d + kLanes <= D; d += kLanes) {
-      const Vec p = load_vec(pre + d), s = sigmoid_vec(p), gp = load_vec(g + d) * s * (1.0f + p * (1.0f - s));
+      const Vec gout = g2 == nullptr ? load_vec(g + d) : load_vec(g + d) + load_vec(g2 + d);
+      const Vec p = load_vec(pre + d), s = sigmoid_vec(p), gp = gout * s * (1.0f + p * (1.0f - s));
       store_vec(pre + d, gp);
       store_vec(grad_bias + d, load_vec(grad_bias + d) + gp);
     }
     for (; d < D; ++d) {
       const float s = 1.0f / (1.0f + std::exp(-pre[d]));
-      pre[d] = g[d] * s * (1.0f + pre[d] * (1.0f - s));
+      pre[d] = (g2 == nullptr ? g[d] : g[d] + g2[d]) * s * (1.0f + pre[d] * (1.0f - s));
       grad_bias[d] += pre[d];
     }
     for (int64_t k = 0; k < c.width; ++k) {
@@ -852,18 +856,23 @@ at::Tensor causal_conv_silu_fwd(const at::Tensor& x, const at::Tensor& weight_t,
   return out;
 }
 
-// grad_x [batch, L, channels], grad_weight_t [width, channels], grad_bias [channels]
+// grad_x [batch, L, channels], grad_weight_t [width, channels], grad_bias [channels]; the output's
+// gradient is grad_out, plus grad_other where given.
 std::vector<at::Tensor> causal_conv_silu_bwd(const at::Tensor& x, const at::Tensor& weight_t, const at::Tensor& bias,
-                                             const std::optional<at::Tensor>& mask, const at::Tensor& grad_out) {
+                                             const std::optional<at::Tensor>& mask, const at::Tensor& grad_out,
+                                             const std::optional<at::Tensor>& grad_other) {
   const Conv c = make_conv(x, weight_t, bias, mask);
-  TORCH_CHECK(grad_out.sizes() == x.sizes() && grad_out.is_contiguous() && grad_out.scalar_type() == at::kFloat,
-              "fused causal conv: grad_out must be contiguous float32 like x");
+  for (const at::Tensor* g : {&grad_out, grad_other ? &*grad_other : &grad_out}) {
+    TORCH_CHECK(g->sizes() == x.sizes() && g->is_contiguous() && g->scalar_type() == at::kFloat,
+                "fused causal conv: the output's gradients must be contiguous float32 like x");
+  }
+  const float* other = grad_other ? grad_other->data_ptr<float>() : nullptr;
   at::Tensor grad_x = at::empty_like(x), grad_w_t = at::zeros_like(weight_t), grad_bias = at::zeros_like(bias);
   std::mutex reduce;
   at::parallel_for(0, x.size(0), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> gw(weight_t.numel(), 0.0f), gb(c.channels, 0.0f), pre(c.channels);
     for (int64_t b = begin; b < end; ++b)
-      conv_backward_sample(c, b, grad_out.data_ptr<float>(), grad_x.data_ptr<float>(), gw.data(), gb.data(), pre.data());
+      conv_backward_sample(c, b, grad_out.data_ptr<float>(), other, grad_x.data_ptr<float>(), gw.data(), gb.data(), pre.data());
     std::lock_guard<std::mutex> lock(reduce);  // weight and bias are shared by the batch: sum the threads' parts
     float* gw_all = grad_w_t.data_ptr<float>();
     for (size_t i = 0; i < gw.size(); ++i) gw_all[i] += gw[i];
@@ -882,7 +891,8 @@ TORCH_LIBRARY(mdaf_dist, m) {
         "Tensor? delta_bias, Tensor? delta_proj, bool delta_softplus, Tensor? mask, bool last_only, "
         "Tensor grad_out) -> Tensor[]");
   m.def("causal_conv_silu_fwd(Tensor x, Tensor weight_t, Tensor bias, Tensor? mask) -> Tensor");
-  m.def("causal_conv_silu_bwd(Tensor x, Tensor weight_t, Tensor bias, Tensor? mask, Tensor grad_out) -> Tensor[]");
+  m.def("causal_conv_silu_bwd(Tensor x, Tensor weight_t, Tensor bias, Tensor? mask, Tensor grad_out, "
+        "Tensor? grad_other) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(mdaf_dist, CPU, m) {
