@@ -1,5 +1,5 @@
-"""`mdaf profile`: FLOPs against the formula, component latencies against the whole forward,
-Tables 8 and C1 with the paper's rows."""
+"""`mdaf profile`: FLOPs against the formula, component latencies that partition the forward
+(on a clock the test advances: no assertion on measured time), Tables 8 and C1 with the paper's rows."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def mdaf_profile(tmp_path_factory):
 def test_component_latencies_cover_the_whole_forward(mdaf_profile):
     labels = [label for label, *_ in C1_COMPONENTS]
     assert list(mdaf_profile["component_seconds"]) == labels
-    assert sum(mdaf_profile["component_seconds"].values()) == pytest.approx(mdaf_profile["inference_batch_seconds"], rel=0.1)
+    assert min(mdaf_profile["component_seconds"].values()) > 0
     flops = mdaf_profile["component_flops"]
     assert flops["Embedding lookup"] == 0 and min(flops[label] for label in labels[1:]) > 0
     assert sum(flops.values()) == mdaf_profile["total_flops"]
@@ -51,23 +51,46 @@ def test_component_latencies_cover_the_whole_forward(mdaf_profile):
     assert flops["Prediction MLP"] == 2 * 64 * (8 * 8 + 8 * 1)
 
 
+class _Clock:
+    """time.perf_counter for the test: time passes only when a module says so."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _Takes(nn.Module):
+    def __init__(self, clock: _Clock, seconds: float) -> None:
+        super().__init__()
+        self.clock, self.seconds = clock, seconds
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.clock.now += self.seconds
+        return x
+
+
 class _WorkBeforeItsModules(nn.Module):
     """A forward that spends time before its first module, as MDAF's splitting of the features."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: _Clock) -> None:
         super().__init__()
-        self.first, self.second = nn.Linear(4, 4), nn.Linear(4, 1)
+        self.clock = clock
+        self.first, self.second = _Takes(clock, 0.003), _Takes(clock, 0.005)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        time.sleep(0.02)
+        self.clock.now += 0.02
         return self.second(self.first(x))
 
 
-def test_work_before_the_first_component_counts_with_it():
-    model = _WorkBeforeItsModules()
+def test_components_partition_the_forward_and_work_before_the_first_counts_with_it(monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(time, "perf_counter", clock)
+    model = _WorkBeforeItsModules(clock)
     seconds, whole = component_latencies(model, {"first": ("first",), "second": ("second",)}, (torch.randn(2, 4),), repeats=3, device=torch.device("cpu"))
-    assert seconds["first"] >= 0.02
-    assert sum(seconds.values()) == pytest.approx(whole, rel=0.1)
+    assert seconds == pytest.approx({"first": 0.023, "second": 0.005}, abs=1e-12)
+    assert whole == pytest.approx(0.028, abs=1e-12)
 
 
 def test_tables_have_the_papers_rows(mdaf_profile):

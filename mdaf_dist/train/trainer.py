@@ -371,8 +371,10 @@ class Trainer:
             self.state.epoch_samples = 0
             self.train_loader.set_epoch(int(saved["epoch"]))
             ckpt.seed_everything(self.cfg.train.seed + self.state.step * 1000 + self.env.rank)
-        # the warmup schedule continues from the restored step
-        self.scheduler.last_epoch = self.state.step - 1
-        self.scheduler.step()
+        # the warmup schedule continues from the restored step: its lrs set as the scheduler's step
+        # sets them (calling that step before the optimizer's first would draw torch's warning)
+        self.scheduler.last_epoch = self.state.step
+        for group, base_lr, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+            group["lr"] = base_lr * factor(self.state.step)
         if self.env.is_main:
             print(f"resumed from {path} at step {self.state.step} (epoch {saved['epoch']})", flush=True)
