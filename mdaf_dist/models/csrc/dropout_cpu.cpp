@@ -21,7 +21,7 @@ namespace {
 
 // SplitMix64 (Steele, Lea and Flood 2014): the state advances by the golden-ratio increment and
 // each output is the mixed state; element i reads output i of the stream that starts at `seed`.
-inline uint64_t splitmix64(uint64_t seed, uint64_t index) {
+ALWAYS_INLINE uint64_t splitmix64(uint64_t seed, uint64_t index) {
   uint64_t z = seed + (index + 1) * 0x9E3779B97F4A7C15ull;
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;

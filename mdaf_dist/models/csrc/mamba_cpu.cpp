@@ -62,11 +62,6 @@ constexpr int64_t kLanes = 16;
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t IVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
-// Every helper a KERNEL_TARGETS function calls in its loops is ALWAYS_INLINE: one left out is
-// compiled once, for the baseline target, and each call from an AVX-512 clone spills the live
-// vector registers (a mask lookup left as a call made the convolution's backward 3x slower).
-#define ALWAYS_INLINE __attribute__((always_inline)) inline
-
 constexpr float kLog2e = 1.44269504088896341f, kLn2 = 0.693147180559945309f;
 
 // 2^y: Cephes' exp2f (2^f by a degree-6 polynomial on f = y - round(y) in [-1/2, 1/2], 2^round(y)
