@@ -7,8 +7,8 @@
 // overlap, and C_t . h_t sums over n with vector multiply-adds (no sum across lanes per step).
 // u, delta, z and the output are [batch, L, d_inner] in the Mamba block, so a block's 16 channels
 // of one step are 16 contiguous floats. The D skip and the z gate are applied in the same pass.
-// Forward work is split over (batch, channel block) pairs on torch's intra-op threads
-// (at::parallel_for); the backward over samples, whose channel blocks add into the same grad B, C.
+// Forward and backward work is split over samples on torch's intra-op threads (at::parallel_for):
+// a sample's channel blocks share its B and C rows, and in the backward add into its grad B, C.
 //
 // Semantics and layouts are those of mamba_ssm's selective_scan_fn with real A, delta_bias and the
 // softplus included, plus a mask over steps (a padded step gets the step size 0, which carries the
@@ -26,8 +26,8 @@
 // sequences takes; its gradient then reaches the last step only.
 //
 // Nothing is saved between forward and backward but the inputs: the backward recomputes the states
-// of one (batch, channel block, chunk of 8 states) over the whole sequence into a per-thread
-// [L + 1, 8] buffer of vectors, then runs the gradient of those states backwards in time. Its
+// of one (batch, channel block, chunk of kChunk states) over the whole sequence into a per-thread
+// [L + 1, kChunk] buffer of vectors, then runs the gradient of those states backwards in time. Its
 // memory is O(threads L N).
 
 #include <ATen/ATen.h>
@@ -344,7 +344,6 @@ struct Series {
 // sample, and the backward's chunk buffers.
 struct Scratch {
   std::vector<float> B, C;
-  int64_t sample = -1;  // whose B and C rows are loaded
   Rows dt, u, y, z;  // [blocks, L] vectors
   Rows g;  // backward: [blocks, L] the output's gradient, then y's
   Rows slope;  // backward: [blocks, L] d dt / d delta
@@ -374,10 +373,8 @@ struct Scratch {
   }
 
   ALWAYS_INLINE void load_sample(const Problem& p, int64_t b) {
-    if (sample == b) return;
     load_rows(p.B, b, p.length, p.n, B.data());
     load_rows(p.C, b, p.length, p.n, C.data());
-    sample = b;
   }
 };
 
