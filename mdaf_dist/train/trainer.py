@@ -31,6 +31,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -371,10 +372,11 @@ class Trainer:
             self.state.epoch_samples = 0
             self.train_loader.set_epoch(int(saved["epoch"]))
             ckpt.seed_everything(self.cfg.train.seed + self.state.step * 1000 + self.env.rank)
-        # the warmup schedule continues from the restored step: its lrs set as the scheduler's step
-        # sets them (calling that step before the optimizer's first would draw torch's warning)
-        self.scheduler.last_epoch = self.state.step
-        for group, base_lr, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
-            group["lr"] = base_lr * factor(self.state.step)
+        # the warmup schedule continues from the restored step; this scheduler step comes before
+        # the optimizer's first on purpose, which torch warns of
+        self.scheduler.last_epoch = self.state.step - 1
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`", category=UserWarning)
+            self.scheduler.step()
         if self.env.is_main:
             print(f"resumed from {path} at step {self.state.step} (epoch {saved['epoch']})", flush=True)
